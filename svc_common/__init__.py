@@ -1,0 +1,2 @@
+"""What the Prefill and Decode daemons share: flags + engine YAML, wire conversion, gRPC bootstrap,
+logging, sd_notify, and the common worker life cycle (load -> serve -> register -> drain)."""
