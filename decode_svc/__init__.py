@@ -1,0 +1,1 @@
+"""The Decode worker daemon (`python -m decode_svc`, `gptoss decode`): disaggregated decode or aggregated."""

@@ -1,0 +1,1 @@
+"""The Prefill worker daemon (`python -m prefill_svc`, `gptoss prefill`)."""
