@@ -25,7 +25,7 @@ from svc_common.convert import (RequestRejected, check_request, finish_to_pb, la
                                 token_from_pb, token_to_pb)
 from svc_common.logging import bind_request_id, get_logger
 from svc_common.stats import stats_pb
-from svc_common.worker import WorkerContext
+from svc_common.context import WorkerContext
 
 log = get_logger("decode")
 

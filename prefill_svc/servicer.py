@@ -22,7 +22,7 @@ from gptoss_pb.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
 from svc_common.convert import RequestRejected, check_request, finish_to_pb, token_to_pb
 from svc_common.logging import bind_request_id, get_logger
 from svc_common.stats import stats_pb
-from svc_common.worker import WorkerContext
+from svc_common.context import WorkerContext
 
 log = get_logger("prefill")
 

@@ -11,10 +11,7 @@ from typing import Any, AsyncIterator
 
 from gptoss_engine.kv_layout import KVCache, KVLayout
 from svc_common.args import ConfigError, WorkerConfig
-from svc_common.engine_yaml import EngineYaml, load_engine_yaml
-from svc_common.logging import get_logger
-
-log = get_logger("engine")
+from svc_common.engine_yaml import EngineYaml
 
 
 def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
@@ -33,13 +30,9 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
-def _engine_config(cfg: WorkerConfig) -> Any:
+def _engine_config(cfg: WorkerConfig, y: EngineYaml) -> Any:
     from gptoss_engine.config import EngineConfig
 
-    y = load_engine_yaml(cfg.extra_engine_args) if cfg.extra_engine_args else EngineYaml()
-    if y.ignored_keys:
-        log.warning("engine YAML keys that do not apply to this engine were ignored",
-                    keys=list(y.ignored_keys), file=cfg.extra_engine_args)
     known = {f.name for f in dataclasses.fields(EngineConfig)}
     overrides = engine_overrides(cfg, y)
     unsupported = sorted(set(overrides) - known)
@@ -106,8 +99,8 @@ class EngineHandle:
         return self._engine.stats()
 
 
-def build_engine(cfg: WorkerConfig) -> EngineHandle:
+def build_engine(cfg: WorkerConfig, engine_yaml: EngineYaml) -> EngineHandle:
     """Blocking (loads weights): run it in a thread."""
     from gptoss_engine.async_engine import AsyncEngine
 
-    return EngineHandle(AsyncEngine.from_config(_engine_config(cfg)))
+    return EngineHandle(AsyncEngine.from_config(_engine_config(cfg, engine_yaml)))

@@ -17,33 +17,21 @@ import asyncio
 import os
 import secrets
 import time
-from dataclasses import dataclass
 from typing import Callable
 
-from gptoss_pb.v1 import common_pb2
 from registry.etcd_settings import EtcdSettings
 from registry.record import InstanceRecord, KVLayoutInfo, LoadInfo
 from registry.registration import Registration
 from svc_common import sd_notify
 from svc_common.args import ConfigError, WorkerConfig
+from svc_common.context import WorkerContext
 from svc_common.convert import layout_to_pb
+from svc_common.engine_yaml import EngineYaml
 from svc_common.engine_factory import EngineHandle, build_engine
 from svc_common.logging import get_logger
 from svc_common.server import GrpcServer, ServiceSpec, install_shutdown_signals, server_credentials
 
 log = get_logger("worker")
-
-
-@dataclass
-class WorkerContext:
-    """What a servicer needs; built once by run_worker."""
-    config: WorkerConfig
-    engine: EngineHandle
-    layout_pb: common_pb2.KVLayout
-    instance_id: int
-    transfer_server: object | None      # kv_transfer.KVTransferServer on prefill workers
-    transfer_client: object | None      # kv_transfer.KVTransferClient on decode/aggregated workers
-    ucx_address: str                    # "host:port" of our transfer listener ("" if none)
 
 
 def _record(ctx: WorkerContext, grpc_port: int, load: LoadInfo) -> InstanceRecord:
@@ -91,11 +79,11 @@ async def _wait_staged_empty(ctx: WorkerContext, deadline: float) -> int:
     return ctx.engine.stats().num_staged
 
 
-async def run_worker(cfg: WorkerConfig, make_services: Callable[[WorkerContext], list[ServiceSpec]]) -> int:
+async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: Callable[[WorkerContext], list[ServiceSpec]]) -> int:
     stop = install_shutdown_signals()
     sd_notify.status(f"loading {cfg.model_path}")
     log.info("loading model", config=repr(cfg))
-    load_task = asyncio.create_task(asyncio.to_thread(build_engine, cfg))
+    load_task = asyncio.create_task(asyncio.to_thread(build_engine, cfg, engine_yaml))
     await asyncio.wait([load_task, asyncio.create_task(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
     if stop.is_set() and not load_task.done():
         log.info("stopped while loading")
