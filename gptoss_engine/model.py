@@ -1,0 +1,152 @@
+"""gpt-oss as a continuous-batching model over the paged KV cache.
+
+The module tree mirrors the HF checkpoint: every parameter/buffer in state_dict() is named exactly
+like its checkpoint key, so loading is one loop (checkpoint.py). Experts are either dense
+(`gate_up_proj` [E, H, 2I], `down_proj` [E, I, H]) or packed MXFP4 buffers in checkpoint layout
+(`*_blocks`, `*_scales`) for the GPU kernel; `packed_experts` picks which at construction.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gptoss_engine import mxfp4
+from gptoss_engine.attention import paged_attention, write_kv
+from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.moe import ExpertWeights, moe_experts, route
+from gptoss_engine.rope import RotaryEmbedding, apply_rotary
+from gptoss_engine.step_batch import StepBatch
+
+
+class RMSNorm(nn.Module):
+    """Computed in float32; the weight stays float32 too (as transformers keeps it)."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size, dtype=torch.float32))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__()
+        c = config
+        self.num_heads, self.num_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * c.head_dim)
+        self.k_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.v_proj = nn.Linear(c.hidden_size, c.num_key_value_heads * c.head_dim)
+        self.o_proj = nn.Linear(c.num_attention_heads * c.head_dim, c.hidden_size)
+        self.sinks = nn.Parameter(torch.zeros(c.num_attention_heads))
+        self.pool, self.layer_in_pool = c.pool_index(layer)
+        self.window = c.window(layer)
+        self.scale = c.head_dim ** -0.5
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        t = x.shape[0]
+        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        if self.pool == "full":
+            pool, slots, tables = kv.full, batch.full_slot_mapping, batch.full_block_tables
+        else:
+            pool, slots, tables = kv.swa, batch.swa_slot_mapping, batch.swa_block_tables
+        # K/V of this step go into the cache first, so the attention reads the step's own keys
+        # through the same block table as the cached context.
+        write_kv(pool, self.layer_in_pool, slots, k, v)
+        o = paged_attention(q, pool, self.layer_in_pool, tables, batch, self.sinks, self.scale, self.window)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class Router(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(config.num_local_experts, config.hidden_size))
+        self.bias = nn.Parameter(torch.zeros(config.num_local_experts))
+
+
+class Experts(nn.Module):
+    def __init__(self, config: ModelConfig, packed: bool) -> None:
+        super().__init__()
+        e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
+        self.packed = packed
+        self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
+        self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
+        if packed:
+            gu_blocks, gu_scales = mxfp4.packed_shapes(e, 2 * i, h)
+            d_blocks, d_scales = mxfp4.packed_shapes(e, h, i)
+            self.register_buffer("gate_up_proj_blocks", torch.zeros(gu_blocks, dtype=torch.uint8))
+            self.register_buffer("gate_up_proj_scales", torch.zeros(gu_scales, dtype=torch.uint8))
+            self.register_buffer("down_proj_blocks", torch.zeros(d_blocks, dtype=torch.uint8))
+            self.register_buffer("down_proj_scales", torch.zeros(d_scales, dtype=torch.uint8))
+        else:
+            self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
+            self.down_proj = nn.Parameter(torch.zeros(e, i, h))
+
+    def weights(self) -> ExpertWeights:
+        if self.packed:
+            return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias,
+                                 gate_up_blocks=self.gate_up_proj_blocks, gate_up_scales=self.gate_up_proj_scales,
+                                 down_blocks=self.down_proj_blocks, down_scales=self.down_proj_scales)
+        return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias, gate_up=self.gate_up_proj,
+                             down=self.down_proj)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig, packed: bool) -> None:
+        super().__init__()
+        self.top_k, self.limit, self.alpha = config.num_experts_per_tok, config.swiglu_limit, config.swiglu_alpha
+        self.router = Router(config)
+        self.experts = Experts(config, packed)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        topk_ids, topk_weights = route(x, self.router.weight, self.router.bias, self.top_k)
+        return moe_experts(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int, packed: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config, packed)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GptOssModel(nn.Module):
+    def __init__(self, config: ModelConfig, packed: bool) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i, packed) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+
+class GptOssForCausalLM(nn.Module):
+    def __init__(self, config: ModelConfig, packed_experts: bool = False) -> None:
+        super().__init__()
+        self.config = config
+        self.packed_experts = packed_experts
+        self.model = GptOssModel(config, packed_experts)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    @torch.inference_mode()
+    def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] float32 for the rows batch.logits_indices of the flattened step."""
+        x = self.model.embed_tokens(batch.input_ids)
+        cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, batch, kv)
+        x = self.model.norm(x[batch.logits_indices])
+        return self.lm_head(x).float()

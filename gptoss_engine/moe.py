@@ -1,0 +1,94 @@
+"""gpt-oss mixture of experts: top-k router and the clamped-SwiGLU expert MLPs.
+
+Router: linear with bias; softmax over the top-k logits only. Expert: gate_up (columns interleaved,
+gate = even, up = odd), gate clamped to max=limit, up to [-limit, limit],
+act = gate * sigmoid(alpha * gate) * (up + 1), then down with bias; outputs weighted by the router.
+
+On CUDA, when the Triton kernels import, `moe_experts` dispatches to
+`gptoss_engine.kernels.moe_mxfp4.moe_experts` (same signature); the reference below is the baseline.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from gptoss_engine import mxfp4
+
+
+@dataclass
+class ExpertWeights:
+    """One layer's experts, either dense (HF layout) or packed MXFP4 (checkpoint layout)."""
+    gate_up_bias: torch.Tensor                   # [E, 2I]
+    down_bias: torch.Tensor                      # [E, H]
+    gate_up: torch.Tensor | None = None          # [E, H, 2I]
+    down: torch.Tensor | None = None             # [E, I, H]
+    gate_up_blocks: torch.Tensor | None = None   # [E, 2I, H/32, 16] u8
+    gate_up_scales: torch.Tensor | None = None   # [E, 2I, H/32] u8
+    down_blocks: torch.Tensor | None = None      # [E, H, I/32, 16] u8
+    down_scales: torch.Tensor | None = None      # [E, H, I/32] u8
+
+    def __post_init__(self) -> None:
+        dense = self.gate_up is not None and self.down is not None
+        packed = all(t is not None for t in (self.gate_up_blocks, self.gate_up_scales,
+                                              self.down_blocks, self.down_scales))
+        if dense == packed:
+            raise ValueError("ExpertWeights needs exactly one of: dense (gate_up, down) or packed (blocks + scales)")
+
+    @property
+    def packed(self) -> bool:
+        return self.gate_up is None
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense (gate_up [H, 2I], down [I, H]) of expert e, dequantizing if packed."""
+        if self.gate_up is not None and self.down is not None:
+            return self.gate_up[e], self.down[e]
+        # Packed (checked in __post_init__): dequantize only the one expert the step needs.
+        gu_b, gu_s, d_b, d_s = self.gate_up_blocks, self.gate_up_scales, self.down_blocks, self.down_scales
+        return (mxfp4.packed_to_dense(gu_b[e:e + 1], gu_s[e:e + 1], dtype)[0],  # type: ignore[index]
+                mxfp4.packed_to_dense(d_b[e:e + 1], d_s[e:e + 1], dtype)[0])  # type: ignore[index]
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (topk_ids [T, k], topk_weights [T, k]): softmax over the k largest router logits."""
+    logits = F.linear(x, weight, bias)
+    top_values, topk_ids = torch.topk(logits, top_k, dim=-1)
+    return topk_ids, torch.softmax(top_values, dim=-1)
+
+
+@functools.cache
+def _kernel() -> Callable[..., torch.Tensor] | None:
+    try:
+        from gptoss_engine.kernels.moe_mxfp4 import moe_experts as kernel
+    except ImportError:
+        return None
+    return kernel
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
+                swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
+    """x [T, H] -> [T, H]: sum over k of topk_weights * expert_{topk_ids}(x)."""
+    if x.is_cuda and (kernel := _kernel()) is not None:
+        return kernel(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+    return moe_experts_reference(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+
+
+def swiglu(gate_up: torch.Tensor, limit: float, alpha: float) -> torch.Tensor:
+    gate = gate_up[..., 0::2].clamp(max=limit)
+    up = gate_up[..., 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def moe_experts_reference(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                          w: ExpertWeights, swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
+    out = torch.zeros_like(x)
+    for e in torch.unique(topk_ids).tolist():
+        token_idx, slot = torch.where(topk_ids == e)
+        gate_up, down = w.expert(e, x.dtype)
+        h = swiglu(x[token_idx] @ gate_up + w.gate_up_bias[e], swiglu_limit, alpha)
+        y = h @ down + w.down_bias[e]
+        out.index_add_(0, token_idx, (y * topk_weights[token_idx, slot, None]).to(x.dtype))
+    return out
