@@ -1,0 +1,1 @@
+"""etcd registry: key layout, instance records, lease-based registration, watch discovery."""

