@@ -1,0 +1,223 @@
+"""MoE experts over packed MXFP4 weights: token-sorted grouped GEMM, one launch per projection.
+
+The experts stay in the checkpoint's packed form on the GPU (4.25 bits per weight, so 120b fits
+one 80 GB card) and are dequantized inside the kernel by `tl.dot_scaled` (bf16 activations x
+e2m1 weights with e8m0 scales).
+
+Routing is turned into a static-shape layout with tensor ops only (no host sync, so the whole
+thing can be captured in a CUDA graph): the T*k (token, expert) pairs are sorted by expert and
+each expert's run is padded to a multiple of BLOCK_M. Program (m, n) of a launch reads the expert
+id of row block m (-1 = past the end: return at once), so an expert no token picked costs no bytes
+of weight traffic -- what makes batch-1 decode memory-bound on the touched experts only.
+
+    gate_up: x[token] @ W_gu[e]^T + b  -> interleaved (gate = even col, up = odd col) -> swiglu
+             -> inter[sorted row]            (fused, inter is [padded rows, I] bf16)
+    down:    inter[sorted row] @ W_d[e]^T + b -> out_pairs[pair] * routing weight
+    out[t] = sum over the k pairs of token t
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_engine.moe import ExpertWeights
+
+
+@dataclass(frozen=True)
+class _Routing:
+    sorted_pair: torch.Tensor   # [P] int32, pair index (t*k + j) per padded sorted row; num_pairs = padding
+    block_expert: torch.Tensor  # [P // BLOCK_M] int32, expert of each row block; -1 = unused block
+    block_m: int
+
+
+def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
+    """Sort (token, expert) pairs by expert, pad each expert's run to block_m. Sync-free."""
+    flat = topk_ids.reshape(-1).to(torch.int64)
+    n = flat.numel()
+    dev = flat.device
+    # Upper bound on padded rows: at most min(E, n) experts are non-empty, each wastes < block_m rows.
+    cap = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    start = torch.cumsum(counts, 0) - counts
+    order = torch.argsort(flat, stable=True)
+    sorted_expert = flat[order]
+    rank = torch.arange(n, device=dev) - start[sorted_expert]
+    dest = padded_start[sorted_expert] + rank
+    sorted_pair = torch.full((cap,), n, dtype=torch.int32, device=dev)
+    sorted_pair.scatter_(0, dest, order.to(torch.int32))
+    block_start = torch.arange(0, cap, block_m, device=dev)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return _Routing(sorted_pair, block_expert, block_m)
+
+
+@triton.jit
+def _mxfp4_dot(acc, a, b_packed, b_scale, DOT_SCALED: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
+    """acc += a [BM, BK] bf16 @ dequant(b_packed [BK//2, BN] u8 e2m1, b_scale [BN, BK//32] e8m0).
+
+    DOT_SCALED=False dequantizes by hand (nibble -> e2m1 value -> * 2^(s-127)) and multiplies in
+    fp32: the path Triton's CPU interpreter can run (it has neither dot_scaled nor a bf16 dot), so
+    the CPU tests check the kernels' indexing too.
+    """
+    if DOT_SCALED:
+        acc = tl.dot_scaled(a, None, "bf16", b_packed, b_scale, "e2m1", acc=acc)
+    else:
+        lo = b_packed & 0xF
+        hi = (b_packed >> 4) & 0xF
+        nib = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))  # low nibble = even k
+        mag = (nib & 7).to(tl.float32)
+        e = tl.floor(mag * 0.5)
+        m = mag - 2.0 * e
+        val = tl.where(e == 0.0, m * 0.5, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
+        val = tl.where((nib & 8) != 0, -val, val)
+        sc = tl.exp2(b_scale.to(tl.float32) - 127.0)                       # [BN, BK//32]
+        sc = tl.reshape(tl.broadcast_to(tl.permute(sc, (1, 0))[:, None, :], (BK // 32, 32, BN)), (BK, BN))
+        acc = tl.dot(a.to(tl.float32), val * sc, acc)
+    return acc
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_ptr, block_expert_ptr,
+                    num_pairs, H, I, limit, alpha,
+                    s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
+                    TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                    DOT_SCALED: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_pair_ptr + rows)
+    row_ok = pair < num_pairs
+    token = pair // TOPK
+    # 2*BN consecutive gate_up columns = BN interleaved (gate, up) pairs.
+    cols = pid_n * 2 * BN + tl.arange(0, 2 * BN)
+    col_ok = cols < 2 * I
+    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+    wb = blk_ptr + expert.to(tl.int64) * s_be
+    ws = scl_ptr + expert.to(tl.int64) * s_se
+    for k0 in range(0, H, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(x_ptr + token[:, None].to(tl.int64) * s_xt + ks[None, :],
+                    mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
+                    mask=col_ok[None, :] & (kb[:, None] < H // 2), other=0)
+        kg = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
+                    mask=col_ok[:, None] & (kg[None, :] < H // 32), other=127)
+        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, 2 * BN)
+    acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    ocols = pid_n * BN + tl.arange(0, BN)
+    tl.store(inter_ptr + rows[:, None].to(tl.int64) * s_it + ocols[None, :], act.to(inter_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (ocols[None, :] < I))
+
+
+@triton.jit
+def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
+                 num_pairs, H, I,
+                 s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_SCALED: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m)
+    if expert < 0:
+        return
+    rows = pid_m * BM + tl.arange(0, BM)
+    pair = tl.load(sorted_pair_ptr + rows)
+    row_ok = pair < num_pairs
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < H
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    wb = blk_ptr + expert.to(tl.int64) * s_be
+    ws = scl_ptr + expert.to(tl.int64) * s_se
+    for k0 in range(0, I, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(inter_ptr + rows[:, None].to(tl.int64) * s_it + ks[None, :],
+                    mask=row_ok[:, None] & (ks[None, :] < I), other=0.0)
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
+                    mask=col_ok[None, :] & (kb[:, None] < I // 2), other=0)
+        kg = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
+                    mask=col_ok[:, None] & (kg[None, :] < I // 32), other=127)
+        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, BN)
+    acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
+    acc = acc * wt[:, None]
+    tl.store(out_ptr + pair[:, None].to(tl.int64) * s_ot + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & col_ok[None, :])
+
+
+def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the mean rows per expert."""
+    rows_per_expert = num_pairs / num_experts
+    if rows_per_expert <= 16:
+        return 16, 64, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
+    if rows_per_expert <= 64:
+        return 64, 64, 128, 4, 3
+    return 128, 128, 64, 8, 3        # prefill: compute-bound tiles
+
+
+def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
+                swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True) -> torch.Tensor:
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] bf16 -> [T, H].
+
+    Packed `w` holds the checkpoint tensors (gate_up_blocks [E, 2I, H/32, 16] u8, gate_up_scales
+    [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
+    dot_scaled=False dequantizes by hand (for Triton's CPU interpreter).
+    """
+    if not w.packed:
+        # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
+        from gptoss_engine.moe import moe_experts_reference
+        return moe_experts_reference(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+    gu_blk, gu_scl, gu_bias = w.gate_up_blocks, w.gate_up_scales, w.gate_up_bias
+    d_blk, d_scl, d_bias = w.down_blocks, w.down_scales, w.down_bias
+    assert gu_blk is not None and gu_scl is not None and d_blk is not None and d_scl is not None  # packed
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got {tuple(x.shape)}")
+    T, H = x.shape
+    E, two_i = gu_blk.shape[0], gu_blk.shape[1]
+    I = two_i // 2
+    if gu_blk.shape[2] * 32 != H or d_blk.shape[1] != H or d_blk.shape[2] * 32 != I:
+        raise ValueError(f"expert shapes {tuple(gu_blk.shape)} / {tuple(d_blk.shape)} do not match hidden {H}")
+    if topk_ids.shape != topk_weights.shape or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, k]")
+    k = topk_ids.shape[1]
+    if T == 0:
+        return torch.empty_like(x)
+    x = x.contiguous()
+    num_pairs = T * k
+    bm, bn, bk, warps, stages = _tiles(num_pairs, E)
+    r = _route(topk_ids, E, bm)
+    cap = r.sorted_pair.numel()
+    gu_blk = gu_blk.reshape(E, two_i, H // 2)
+    d_blk = d_blk.reshape(E, H, I // 2)
+    inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
+    grid = (cap // bm, triton.cdiv(I, bn))
+    _gate_up_kernel[grid](
+        x, gu_blk, gu_scl, gu_bias, inter, r.sorted_pair, r.block_expert,
+        num_pairs, H, I, float(swiglu_limit), float(alpha),
+        x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
+        inter.stride(0),
+        TOPK=k, BM=bm, BN=bn, BK=bk, DOT_SCALED=dot_scaled, num_warps=warps, num_stages=stages)
+    pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
+    weights = topk_weights.reshape(-1).contiguous()
+    grid = (cap // bm, triton.cdiv(H, bn))
+    _down_kernel[grid](
+        inter, d_blk, d_scl, d_bias, weights, pair_out, r.sorted_pair, r.block_expert,
+        num_pairs, H, I,
+        inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
+        pair_out.stride(0),
+        BM=bm, BN=bn, BK=bk, DOT_SCALED=dot_scaled, num_warps=warps, num_stages=stages)
+    return pair_out.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -1,0 +1,128 @@
+"""Paged attention with sinks and an optional sliding window over the block-major KV pools.
+
+One program per (sequence, tile of BLOCK_Q query tokens, KV head). The tile's rows are its
+BLOCK_Q tokens x the GQA group's query heads, so one K/V tile loaded from the pool serves every
+query head that shares it (8:1 for gpt-oss). Keys are gathered per row through the block table
+(logical block key // block_size -> physical block), so any block size works and a block the
+sliding window dropped (-1) is never touched: only keys in [first query pos - window + 1, last
+query pos] are visited.
+
+The sink joins the softmax denominator with no value: the online softmax starts from it
+(running max = sink, running sum = exp(sink - sink) = 1, accumulator 0), which also keeps every
+row's denominator >= 1 (no 0/0 on padded rows).
+
+Grid bounds come from the host ints batch.max_query_len and the tensor shapes only; the loop over
+keys reads seq_lens and positions on the device. Nothing here syncs the host, so a decode step
+can be captured in a CUDA graph and replayed with other sequence lengths.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_engine.step_batch import StepBatch
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_ptr, pos_ptr, sinks_ptr,
+                       scale_log2, window,
+                       s_qt, s_qh, s_ot, s_oh,
+                       s_pb, s_pkv, s_ps, s_ph, s_tb,
+                       BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+    seq = tl.program_id(0)
+    qtile = tl.program_id(1)
+    kvh = tl.program_id(2)
+    q_start = tl.load(qstart_ptr + seq)
+    q_len = tl.load(qstart_ptr + seq + 1) - q_start
+    if qtile * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seqlen_ptr + seq)
+
+    BLOCK_M: tl.constexpr = BLOCK_Q * GROUP
+    r = tl.arange(0, BLOCK_M)
+    qi = qtile * BLOCK_Q + r // GROUP                 # query index inside the sequence
+    head = kvh * GROUP + r % GROUP
+    row_ok = qi < q_len
+    tok = (q_start + qi).to(tl.int64)
+    d = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_ptr + tok[:, None] * s_qt + head[:, None] * s_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0).to(tl.int32)
+
+    # Keys this tile can see: causal up to its last query, and the window back from its first.
+    hi = tl.minimum(tl.max(tl.where(row_ok, q_pos, 0)) + 1, seq_len)
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(tl.min(tl.where(row_ok, q_pos, 2147483647)) - window + 1, 0)
+    lo = lo // BLOCK_N * BLOCK_N
+
+    m_i = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
+    l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    head_base = pool_ptr + kvh * s_ph
+    table = tables_ptr + seq.to(tl.int64) * s_tb
+    for start in range(lo, hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_in = kpos < hi
+        if SLIDING:
+            k_in = k_in & (kpos >= lo)
+        blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_in, other=-1)
+        k_ok = k_in & (blk >= 0)
+        base = head_base + blk.to(tl.int64) * s_pb + (kpos % BLOCK_SIZE) * s_ps
+        k = tl.load(base[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(base[:, None] + s_pkv + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2
+        allowed = k_ok[None, :] & (kpos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            allowed = allowed & (kpos[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+
+
+def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
+                    batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention."""
+    if q.dim() != 3 or pool.dim() != 6:
+        raise ValueError(f"q must be [T, Hq, D] and pool [blocks, layers, 2, bs, kv_heads, D]; "
+                         f"got {tuple(q.shape)} and {tuple(pool.shape)}")
+    num_tokens, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = pool.shape[3], pool.shape[4]
+    if pool.shape[5] != head_dim or num_heads % num_kv_heads != 0:
+        raise ValueError(f"q {tuple(q.shape)} does not fit pool {tuple(pool.shape)} (head_dim, GQA group)")
+    if pool.stride(5) != 1 or block_tables.stride(1) != 1:
+        raise ValueError("pool and block_tables must be contiguous in their last dimension")
+    group = num_heads // num_kv_heads
+    if group & (group - 1) or head_dim & (head_dim - 1) or head_dim < 16:
+        raise ValueError(f"GQA group ({group}) and head_dim ({head_dim}) must be powers of two, head_dim >= 16")
+    layer_pool = pool[:, layer_in_pool]  # [blocks, 2, bs, kv_heads, D]: the kernel sees one layer
+    out = torch.empty_like(q)
+    num_seqs = batch.seq_lens.shape[0]
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    q = q if q.stride(2) == 1 else q.contiguous()
+    # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16);
+    # prefill tiles 16 tokens x group rows.
+    block_q = max(1, 16 // group) if batch.max_query_len == 1 else max(1, 128 // group)
+    block_q = triton.next_power_of_2(block_q)
+    block_n = 64 if batch.max_query_len == 1 else 32
+    grid = (num_seqs, triton.cdiv(batch.max_query_len, block_q), num_kv_heads)
+    _paged_attn_kernel[grid](
+        q, layer_pool, out, block_tables, batch.query_start_loc, batch.seq_lens, batch.positions, sinks,
+        float(scale) * _LOG2E, int(window or 0),
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
+        block_tables.stride(0),
+        BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_N=block_n,
+        SLIDING=window is not None, num_warps=4, num_stages=2)
+    return out
