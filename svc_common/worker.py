@@ -14,6 +14,7 @@ Shutdown order (SIGTERM/SIGINT), each step bounded by --drain-timeout in total:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import secrets
 import time
@@ -105,7 +106,13 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
         await server.set_serving(True)
         sd_notify.status("registering in etcd")
         registration = Registration(etcd_settings(cfg), _record(ctx, server.port, _load(ctx)), ttl=cfg.registry_ttl)
-        await registration.start()
+        if not await registration.start(timeout_s=10.0):
+            # The registration task keeps retrying; READY still waits for it (bounded by etcd's return).
+            log.warning("etcd not reachable yet; registering in the background", etcd=etcd_settings(cfg).describe())
+            while not await registration.wait_registered(5.0):
+                if stop.is_set():
+                    return 0
+
         sd_notify.ready(f"serving {cfg.served_model_name} ({cfg.disaggregation_mode}) on port {server.port}")
         log.info("ready", grpc_port=server.port, ucx_address=ucx_address, instance_id=f"{ctx.instance_id:016x}",
                  mode=cfg.disaggregation_mode, model=cfg.served_model_name)
@@ -114,7 +121,7 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
     finally:
         # Also reached on start-up errors: nothing may outlive the process's resources.
         if registration is not None:
-            await registration.stop()
+            await registration.close()
         if transfer_server is not None:
             await transfer_server.close()
         if transfer_client is not None:
@@ -138,7 +145,7 @@ async def _serve_until_stopped(ctx: WorkerContext, registration: Registration, s
         sd_notify.watchdog()
         load = _load(ctx)
         if load != last_load:
-            await registration.update_load(load)
+            await registration.update(dataclasses.replace(registration.record, load=load))
             last_load = load
 
 
@@ -146,7 +153,7 @@ async def _drain(ctx: WorkerContext, server: GrpcServer, registration: Registrat
     deadline = time.monotonic() + ctx.config.drain_timeout
     sd_notify.stopping("draining")
     log.info("draining", drain_timeout=ctx.config.drain_timeout)
-    await registration.stop()   # revokes the lease: the record vanishes at once
+    await registration.close()   # revokes the lease: the record vanishes at once
     await server.set_serving(False)
     waits = [server.stop(max(0.0, deadline - time.monotonic()))]
     if ctx.transfer_server is not None:
