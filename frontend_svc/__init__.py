@@ -1,0 +1,1 @@
+"""OpenAI-compatible HTTP frontend: harmony rendering/parsing, routing to prefill/decode workers."""

@@ -1,0 +1,63 @@
+"""POST /v1/completions: a raw prompt (text or token ids), raw text out (no harmony parsing:
+the caller wrote the prompt, so the caller owns the format)."""
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+
+from . import errors
+from .generation import AppState, Generation, check_model, make_sampling, require_workers
+from .openai_models import CompletionRequest
+
+
+def prepare(state: AppState, req: CompletionRequest, request_id: str) -> Generation:
+    check_model(state, req.model)
+    try:
+        stops = req.stop_list()
+    except ValueError as e:
+        raise errors.invalid(str(e), param="stop") from None
+    if isinstance(req.prompt, str):
+        prompt = list(state.enc.encode(req.prompt, allowed_special="all"))
+    else:
+        prompt = list(req.prompt)
+    if not prompt:
+        raise errors.invalid("prompt must not be empty", param="prompt")
+    sampling = make_sampling(state, req, len(prompt), req.max_tokens, logprobs=req.logprobs is not None,
+                             top_logprobs=req.logprobs or 0)
+    require_workers(state)
+    return Generation(state, request_id, prompt, sampling, stop=stops, parse=False)
+
+
+def _body(gen: Generation, model: str, created: int, text: str, finish: str | None, usage: bool) -> dict:
+    body = {"id": gen.request_id, "object": "text_completion", "created": created, "model": model,
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+    if usage:
+        body["usage"] = gen.usage.chat()
+    return body
+
+
+async def complete(gen: Generation, model: str) -> dict:
+    text = ""
+    async for step in gen.steps():
+        text += "".join(d.text for d in step.deltas)
+    return _body(gen, model, int(time.time()), text, gen.finish_reason, usage=True)
+
+
+async def stream(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
+    created = int(time.time())
+    try:
+        async for step in gen.steps():
+            text = "".join(d.text for d in step.deltas)
+            if text:
+                yield f"data: {json.dumps(_body(gen, model, created, text, None, False))}\n\n"
+    except errors.ApiError as e:
+        yield f"data: {json.dumps(e.body())}\n\n"
+        yield "data: [DONE]\n\n"
+        return
+    yield f"data: {json.dumps(_body(gen, model, created, '', gen.finish_reason, False))}\n\n"
+    if include_usage:
+        body = _body(gen, model, created, "", None, True)
+        body["choices"] = []
+        yield f"data: {json.dumps(body)}\n\n"
+    yield "data: [DONE]\n\n"

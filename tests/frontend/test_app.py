@@ -1,0 +1,182 @@
+"""The HTTP layer over a scripted token source (isolates the app from workers): shapes of chat,
+responses, completions (JSON and SSE), errors as OpenAI JSON, auth, in-flight limit, health."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import httpx
+import pytest
+
+from frontend_svc.app import create_app
+from frontend_svc.config import FrontendConfig
+from frontend_svc.pipeline import TokenChunk
+from gptoss_engine.types import TokenOutput
+
+MODEL = "openai/gpt-oss-120b"
+HEALTH_TOOL = {"type": "function", "function": {"name": "get_system_health", "description": "health",
+                                                "parameters": {"type": "object", "properties": {}}}}
+
+
+@dataclass
+class Rec:
+    instance_id: int
+    grpc_address: str
+    role: str = "aggregated"
+
+
+class Scripted:
+    """Answers every request with the same harmony text, a few tokens per chunk."""
+
+    def __init__(self, enc, text: str, finish: str = "stop", workers: bool = True):
+        self.ids = enc.encode(text, allowed_special="all")
+        self.finish = finish
+        self.workers = workers
+        self.requests = []
+
+    def components(self):
+        return {"backend": [Rec(7, "127.0.0.1:1")] if self.workers else [], "prefill": []}
+
+    async def generate(self, req):
+        self.requests.append(req)
+        ids = self.ids[:req.sampling.max_tokens]
+        for i in range(0, len(ids), 3):
+            last = i + 3 >= len(ids)
+            yield TokenChunk([TokenOutput(t) for t in ids[i:i + 3]],
+                             (self.finish if len(ids) == len(self.ids) else "length") if last else None)
+
+
+def client(enc, text="<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello there.<|return|>",
+           **cfg):
+    src = Scripted(enc, text, workers=cfg.pop("workers", True))
+    app = create_app(FrontendConfig(**cfg), src)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"), src
+
+
+def chat_body(**kw):
+    return {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, **kw}
+
+
+def sse_events(text: str) -> list:
+    return [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ") and line != "data: [DONE]"]
+
+
+async def test_chat_non_stream(enc):
+    c, src = client(enc)
+    r = await c.post("/v1/chat/completions", json=chat_body(reasoning_effort="high", seed=3, top_k=5,
+                                                            nvext={"ignore_eos": True}, min_tokens=2))
+    assert r.status_code == 200, r.text
+    b = r.json()
+    msg = b["choices"][0]["message"]
+    assert msg["content"] == "Hello there." and msg["reasoning_content"] == "Think."
+    assert b["choices"][0]["finish_reason"] == "stop"
+    assert b["usage"]["completion_tokens"] == len(src.ids)
+    s = src.requests[0].sampling
+    assert (s.seed, s.top_k, s.ignore_eos, s.min_tokens, s.max_tokens) == (3, 5, True, 2, 100)
+    assert s.stop_token_ids == ()   # model stops never join the user's list
+
+
+async def test_chat_stream_with_usage(enc):
+    c, _ = client(enc)
+    r = await c.post("/v1/chat/completions", json=chat_body(stream=True, stream_options={"include_usage": True}))
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")
+    ev = sse_events(r.text)
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in ev if e["choices"])
+    reasoning = "".join(e["choices"][0]["delta"].get("reasoning_content") or "" for e in ev if e["choices"])
+    assert (content, reasoning) == ("Hello there.", "Think.")
+    assert [e["choices"][0]["finish_reason"] for e in ev if e["choices"]][-1] == "stop"
+    assert ev[-1]["choices"] == [] and ev[-1]["usage"]["total_tokens"] > 0
+
+
+async def test_chat_tool_call_and_stop_string(enc):
+    text = ("<|channel|>analysis<|message|>Use tool.<|end|><|start|>assistant to=functions.get_system_health"
+            "<|channel|>commentary <|constrain|>json<|message|>{}<|call|>")
+    c, _ = client(enc, text)
+    b = (await c.post("/v1/chat/completions", json=chat_body(tools=[HEALTH_TOOL]))).json()
+    ch = b["choices"][0]
+    assert ch["finish_reason"] == "tool_calls"
+    assert ch["message"]["tool_calls"][0]["function"] == {"name": "get_system_health", "arguments": "{}"}
+    r = await c.post("/v1/chat/completions", json=chat_body(tools=[HEALTH_TOOL], stream=True))
+    ev = sse_events(r.text)
+    calls = [tc for e in ev for tc in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert calls[0]["function"]["name"] == "get_system_health" and calls[0]["id"].startswith("call_")
+    assert ev[-1]["choices"][0]["finish_reason"] == "tool_calls"
+    c2, _ = client(enc)
+    b = (await c2.post("/v1/chat/completions", json=chat_body(stop=[" there"]))).json()
+    assert b["choices"][0]["message"]["content"] == "Hello" and b["choices"][0]["finish_reason"] == "stop"
+
+
+async def test_responses_non_stream_and_stream(enc):
+    c, _ = client(enc)
+    body = {"model": MODEL, "input": "Explain disaggregated serving in 3 sentences.", "max_output_tokens": 200,
+            "stream": False}
+    b = (await c.post("/v1/responses", json=body)).json()
+    assert b["object"] == "response" and b["status"] == "completed"
+    assert [o["type"] for o in b["output"]] == ["reasoning", "message"]
+    assert b["output"][1]["content"][0]["text"] == "Hello there."
+    r = await c.post("/v1/responses", json={**body, "stream": True})
+    types = [e["type"] for e in sse_events(r.text)]
+    assert types[0] == "response.created" and types[-1] == "response.completed"
+    assert "response.output_text.delta" in types and "response.reasoning_text.delta" in types
+
+
+async def test_completions_text_and_ids(enc):
+    c, src = client(enc, "plain words here")
+    b = (await c.post("/v1/completions", json={"model": MODEL, "prompt": "Once", "max_tokens": 50})).json()
+    assert b["choices"][0]["text"] == "plain words here"
+    b = (await c.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2})).json()
+    assert b["choices"][0]["finish_reason"] == "length" and src.requests[-1].prompt_ids == [1, 2, 3]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"model": MODEL, "messages": []}, "messages"),
+    ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools[0].function.name"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters"),
+    ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, "max_tokens"),
+])
+async def test_bad_requests_are_400_with_param(enc, body, param):
+    c, _ = client(enc)
+    r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param and err["message"]
+
+
+async def test_malformed_json_unknown_model_context_length(enc):
+    c, _ = client(enc, context_length=64)
+    r = await c.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "error" in r.json()
+    r = await c.post("/v1/chat/completions", json={**chat_body(), "model": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    r = await c.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "word " * 200}]))
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_no_workers_503_and_health(enc):
+    c, _ = client(enc, workers=False)
+    r = await c.post("/v1/chat/completions", json=chat_body())
+    assert r.status_code == 503 and r.headers["retry-after"] and r.json()["error"]["message"]
+    h = await c.get("/health")
+    assert h.status_code == 503 and h.json()["status"] == "unhealthy"
+    c, _ = client(enc, namespace="dynamo")
+    h = (await c.get("/health")).json()
+    assert h["status"] == "healthy" and h["endpoints"] == ["dyn://dynamo.backend.generate"]
+    assert h["instances"][0] == {"component": "backend", "endpoint": "generate", "namespace": "dynamo",
+                                 "instance_id": 7, "transport": {"grpc_tcp": "127.0.0.1:1"}}
+    m = (await c.get("/v1/models")).json()
+    assert m["data"][0]["id"] == MODEL and (await c.get("/live")).status_code == 200
+
+
+async def test_api_key_and_metrics(enc):
+    c, _ = client(enc, api_key="s3cret")
+    assert (await c.post("/v1/chat/completions", json=chat_body())).status_code == 401
+    r = await c.post("/v1/chat/completions", json=chat_body(), headers={"Authorization": "Bearer s3cret"})
+    assert r.status_code == 200
+    text = (await c.get("/metrics")).text
+    assert 'gptoss_frontend_requests_total{endpoint="/v1/chat/completions",status="401"} 1.0' in text
+    assert "gptoss_frontend_time_to_first_token_seconds_count 1.0" in text
