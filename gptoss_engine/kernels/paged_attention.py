@@ -126,3 +126,35 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_N=block_n,
         SLIDING=window is not None, num_warps=4, num_stages=2)
     return out
+
+
+@triton.jit
+def _write_kv_kernel(k_ptr, v_ptr, pool_ptr, slot_ptr, s_kt, s_kh, s_vt, s_vh, s_pb, s_pkv, s_ps, s_ph,
+                     BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr):
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t)
+    if slot < 0:
+        return
+    d = tl.arange(0, HEAD_DIM)
+    dst = pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + h * s_ph + d
+    tl.store(dst, tl.load(k_ptr + t * s_kt + h * s_kh + d).to(pool_ptr.dtype.element_ty))
+    tl.store(dst + s_pkv, tl.load(v_ptr + t * s_vt + h * s_vh + d).to(pool_ptr.dtype.element_ty))
+
+
+def write_kv(pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor,
+             k: torch.Tensor, v: torch.Tensor) -> None:
+    """Same contract as gptoss_engine.attention.write_kv, without its boolean-mask indexing (which
+    syncs the host and so cannot be captured in a CUDA graph): slot -1 rows return in the kernel."""
+    num_tokens, num_kv_heads, head_dim = k.shape
+    if v.shape != k.shape or pool.shape[4] != num_kv_heads or pool.shape[5] != head_dim:
+        raise ValueError(f"k {tuple(k.shape)} / v {tuple(v.shape)} do not fit pool {tuple(pool.shape)}")
+    if head_dim & (head_dim - 1) or k.stride(2) != 1 or v.stride(2) != 1 or pool.stride(5) != 1:
+        raise ValueError("write_kv needs a power-of-two head_dim, contiguous in the last dimension")
+    if num_tokens == 0:
+        return
+    layer_pool = pool[:, layer_in_pool]
+    _write_kv_kernel[(num_tokens, num_kv_heads)](
+        k, v, layer_pool, slot_mapping, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
+        BLOCK_SIZE=pool.shape[3], HEAD_DIM=head_dim, num_warps=1)

@@ -79,3 +79,17 @@ def test_sink_dominates_when_large(device: str, interpreted: bool) -> None:
     out = paged_attention(q, pool, 0, batch.full_block_tables, batch, torch.full((8,), 80.0, device=device, dtype=dtype),
                           0.25, None)
     assert out.float().abs().max().item() < 1e-6
+
+
+def test_write_kv_matches_reference(device: str) -> None:
+    from gptoss_engine.attention import write_kv as write_kv_reference
+    from gptoss_engine.kernels.paged_attention import write_kv
+    gen = torch.Generator().manual_seed(5)
+    pool = torch.randn(8, 3, 2, 16, 2, 16, generator=gen).to(device)
+    expected = pool.clone()
+    k = torch.randn(5, 2, 16, generator=gen).to(device)
+    v = torch.randn(5, 2, 16, generator=gen).to(device)
+    slots = torch.tensor([3, -1, 17, 127, -1], device=device)
+    write_kv_reference(expected, 2, slots, k, v)
+    write_kv(pool, 2, slots, k, v)
+    assert torch.equal(pool, expected)

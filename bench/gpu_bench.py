@@ -1,0 +1,242 @@
+"""`gptoss bench`: GPU benchmark of the engine's model with random weights of the real shapes.
+
+Measures prefill tok/s (1k, 8k tokens), decode tok/s at batch 1/8/64/256 (1k context, CUDA-graph
+replays and eager), a 1000-in/1000-out max-throughput figure, and for the 20b shape HF
+transformers' GptOssForCausalLM (bf16, eager, random weights) as the peer. Writes
+bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
+bench/results/gpu.md.
+
+The 1000/1000 figure is composed from measured steps (a 1000-token x 8-sequence prefill forward,
+batch-256 decode steps at 1.0k/1.5k/2.0k context), not run through LLMEngine (not there yet when
+this was written): output tok/s = 256k tokens / (32 prefills + 1000 decode steps).
+
+Weights are random MXFP4 codes and scales drawn on the GPU (no files, seconds even for 120b):
+for timing only the shapes and a spread routing matter.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import pathlib
+import subprocess
+import time
+from typing import Callable
+
+import torch
+
+from gptoss_engine import model as model_module
+from gptoss_engine.checkpoint import finalize_model, place_tensor, tensor_specs
+from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.model import GptOssForCausalLM
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.presets import preset
+from gptoss_engine.step_batch import StepBatch
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+BLOCK_SIZE = 16
+# Derived floors (docs/PERF_NOTES.md, /work/shared/notes/gpt-oss.md), H100, tok/s.
+FLOORS = {"20b": {"decode_1": 809, "decode_8": 2571, "decode_64": 13321, "decode_256": 38689,
+                  "prefill_8192": 116000},
+          "120b": {"decode_1": 600, "decode_8": 1402, "decode_64": 3265, "decode_256": 10248,
+                   "prefill_8192": 77000}}
+GOALS = {"20b": {"decode_1": 560, "decode_64": 8000, "prefill_8192": 70000, "throughput_1000_1000": 12000},
+         "120b": {"decode_1": 400}}
+
+
+@torch.no_grad()
+def fast_random_model(config: ModelConfig, seed: int = 0) -> GptOssForCausalLM:
+    """Packed-MXFP4 model on CUDA with random bytes as expert codes (scales near 2^-6) and small
+    normal bf16 elsewhere; norms at 1."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    with torch.device("meta"):
+        model = GptOssForCausalLM(config, packed_experts=True)
+    for spec in tensor_specs(config, packed=True):
+        if spec.dtype == torch.uint8:
+            lo, hi = (119, 123) if spec.name.endswith("_scales") else (0, 256)
+            value = torch.randint(lo, hi, spec.shape, generator=g, device="cuda", dtype=torch.uint8)
+        elif "norm" in spec.name:
+            value = torch.ones(spec.shape, device="cuda")
+        else:
+            value = torch.randn(spec.shape, generator=g, device="cuda", dtype=torch.bfloat16) * 0.02
+        place_tensor(model, spec.name, value, "cuda", torch.bfloat16)
+    return finalize_model(model, "cuda")
+
+
+def uniform_batch(num_seqs: int, context: int, new: int, max_blocks: int, device: str = "cuda") -> StepBatch:
+    """num_seqs sequences with `context` cached tokens and `new` tokens this step; sequence i owns
+    blocks i*max_blocks .. in both pools (one block id space, the pools are sized alike)."""
+    seq_len = context + new
+    if -(-seq_len // BLOCK_SIZE) > max_blocks:
+        raise ValueError(f"{seq_len} tokens need more than {max_blocks} blocks")
+    i32, i64 = dict(dtype=torch.int32, device=device), dict(dtype=torch.int64, device=device)
+    tables = (torch.arange(num_seqs, **i32)[:, None] * max_blocks + torch.arange(max_blocks, **i32)[None, :])
+    pos = (context + torch.arange(new, **i64)).repeat(num_seqs)
+    seq = torch.arange(num_seqs, **i64).repeat_interleave(new)
+    slots = (seq * max_blocks + pos // BLOCK_SIZE) * BLOCK_SIZE + pos % BLOCK_SIZE
+    qsl = torch.arange(num_seqs + 1, **i32) * new
+    return StepBatch(input_ids=torch.randint(0, 200000, (num_seqs * new,), **i64), positions=pos,
+                     query_start_loc=qsl, seq_lens=torch.full((num_seqs,), seq_len, **i32),
+                     full_block_tables=tables, swa_block_tables=tables.clone(),
+                     full_slot_mapping=slots, swa_slot_mapping=slots.clone(),
+                     logits_indices=(qsl[1:] - 1).long(), max_query_len=new, max_seq_len=seq_len)
+
+
+def time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float:
+    """Median of `iters` CUDA-event-timed calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return sorted(times)[len(times) // 2]
+
+
+def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str], None]) -> dict[str, float]:
+    from gptoss_engine.kernels.cuda_graphs import CudaGraphForward  # needs Triton: imported only on the GPU path
+    config = ModelConfig.from_dict(preset(name))
+    t0 = time.time()
+    model = fast_random_model(config)
+    log(f"{name}: model built in {time.time() - t0:.1f}s, {torch.cuda.memory_allocated() / 2**30:.1f} GiB")
+    max_blocks = -(-max_context // BLOCK_SIZE)
+    blocks = max(max_batch * max_blocks, 8192 // BLOCK_SIZE + 1)
+    kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), blocks, blocks, "cuda")
+    r: dict[str, float] = {}
+    for tokens in (1024, 8192):
+        b = uniform_batch(1, 0, tokens, blocks)
+        ms = time_ms(lambda: model(b, kv), warmup=1, iters=5)
+        r[f"prefill_{tokens}"] = tokens / ms * 1e3
+        log(f"{name}: prefill {tokens}: {ms:.2f} ms = {r[f'prefill_{tokens}']:.0f} tok/s")
+    graphs = CudaGraphForward(model, kv, max_batch, max_blocks)
+    for bs in (1, 8, 64, 256):
+        if bs > max_batch:
+            continue
+        b = uniform_batch(bs, 1024, 1, max_blocks)
+        eager = time_ms(lambda: model(b, kv))
+        replay = time_ms(lambda: graphs(b, kv), iters=20)
+        r[f"decode_{bs}"] = bs / replay * 1e3
+        r[f"decode_{bs}_eager"] = bs / eager * 1e3
+        log(f"{name}: decode b={bs} ctx=1k: graph {replay:.2f} ms = {r[f'decode_{bs}']:.0f} tok/s; "
+            f"eager {eager:.2f} ms")
+    if max_batch >= 256 and max_context >= 2048:
+        pre = time_ms(lambda: model(uniform_batch(8, 0, 1000, max_blocks), kv), warmup=1, iters=3)
+        steps = [time_ms(lambda c=c: graphs(uniform_batch(256, c, 1, max_blocks), kv), iters=5)
+                 for c in (1000, 1500, 1999)]
+        mean_step = (steps[0] + 2 * steps[1] + steps[2]) / 4
+        total_s = (32 * pre + 1000 * mean_step) / 1e3
+        r["throughput_1000_1000"] = 256 * 1000 / total_s
+        log(f"{name}: 1000/1000 x256 composed: prefill 8x1000 {pre:.1f} ms, decode steps {steps} ms "
+            f"-> {r['throughput_1000_1000']:.0f} output tok/s")
+    del graphs, kv, model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def bench_hf_peer(name: str, log: Callable[[str], None]) -> dict[str, float]:
+    """HF transformers GptOssForCausalLM, bf16, eager, random weights of the same shape."""
+    from transformers import GptOssConfig, GptOssForCausalLM as HFModel
+    cfg = GptOssConfig(**{k: v for k, v in preset(name).items() if k not in ("architectures", "model_type")})
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("cuda"):
+            hf = HFModel(cfg).eval()
+    finally:
+        torch.set_default_dtype(torch.float32)
+    r: dict[str, float] = {}
+    with torch.no_grad():
+        for tokens in (1024, 8192):
+            ids = torch.randint(0, 200000, (1, tokens), device="cuda")
+            ms = time_ms(lambda: hf(ids, use_cache=False, logits_to_keep=1), warmup=1, iters=3)
+            r[f"prefill_{tokens}"] = tokens / ms * 1e3
+            log(f"hf {name}: prefill {tokens}: {ms:.1f} ms = {r[f'prefill_{tokens}']:.0f} tok/s")
+        for bs in (1, 8, 64):
+            ids = torch.randint(0, 200000, (bs, 128), device="cuda")
+            out = hf(ids, use_cache=True, logits_to_keep=1)
+            cache, nxt = out.past_key_values, out.logits[:, -1:].argmax(-1)
+
+            def step() -> None:
+                nonlocal nxt
+                nxt = hf(nxt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            ms = time_ms(step, warmup=2, iters=8)
+            r[f"decode_{bs}"] = bs / ms * 1e3
+            log(f"hf {name}: decode b={bs} ctx~128: {ms:.1f} ms = {r[f'decode_{bs}']:.0f} tok/s")
+    del hf
+    gc.collect()
+    torch.cuda.empty_cache()
+    return r
+
+
+def plot(path: pathlib.Path, name: str, ours: dict[str, float], peer: dict[str, float]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    keys = [k for k in ("prefill_1024", "prefill_8192", "decode_1", "decode_8", "decode_64", "decode_256",
+                        "throughput_1000_1000") if k in ours]
+    xs = range(len(keys))
+    fig, ax = plt.subplots(figsize=(10, 4.5))
+    w = 0.27
+    ax.bar([x - w for x in xs], [ours[k] for k in keys], w, label="ours")
+    ax.bar(list(xs), [peer.get(k, 0) for k in keys], w, label="HF transformers (eager)")
+    ax.bar([x + w for x in xs], [FLOORS.get(name, {}).get(k, 0) for k in keys], w, label="floor (derived)")
+    ax.set_xticks(list(xs), keys, rotation=20)
+    ax.set_yscale("log")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"gpt-oss-{name} shape, {torch.cuda.get_device_name()}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="gptoss bench", description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["20b", "120b"], default="20b")
+    p.add_argument("--max-batch", type=int, default=256)
+    p.add_argument("--max-context", type=int, default=2048)
+    p.add_argument("--no-peer", action="store_true", help="skip HF transformers")
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    p.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("gptoss bench needs a CUDA GPU")
+        return 2
+    # model.py stores K/V with the reference write_kv, whose boolean-mask indexing syncs the host and
+    # so cannot be captured in a CUDA graph; the kernel version has the same contract.
+    from gptoss_engine.kernels import paged_attention as pa
+    model_module.write_kv = pa.write_kv
+    args.out.mkdir(parents=True, exist_ok=True)
+    log = lambda s: print(s, flush=True)  # noqa: E731
+    ours = bench_ours(args.preset, args.max_batch, args.max_context, log)
+    peer = {} if args.no_peer or args.preset != "20b" else bench_hf_peer(args.preset, log)
+    gpu = torch.cuda.get_device_name()
+    commit = args.commit or _commit()
+    date = datetime.date.today().isoformat()
+    doc = {"date": date, "gpu": gpu, "commit": commit, "preset": args.preset, "torch": torch.__version__,
+           "ours": ours, "hf_peer": peer, "floors": FLOORS.get(args.preset, {}), "goals": GOALS.get(args.preset, {})}
+    (args.out / f"gpu_{args.preset}.json").write_text(json.dumps(doc, indent=2))
+    plot(args.out / f"gpu_{args.preset}.png", args.preset, ours, peer)
+    md = args.out / "gpu.md"
+    if not md.exists():
+        md.write_text("| date | GPU | commit | preset | prefill 1k | prefill 8k | decode b1 | b8 | b64 | b256 "
+                      "| 1000/1000 | HF decode b1 | HF prefill 8k |\n|" + "---|" * 13 + "\n")
+    f = lambda k, d=ours: f"{d[k]:.0f}" if k in d else "-"  # noqa: E731
+    with md.open("a") as fh:
+        fh.write(f"| {date} | {gpu} | {commit} | {args.preset} | {f('prefill_1024')} | {f('prefill_8192')} | "
+                 f"{f('decode_1')} | {f('decode_8')} | {f('decode_64')} | {f('decode_256')} | "
+                 f"{f('throughput_1000_1000')} | {f('decode_1', peer)} | {f('prefill_8192', peer)} |\n")
+    log(json.dumps(doc))
+    return 0

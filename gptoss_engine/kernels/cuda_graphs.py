@@ -1,0 +1,115 @@
+"""CUDA-graph decode: one captured forward per batch bucket (1, 2, 4, 8, 16, ... max), replayed.
+
+`CudaGraphForward(model, kv, max_batch, max_blocks)` is a drop-in `forward_fn(batch, kv)` for the
+model runner. A pure-decode step (max_query_len == 1, at most max_batch sequences, on the KV cache
+it was built for) is copied into static input buffers padded to the next bucket and replayed;
+anything else (prefill chunks, mixed steps, a larger batch) runs the model eagerly.
+
+Padding rows are inert: slot -1 (write_kv stores nothing), block table -1 and seq_len 0 (the
+attention visits no key; the sink alone gives a zero output), position 0. Their logits are cut off.
+The graphs are captured lazily, the first time a bucket is seen (one eager warm-up run first, so
+Triton compiles outside the capture), and share one memory pool.
+
+Requirement on the model: nothing in its decode forward may sync the host (no .item(), .tolist(),
+boolean-mask indexing); the Triton kernels here are written that way.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Callable
+
+import torch
+
+from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.step_batch import StepBatch
+
+Forward = Callable[[StepBatch, KVCache], torch.Tensor]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Powers of two up to max_batch, and max_batch itself."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+    buckets, b = [], 1
+    while b < max_batch:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch]
+
+
+class CudaGraphForward:
+    def __init__(self, model: Forward, kv: KVCache, max_batch: int, max_blocks: int) -> None:
+        if kv.full.device.type != "cuda":
+            raise ValueError("CUDA graphs need the KV cache on a CUDA device")
+        self.model, self.kv, self.max_blocks = model, kv, max_blocks
+        self.buckets = batch_buckets(max_batch)
+        dev = kv.full.device
+        n = self.buckets[-1]
+        i64 = dict(dtype=torch.int64, device=dev)
+        i32 = dict(dtype=torch.int32, device=dev)
+        # Static inputs: replays read these addresses, so they are written in place, never rebound.
+        self._batch = StepBatch(
+            input_ids=torch.zeros(n, **i64), positions=torch.zeros(n, **i64),
+            query_start_loc=torch.arange(n + 1, **i32), seq_lens=torch.zeros(n, **i32),
+            full_block_tables=torch.full((n, max_blocks), -1, **i32),
+            swa_block_tables=torch.full((n, max_blocks), -1, **i32),
+            full_slot_mapping=torch.full((n,), -1, **i64), swa_slot_mapping=torch.full((n,), -1, **i64),
+            logits_indices=torch.arange(n, **i64), max_query_len=1,
+            max_seq_len=max_blocks * kv.layout.block_size)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = torch.cuda.graph_pool_handle()
+
+    def _view(self, bucket: int) -> StepBatch:
+        b = self._batch
+        return replace(b, input_ids=b.input_ids[:bucket], positions=b.positions[:bucket],
+                       query_start_loc=b.query_start_loc[:bucket + 1], seq_lens=b.seq_lens[:bucket],
+                       full_block_tables=b.full_block_tables[:bucket], swa_block_tables=b.swa_block_tables[:bucket],
+                       full_slot_mapping=b.full_slot_mapping[:bucket], swa_slot_mapping=b.swa_slot_mapping[:bucket],
+                       logits_indices=b.logits_indices[:bucket])
+
+    def _capture(self, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        view = self._view(bucket)
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.model(view, self.kv)  # compiles the kernels for these shapes outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            logits = self.model(view, self.kv)
+        return graph, logits
+
+    def _load(self, batch: StepBatch, bucket: int) -> None:
+        b, n = self._batch, batch.num_seqs
+        w = batch.full_block_tables.shape[1]
+        if w > self.max_blocks:
+            raise ValueError(f"block tables of {w} blocks exceed the {self.max_blocks} this graph was built for")
+        b.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
+        b.positions[:n].copy_(batch.positions, non_blocking=True)
+        b.seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
+        b.full_slot_mapping[:n].copy_(batch.full_slot_mapping, non_blocking=True)
+        b.swa_slot_mapping[:n].copy_(batch.swa_slot_mapping, non_blocking=True)
+        for static, table in ((b.full_block_tables, batch.full_block_tables),
+                              (b.swa_block_tables, batch.swa_block_tables)):
+            static[:bucket].fill_(-1)
+            static[:n, :w].copy_(table, non_blocking=True)
+        # Padding rows (n .. bucket) go inert; the rows past the bucket are not part of the replay.
+        b.seq_lens[n:bucket].zero_()
+        b.positions[n:bucket].zero_()
+        b.input_ids[n:bucket].zero_()
+        b.full_slot_mapping[n:bucket].fill_(-1)
+        b.swa_slot_mapping[n:bucket].fill_(-1)
+
+    def __call__(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:
+        """Logits [B, vocab] float32. A replayed step returns a view of the graph's output buffer:
+        valid until the next decode step (the runner samples from it before that)."""
+        n = batch.num_seqs
+        if batch.max_query_len != 1 or n > self.buckets[-1] or kv is not self.kv or batch.input_ids.shape[0] != n:
+            return self.model(batch, kv)
+        bucket = next(b for b in self.buckets if b >= n)
+        self._load(batch, bucket)
+        if bucket not in self._graphs:
+            self._graphs[bucket] = self._capture(bucket)
+        graph, logits = self._graphs[bucket]
+        graph.replay()
+        return logits[:n]
