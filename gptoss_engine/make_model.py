@@ -10,6 +10,7 @@ A dense checkpoint holds the dequantized MXFP4 values of the same seed, so both 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import json
 import math
@@ -25,9 +26,6 @@ from gptoss_engine.checkpoint import TensorSpec, default_dtype, finalize_model, 
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import PRESETS
-
-MXFP4_NOT_CONVERTED = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
-
 
 def _generator(seed: int, name: str, device: torch.device | str) -> torch.Generator:
     digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
@@ -113,13 +111,13 @@ def _shard_plan(specs: list[TensorSpec], shard_bytes: int) -> list[list[TensorSp
 
 
 def _eos_and_pad() -> tuple[list[int], int | None]:
+    """EOS ids (the assistant's stop tokens) and pad id (<|endoftext|>) from the harmony encoding."""
     from gptoss_engine.vocab import harmony_encoding
 
     enc = harmony_encoding()
     eos = sorted(int(t) for t in enc.stop_tokens_for_assistant_actions())
-    pad = None
     try:
-        pad = int(enc.encode("<|endoftext|>", allowed_special="all")[0])
+        pad: int | None = int(enc.encode("<|endoftext|>", allowed_special="all")[0])
     except Exception:  # noqa: BLE001 - an encoding without that special just has no pad id
         pad = None
     return eos, pad
@@ -130,14 +128,10 @@ def write_checkpoint(out: str | pathlib.Path, config_dict: dict[str, Any], seed:
     """Write a random checkpoint of this HF config dict into `out`; returns the folder."""
     out = pathlib.Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    config = ModelConfig.from_dict(config_dict)
     eos, pad = _eos_and_pad()
-    hf = {**config.to_hf_dict(), "eos_token_id": eos[0] if len(eos) == 1 else eos}
-    if pad is not None:
-        hf["pad_token_id"] = pad
-    if packed:
-        hf["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": MXFP4_NOT_CONVERTED}
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    config = dataclasses.replace(ModelConfig.from_dict(config_dict), eos_token_ids=tuple(eos), pad_token_id=pad,
+                                 quant_method="mxfp4" if packed else None)
+    (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2) + "\n")
     gen = {"eos_token_id": eos, "do_sample": True, "transformers_version": "4.55.0"}
     if pad is not None:
         gen["pad_token_id"] = pad

@@ -19,6 +19,8 @@ import torch
 from gptoss_engine.kv_layout import KVLayout
 
 LAYER_TYPES = ("sliding_attention", "full_attention")
+# What stays bf16 in an MXFP4 checkpoint (as in the published config.json): only experts are packed.
+MXFP4_NOT_CONVERTED = ("model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head")
 
 
 class ConfigError(ValueError):
@@ -126,7 +128,7 @@ class ModelConfig:
         )
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """config.json as the published checkpoints spell it (without quantization_config)."""
+        """config.json as the published checkpoints spell it."""
         d: dict[str, Any] = {
             "architectures": ["GptOssForCausalLM"], "model_type": "gpt_oss",
             "vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
@@ -150,6 +152,9 @@ class ModelConfig:
             d["eos_token_id"] = list(self.eos_token_ids)
         if self.pad_token_id is not None:
             d["pad_token_id"] = self.pad_token_id
+        if self.quant_method is not None:
+            d["quantization_config"] = {"quant_method": self.quant_method,
+                                        "modules_to_not_convert": list(MXFP4_NOT_CONVERTED)}
         return d
 
     # ---- derived ------------------------------------------------------------------------------
