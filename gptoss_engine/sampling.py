@@ -1,0 +1,100 @@
+"""Next-token sampling for one step's logits, per request parameters.
+
+Seeded sampling is stateless per step: output token i of a request is drawn with a generator
+seeded from (seed, i) alone, so a prefill process (token 0) and a decode process (tokens 1..)
+reproduce exactly the tokens of one aggregated run. Unseeded requests share one engine RNG.
+
+Logprobs are those of the model's distribution (log_softmax of the raw logits), as the OpenAI API
+reports them, independent of temperature/top-k/top-p.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+
+import torch
+
+from gptoss_engine.types import SamplingParams, TokenOutput
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    sampling: SamplingParams
+    output_index: int  # which output token of its request this draw is (0 = the first)
+
+
+def step_seed(seed: int, output_index: int) -> int:
+    """A 63-bit seed for draw `output_index` of a request seeded with `seed` (same in every process)."""
+    digest = hashlib.blake2b(f"{seed}:{output_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def _filter(logits: torch.Tensor, s: SamplingParams) -> torch.Tensor:
+    """Temperature, top-k and top-p applied to one row; returns probabilities."""
+    logits = logits / s.temperature
+    if 0 < s.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, s.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if s.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one always stays).
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= s.top_p
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(drop, 0.0))
+        probs = probs / probs.sum()
+    return probs
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...], device: torch.device | str) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.device = torch.device(device)
+        self._rng = torch.Generator(device=self.device)
+        self._rng.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+
+    def _generator(self, s: SamplingParams, output_index: int) -> torch.Generator:
+        if s.seed is None:
+            return self._rng
+        g = torch.Generator(device=self.device)
+        g.manual_seed(step_seed(s.seed, output_index))
+        return g
+
+    def _stop_ids(self, s: SamplingParams) -> list[int]:
+        return list(s.stop_token_ids) + ([] if s.ignore_eos else list(self.eos_token_ids))
+
+    def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> list[TokenOutput]:
+        """logits [B, vocab] float32, one row per request -> one token per request."""
+        if logits.shape[0] != len(requests):
+            raise ValueError(f"{logits.shape[0]} logits rows for {len(requests)} requests")
+        masked = logits
+        for row, r in enumerate(requests):
+            # min_tokens: no stop token (the user's or, unless ignore_eos, the model's) before it.
+            if r.output_index < r.sampling.min_tokens and (stop := self._stop_ids(r.sampling)):
+                if masked is logits:
+                    masked = logits.clone()
+                masked[row, stop] = float("-inf")
+        token_ids = masked.argmax(dim=-1)
+        for row, r in enumerate(requests):
+            if r.sampling.temperature > 0.0:
+                probs = _filter(masked[row], r.sampling)
+                noise = torch.empty_like(probs).exponential_(generator=self._generator(r.sampling, r.output_index))
+                # argmax(p / Exp(1)) draws from p (the exponential-race form of the Gumbel trick).
+                token_ids[row] = torch.argmax(probs / noise)
+        want = [row for row, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
+        if not want:
+            return [TokenOutput(t) for t in token_ids.tolist()]
+        rows = torch.tensor(want, device=logits.device)
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        chosen = logp.gather(1, token_ids[rows, None])[:, 0]
+        k = max(r.top_logprobs for r in requests)
+        top = torch.topk(logp, k) if k else None
+        ids = token_ids.tolist()
+        chosen_l = chosen.tolist()
+        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
+        out = [TokenOutput(t) for t in ids]
+        for n, row in enumerate(want):
+            out[row].logprob = chosen_l[n]
+            kr = requests[row].top_logprobs
+            out[row].top_logprobs = list(zip(top_i[n][:kr], top_v[n][:kr])) if kr else []
+        return out
