@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator
 
 from . import errors
-from .generation import AppState, Generation, check_model, make_sampling, new_request_id, require_workers
+from .generation import AppState, Generation, check_model, make_sampling, require_workers
 from .harmony_parse import Kind, ParsedCompletion
 from .harmony_render import RenderError, render_chat
 from .openai_models import ChatCompletionRequest
@@ -82,6 +82,3 @@ async def stream(gen: Generation, model: str, include_usage: bool) -> AsyncItera
                    "choices": [], "usage": gen.usage.chat()})
     yield "data: [DONE]\n\n"
 
-
-def request_id_for(header: str | None) -> str:
-    return header or new_request_id("chatcmpl")

@@ -7,15 +7,12 @@ gets no new traffic). Channels are cached per address and closed when the addres
 from __future__ import annotations
 
 import asyncio
-import logging
 from typing import Protocol, Sequence
 
 import grpc
 
 from gptoss_pb.v1 import decode_pb2_grpc, prefill_pb2_grpc
 from registry.keys import DECODE, PREFILL  # noqa: F401 - re-exported: the components we route to
-
-log = logging.getLogger(__name__)
 
 
 class WorkerDirectory(Protocol):

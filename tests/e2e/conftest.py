@@ -86,6 +86,13 @@ def start_frontend(tmp_path, etcd):
         f.stop()
 
 
+@pytest.fixture(scope="session")
+def enc():
+    from gptoss_engine.vocab import harmony_encoding
+
+    return harmony_encoding()
+
+
 def needs_engine():
     """The daemons need the engine's AsyncEngine; skip (with the reason) until it exists."""
     pytest.importorskip("gptoss_engine.async_engine", reason="gptoss_engine.async_engine not available yet")
