@@ -166,6 +166,9 @@ class LLMEngine:
         self._finish(seq)
         return RequestOutput(request_id, [], FinishReason.ABORT, seq.num_prompt_tokens, seq.num_cached_tokens)
 
+    def request_ids(self) -> list[str]:
+        return list(self._seqs)
+
     def _finish(self, seq: Sequence) -> None:
         self.scheduler.remove(seq)
         del self._seqs[seq.request_id]

@@ -87,7 +87,7 @@ class Sampler:
         rows = torch.tensor(want, device=logits.device)
         logp = torch.log_softmax(logits[rows], dim=-1)
         chosen = logp.gather(1, token_ids[rows, None])[:, 0]
-        k = max(r.top_logprobs for r in requests)
+        k = max(r.sampling.top_logprobs for r in requests)
         top = torch.topk(logp, k) if k else None
         ids = token_ids.tolist()
         chosen_l = chosen.tolist()
@@ -95,6 +95,6 @@ class Sampler:
         out = [TokenOutput(t) for t in ids]
         for n, row in enumerate(want):
             out[row].logprob = chosen_l[n]
-            kr = requests[row].top_logprobs
+            kr = requests[row].sampling.top_logprobs
             out[row].top_logprobs = list(zip(top_i[n][:kr], top_v[n][:kr])) if kr else []
         return out
