@@ -21,7 +21,10 @@ from pathlib import Path
 
 import torch
 
-from gptoss_engine.kv_layout import KVCache, KVLayout
+# Recorded before kv_transfer imports ucxx, which sets its own UCX_* defaults in os.environ.
+USER_UCX_ENV = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "default"
+
+from gptoss_engine.kv_layout import KVCache, KVLayout  # noqa: E402
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import preset
 from kv_transfer import KVTransferClient, KVTransferServer
@@ -119,10 +122,8 @@ def machine_facts() -> dict:
                 break
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=Path(__file__).parent).stdout.strip() or "?"
-    ucx_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")
-                       and k != "UCX_MEMTYPE_CACHE") or "default"
     return {"date": datetime.date.today().isoformat(), "machine": os.uname().nodename, "cpu": cpu,
-            "commit": commit, "ucx_env": ucx_env}
+            "commit": commit, "ucx_env": USER_UCX_ENV}
 
 
 def append_results(rows: list[dict], device: str) -> None:
