@@ -149,7 +149,7 @@ class AsyncEngine:
             try:
                 result = fn()
             except Exception as e:  # noqa: BLE001 - handed to the caller
-                self._later(lambda: fut.done() or fut.set_exception(e))
+                self._later(lambda e=e: fut.done() or fut.set_exception(e))
             else:
                 self._later(lambda: fut.done() or fut.set_result(result))
 
@@ -181,7 +181,7 @@ class AsyncEngine:
             try:
                 self._engine.add_request(request_id, prompt, sampling)
             except Exception as e:  # noqa: BLE001 - e.g. a duplicate request id: ends the stream
-                self._later(lambda: stream._push(e))
+                self._later(lambda e=e: stream._push(e))
                 return
             self._streams[request_id] = stream
 
@@ -199,7 +199,7 @@ class AsyncEngine:
             try:
                 self._engine.add_request(request_id, prompt, sampling, prefill_only=True)
             except Exception as e:  # noqa: BLE001
-                self._later(lambda: fut.done() or fut.set_exception(e))
+                self._later(lambda e=e: fut.done() or fut.set_exception(e))
                 return
             self._prefill_waiters[request_id] = fut
 
@@ -248,7 +248,7 @@ class AsyncEngine:
                 final = self._engine.add_request_from_kv(request_id, prompt, first, reservation, sampling)
             except Exception as e:  # noqa: BLE001 - not adopted: the reservation is ours to free now
                 self._engine.free_reservation(reservation)
-                self._later(lambda: stream._push(e))
+                self._later(lambda e=e: stream._push(e))
                 return
             if final is not None:
                 self._later(lambda: stream._push(final))

@@ -125,6 +125,13 @@ class BlockManager:
             return self.num_blocks(next_pos)
         return max(0, next_pos - self.window + 1) // self.block_size
 
+    def max_swa_chunk(self) -> int | None:
+        """Most tokens one step may compute for a sequence so that its sliding blocks (the window
+        before the chunk plus the chunk) fit in the whole sliding pool; None: no limit."""
+        if self.window is None:
+            return None
+        return max(0, (self.swa.num_blocks - 1) * self.block_size - self.window + 1)
+
     def blocks_for_prompt(self, num_tokens: int) -> tuple[int, int]:
         """(full, swa) blocks that hold num_tokens of KV with the window of the next query."""
         total = self.num_blocks(num_tokens)

@@ -112,6 +112,8 @@ class LLMEngine:
         need_swa = 0
         if bm.window is not None:
             chunk = min(total, self.config.max_num_tokens)
+            if self.config.enable_chunked_prefill:  # the scheduler caps chunks to fit the sliding pool
+                chunk = min(chunk, max(1, bm.max_swa_chunk() or 1))
             need_swa = min(need_full, -(-(bm.window - 1 + chunk) // bs) + 1)
         if need_full > bm.full.num_blocks or need_swa > bm.swa.num_blocks:
             raise InvalidRequest(f"request needs up to {need_full} full + {need_swa} sliding KV blocks "

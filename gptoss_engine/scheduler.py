@@ -62,6 +62,9 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = seq.num_uncomputed
+        swa_cap = self.bm.max_swa_chunk()
+        if self.enable_chunked_prefill and swa_cap is not None:
+            budget = min(budget, swa_cap)
         if n <= budget:
             return n
         return budget if self.enable_chunked_prefill else 0
