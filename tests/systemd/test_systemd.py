@@ -133,6 +133,7 @@ def stack(tiny_model_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
         # gptoss.target pulls in the enabled units (and waits for them: targets order after what they
         # want); the units pull in etcd.service (--local-etcd).
         c.sh("systemctl start --no-block gptoss.target")
+
         def all_active() -> bool:
             states = [c.show(u, "ActiveState") for u in STACK]
             if "failed" in states:   # gave up after StartLimitBurst restarts
