@@ -6,9 +6,10 @@ transformers' GptOssForCausalLM (bf16, eager, random weights) as the peer. Write
 bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
 bench/results/gpu.md.
 
-The 1000/1000 figure is composed from measured steps (a 1000-token x 8-sequence prefill forward,
-batch-256 decode steps at 1.0k/1.5k/2.0k context), not run through LLMEngine (not there yet when
-this was written): output tok/s = 256k tokens / (32 prefills + 1000 decode steps).
+The 1000/1000 figure runs through the real scheduler: LLMEngine (chunked prefill, block manager,
+CUDA-graph decode via the model runner, sampling) generating 1000 tokens (ignore_eos) for each of
+256 random 1000-token prompts; output tok/s = 256,000 / wall time of `generate`.
+`--profile` writes torch.profiler kernel tables (CUDA time) of one decode step and one prefill.
 
 Weights are random MXFP4 codes and scales drawn on the GPU (no files, seconds even for 120b):
 for timing only the shapes and a spread routing matter.
@@ -26,7 +27,6 @@ from typing import Callable
 
 import torch
 
-from gptoss_engine import model as model_module
 from gptoss_engine.checkpoint import finalize_model, place_tensor, tensor_specs
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
@@ -98,7 +98,59 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float
     return sorted(times)[len(times) // 2]
 
 
-def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str], None]) -> dict[str, float]:
+def profile(model: GptOssForCausalLM, kv: KVCache, graphs: Callable[[StepBatch, KVCache], torch.Tensor],
+            max_blocks: int, blocks: int, out: pathlib.Path, log: Callable[[str], None]) -> None:
+    """Kernel tables (sorted by CUDA time) of decode b1/b64 at 1k context (eager and graph
+    replay) and an 8k prefill, written to out/profile_*.txt."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+    out.mkdir(parents=True, exist_ok=True)
+    cases = {"decode_b1_eager": (lambda b: model(b, kv), uniform_batch(1, 1024, 1, max_blocks)),
+             "decode_b1_graph": (lambda b: graphs(b, kv), uniform_batch(1, 1024, 1, max_blocks)),
+             "decode_b64_graph": (lambda b: graphs(b, kv), uniform_batch(64, 1024, 1, max_blocks)),
+             "prefill_8k": (lambda b: model(b, kv), uniform_batch(1, 0, 8192, blocks))}
+    for case, (fn, b) in cases.items():
+        fn(b)
+        torch.cuda.synchronize()
+        with torch_profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+            fn(b)
+            torch.cuda.synchronize()
+        table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        (out / f"profile_{case}.txt").write_text(table)
+        log(f"profile {case}:\n{table[:4000]}")
+
+
+def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: int, output_len: int,
+                      log: Callable[[str], None]) -> float:
+    """Output tok/s of LLMEngine.generate on num_requests random prompts, each run to output_len tokens."""
+    from gptoss_engine.config import EngineConfig
+    from gptoss_engine.engine import LLMEngine
+    from gptoss_engine.types import SamplingParams
+    config = EngineConfig(model_path="random-weights", device="cuda", block_size=BLOCK_SIZE,
+                          max_batch_size=num_requests, max_num_tokens=8192,
+                          max_model_len=prompt_len + output_len + BLOCK_SIZE)
+    engine = LLMEngine(config, model=model)
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 200000, (num_requests, prompt_len), generator=g).tolist()
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # compile + capture b2
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    produced = sum(len(r.token_ids) for r in results)
+    if produced != num_requests * output_len:
+        raise RuntimeError(f"engine produced {produced} tokens, expected {num_requests * output_len}")
+    log(f"1000/1000 through LLMEngine: {num_requests} requests x {prompt_len} in / {output_len} out in "
+        f"{wall:.1f} s -> {produced / wall:.0f} output tok/s ({(produced + num_requests * prompt_len) / wall:.0f} "
+        f"total tok/s)")
+    del engine
+    gc.collect()
+    return produced / wall
+
+
+def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str], None],
+               profile_dir: pathlib.Path | None = None) -> dict[str, float]:
     from gptoss_engine.kernels.cuda_graphs import CudaGraphForward  # needs Triton: imported only on the GPU path
     config = ModelConfig.from_dict(preset(name))
     t0 = time.time()
@@ -124,16 +176,12 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
         r[f"decode_{bs}_eager"] = bs / eager * 1e3
         log(f"{name}: decode b={bs} ctx=1k: graph {replay:.2f} ms = {r[f'decode_{bs}']:.0f} tok/s; "
             f"eager {eager:.2f} ms")
+    if profile_dir is not None:
+        profile(model, kv, graphs, max_blocks, blocks, profile_dir, log)
+    del graphs, kv
     if max_batch >= 256 and max_context >= 2048:
-        pre = time_ms(lambda: model(uniform_batch(8, 0, 1000, max_blocks), kv), warmup=1, iters=3)
-        steps = [time_ms(lambda c=c: graphs(uniform_batch(256, c, 1, max_blocks), kv), iters=5)
-                 for c in (1000, 1500, 1999)]
-        mean_step = (steps[0] + 2 * steps[1] + steps[2]) / 4
-        total_s = (32 * pre + 1000 * mean_step) / 1e3
-        r["throughput_1000_1000"] = 256 * 1000 / total_s
-        log(f"{name}: 1000/1000 x256 composed: prefill 8x1000 {pre:.1f} ms, decode steps {steps} ms "
-            f"-> {r['throughput_1000_1000']:.0f} output tok/s")
-    del graphs, kv, model
+        r["throughput_1000_1000"] = throughput_engine(model, 256, 1000, 1000, log)
+    del model
     gc.collect()
     torch.cuda.empty_cache()
     return r
@@ -210,17 +258,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-peer", action="store_true", help="skip HF transformers")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
+    p.add_argument("--profile", type=pathlib.Path, default=None, help="write kernel tables to this folder")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("gptoss bench needs a CUDA GPU")
         return 2
-    # model.py stores K/V with the reference write_kv, whose boolean-mask indexing syncs the host and
-    # so cannot be captured in a CUDA graph; the kernel version has the same contract.
-    from gptoss_engine.kernels import paged_attention as pa
-    model_module.write_kv = pa.write_kv
     args.out.mkdir(parents=True, exist_ok=True)
     log = lambda s: print(s, flush=True)  # noqa: E731
-    ours = bench_ours(args.preset, args.max_batch, args.max_context, log)
+    ours = bench_ours(args.preset, args.max_batch, args.max_context, log, args.profile)
     peer = {} if args.no_peer or args.preset != "20b" else bench_hf_peer(args.preset, log)
     gpu = torch.cuda.get_device_name()
     commit = args.commit or _commit()
@@ -232,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
     md = args.out / "gpu.md"
     if not md.exists():
         md.write_text("| date | GPU | commit | preset | prefill 1k | prefill 8k | decode b1 | b8 | b64 | b256 "
-                      "| 1000/1000 | HF decode b1 | HF prefill 8k |\n|" + "---|" * 13 + "\n")
+                      "| 1000/1000 (LLMEngine) | HF decode b1 | HF prefill 8k |\n|" + "---|" * 13 + "\n")
     f = lambda k, d=ours: f"{d[k]:.0f}" if k in d else "-"  # noqa: E731
     with md.open("a") as fh:
         fh.write(f"| {date} | {gpu} | {commit} | {args.preset} | {f('prefill_1024')} | {f('prefill_8192')} | "

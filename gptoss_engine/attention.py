@@ -1,22 +1,41 @@
 """Paged attention over the block-major KV pools (kv_layout.py), with gpt-oss's sinks and sliding window.
 
 The reference here is plain PyTorch, one sequence at a time. On CUDA, when the Triton kernels
-import, `paged_attention` dispatches to `gptoss_engine.kernels.paged_attention.paged_attention`
-(same signature); the reference then only serves as the parity baseline.
+import, `paged_attention` and `write_kv` dispatch to `gptoss_engine.kernels.paged_attention`
+(same signatures); the references then only serve as the parity baseline. The dispatch matters
+for `write_kv` beyond speed: the reference's boolean-mask indexing syncs the host, which breaks
+CUDA-graph capture of a decode step.
 """
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from types import ModuleType
 
 import torch
 
 from gptoss_engine.step_batch import StepBatch
 
 
+@functools.cache
+def _kernels() -> ModuleType | None:
+    try:
+        from gptoss_engine.kernels import paged_attention as kernels
+    except ImportError:
+        return None
+    return kernels
+
+
 def write_kv(pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor,
              k: torch.Tensor, v: torch.Tensor) -> None:
     """Store this step's K/V [T, kv_heads, D] at slots block*bs+offset; slot -1 = not stored (padding)."""
+    if k.is_cuda and (kernels := _kernels()) is not None:
+        kernels.write_kv(pool, layer_in_pool, slot_mapping, k, v)
+        return
+    write_kv_reference(pool, layer_in_pool, slot_mapping, k, v)
+
+
+def write_kv_reference(pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor,
+                       k: torch.Tensor, v: torch.Tensor) -> None:
     block_size = pool.shape[3]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -25,21 +44,12 @@ def write_kv(pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor,
     pool[blocks, layer_in_pool, 1, offsets] = v[keep].to(pool.dtype)
 
 
-@functools.cache
-def _kernel() -> Callable[..., torch.Tensor] | None:
-    try:
-        from gptoss_engine.kernels.paged_attention import paged_attention as kernel
-    except ImportError:
-        return None
-    return kernel
-
-
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
                     batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]. A query at position p attends to the keys at positions
     [p-window+1 .. p] (sliding) or [0 .. p] (full) of its own sequence, read through block_tables."""
-    if q.is_cuda and (kernel := _kernel()) is not None:
-        return kernel(q, pool, layer_in_pool, block_tables, batch, sinks, scale, window)
+    if q.is_cuda and (kernels := _kernels()) is not None:
+        return kernels.paged_attention(q, pool, layer_in_pool, block_tables, batch, sinks, scale, window)
     return paged_attention_reference(q, pool, layer_in_pool, block_tables, batch, sinks, scale, window)
 
 

@@ -57,8 +57,24 @@ class ModelRunner:
         num_full, num_swa = pool_sizes(config, self.layout, budget)
         self.kv_cache = KVCache.allocate(self.layout, num_full, num_swa, self.device)
         self.sampler = Sampler(self.model_config.eos_token_ids, self.device)
-        # Swappable: a CUDA-graph runner may replace it; same contract as GptOssForCausalLM.forward.
-        self.forward_fn: Callable[[StepBatch, KVCache], torch.Tensor] = self.model.forward
+        # Same contract as GptOssForCausalLM.forward; on CUDA, decode steps replay CUDA graphs.
+        self.forward_fn: Callable[[StepBatch, KVCache], torch.Tensor] = self._graph_forward() or self.model.forward
+
+    def _graph_forward(self) -> Callable[[StepBatch, KVCache], torch.Tensor] | None:
+        """CudaGraphForward on CUDA (Triton there), sized by the config; None on CPU, or when
+        cuda_graph_batch_sizes is empty (graphs off)."""
+        c = self.config
+        if self.device.type != "cuda" or c.cuda_graph_batch_sizes == ():
+            return None
+        try:
+            from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
+        except ImportError:
+            return None
+        sizes = c.cuda_graph_batch_sizes
+        max_batch = max(sizes) if sizes else min(c.cuda_graph_max_batch_size or c.max_batch_size, c.max_batch_size)
+        max_len = c.max_model_len or self.model_config.max_position_embeddings
+        return CudaGraphForward(self.model.forward, self.kv_cache, max_batch, -(-max_len // c.block_size),
+                                buckets=sizes, padding=c.cuda_graph_padding)
 
     def build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
         bs = self.config.block_size
@@ -96,7 +112,10 @@ class ModelRunner:
             max_query_len=max(s.num_tokens for s in scheduled), max_seq_len=max(seq_lens))
 
     def run(self, scheduled: list[ScheduledSeq]) -> list[TokenOutput | None]:
-        """One forward over the step; a token for each sequence whose last token was computed."""
+        """One forward over the step; a token for each sequence whose last token was computed.
+
+        A replayed CUDA graph returns a view of its static output buffer, which the next replay
+        overwrites: the tokens are sampled here, before this returns, never later."""
         logits = self.forward_fn(self.build_batch(scheduled), self.kv_cache)
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_tokens == len(s.seq.token_ids)]
         out: list[TokenOutput | None] = [None] * len(scheduled)

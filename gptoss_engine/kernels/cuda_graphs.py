@@ -3,7 +3,9 @@
 `CudaGraphForward(model, kv, max_batch, max_blocks)` is a drop-in `forward_fn(batch, kv)` for the
 model runner. A pure-decode step (max_query_len == 1, at most max_batch sequences, on the KV cache
 it was built for) is copied into static input buffers padded to the next bucket and replayed;
-anything else (prefill chunks, mixed steps, a larger batch) runs the model eagerly.
+anything else (prefill chunks, mixed steps, a larger batch) runs the model eagerly. `buckets`
+replaces the default powers of two; with `padding=False` only a batch of exactly a bucket's size
+is replayed (the others run eagerly).
 
 Padding rows are inert: slot -1 (write_kv stores nothing), block table -1 and seq_len 0 (the
 attention visits no key; the sink alone gives a zero output), position 0. Their logits are cut off.
@@ -16,7 +18,7 @@ boolean-mask indexing); the Triton kernels here are written that way.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -38,11 +40,16 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 class CudaGraphForward:
-    def __init__(self, model: Forward, kv: KVCache, max_batch: int, max_blocks: int) -> None:
+    def __init__(self, model: Forward, kv: KVCache, max_batch: int, max_blocks: int,
+                 buckets: Sequence[int] | None = None, padding: bool = True) -> None:
         if kv.full.device.type != "cuda":
             raise ValueError("CUDA graphs need the KV cache on a CUDA device")
-        self.model, self.kv, self.max_blocks = model, kv, max_blocks
-        self.buckets = batch_buckets(max_batch)
+        if max_blocks < 1:
+            raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+        self.model, self.kv, self.max_blocks, self.padding = model, kv, max_blocks, padding
+        self.buckets = batch_buckets(max_batch) if buckets is None else sorted(set(buckets))
+        if not self.buckets or self.buckets[0] < 1:
+            raise ValueError(f"graph batch sizes must be positive and at least one, got {buckets}")
         dev = kv.full.device
         n = self.buckets[-1]
         i64 = dict(dtype=torch.int64, device=dev)
@@ -107,6 +114,8 @@ class CudaGraphForward:
         if batch.max_query_len != 1 or n > self.buckets[-1] or kv is not self.kv or batch.input_ids.shape[0] != n:
             return self.model(batch, kv)
         bucket = next(b for b in self.buckets if b >= n)
+        if bucket != n and not self.padding:
+            return self.model(batch, kv)
         self._load(batch, bucket)
         if bucket not in self._graphs:
             self._graphs[bucket] = self._capture(bucket)

@@ -65,7 +65,9 @@ def _mxfp4_dot(acc, a, b_packed, b_scale, DOT_SCALED: tl.constexpr, BK: tl.const
     the CPU tests check the kernels' indexing too.
     """
     if DOT_SCALED:
-        acc = tl.dot_scaled(a, None, "bf16", b_packed, b_scale, "e2m1", acc=acc)
+        # dot_scaled takes bf16 activations only: fp32/fp16 inputs (an fp32 engine on CUDA) are
+        # rounded to bf16 here, in registers, rather than failing to compile.
+        acc = tl.dot_scaled(a.to(tl.bfloat16), None, "bf16", b_packed, b_scale, "e2m1", acc=acc)
     else:
         lo = b_packed & 0xF
         hi = (b_packed >> 4) & 0xF
@@ -171,7 +173,8 @@ def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True) -> torch.Tensor:
-    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] bf16 -> [T, H].
+    """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
+    fp16 or fp32; with dot_scaled the activations enter the tensor cores as bf16).
 
     Packed `w` holds the checkpoint tensors (gate_up_blocks [E, 2I, H/32, 16] u8, gate_up_scales
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).

@@ -57,8 +57,6 @@ def greedy(model: GptOssForCausalLM, config: ModelConfig, prompt_len: int, steps
 def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> None:
     if interpreted:
         pytest.skip("bf16 model needs a real GPU")
-    from gptoss_engine import model as model_module
-    from gptoss_engine.kernels import paged_attention as pa
     from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
     config = ModelConfig.from_dict(preset("tiny"))
     cpu = random_model(config, "cpu", torch.float32, seed=1)
@@ -68,14 +66,9 @@ def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> Non
     rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
     assert rel < 0.1, rel  # bf16 weights + activations through 4 layers vs float32
     assert tokens[0] == ref_tokens[0]
-    # Graph replays give the eager tokens (write_kv must be the sync-free kernel for capture).
-    saved = model_module.write_kv
-    model_module.write_kv = pa.write_kv
-    try:
-        graph_tokens, _ = greedy(gpu, config, 150, 12, "cuda",
-                                 forward=lambda m, kv: CudaGraphForward(m, kv, max_batch=4, max_blocks=16))
-    finally:
-        model_module.write_kv = saved
+    # Graph replays give the eager tokens (attention.write_kv dispatches to the sync-free kernel).
+    graph_tokens, _ = greedy(gpu, config, 150, 12, "cuda",
+                             forward=lambda m, kv: CudaGraphForward(m, kv, max_batch=4, max_blocks=16))
     assert graph_tokens == tokens
     agree = sum(a == b for ta, tb in zip(tokens, ref_tokens) for a, b in zip(ta, tb))
     assert agree >= 0.8 * 2 * 13, (tokens, ref_tokens)

@@ -82,7 +82,7 @@ def test_sink_dominates_when_large(device: str, interpreted: bool) -> None:
 
 
 def test_write_kv_matches_reference(device: str) -> None:
-    from gptoss_engine.attention import write_kv as write_kv_reference
+    from gptoss_engine.attention import write_kv_reference
     from gptoss_engine.kernels.paged_attention import write_kv
     gen = torch.Generator().manual_seed(5)
     pool = torch.randn(8, 3, 2, 16, 2, 16, generator=gen).to(device)
