@@ -19,15 +19,30 @@ from typing import AsyncIterator
 
 import grpc
 
+from gptoss_engine.block_manager import NoKVCapacity
 from gptoss_engine.types import InvalidRequest, RequestOutput, SamplingParams
 from gptoss_pb.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from svc_common.convert import (RequestRejected, check_request, finish_to_pb, layout_mismatches,
                                 token_from_pb, token_to_pb)
 from svc_common.logging import bind_request_id, get_logger
 from svc_common.stats import stats_pb
+from kv_transfer import (KVChecksumMismatch, KVLayoutMismatch, KVPeerGone, KVTransferBusy, KVTransferError,
+                         KVTransferExpired, KVTransferNotFound, KVTransferTimeout)
 from svc_common.context import WorkerContext
 
 log = get_logger("decode")
+
+# A failed hand-off never yields tokens; the code tells the caller what happened to the KV.
+_TRANSFER_STATUS: dict[type, grpc.StatusCode] = {
+    KVTransferNotFound: grpc.StatusCode.NOT_FOUND,            # unknown / already read / released
+    KVTransferExpired: grpc.StatusCode.FAILED_PRECONDITION,   # lease ran out: prefill again
+    KVLayoutMismatch: grpc.StatusCode.FAILED_PRECONDITION,
+    KVChecksumMismatch: grpc.StatusCode.DATA_LOSS,
+    KVTransferBusy: grpc.StatusCode.ABORTED,
+    KVTransferTimeout: grpc.StatusCode.UNAVAILABLE,
+    KVPeerGone: grpc.StatusCode.UNAVAILABLE,                  # the prefill worker is gone
+    ValueError: grpc.StatusCode.INVALID_ARGUMENT,
+}
 
 
 class DecodeServicer(decode_pb2_grpc.DecodeServicer):
@@ -49,15 +64,26 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
                 stream = self._engine.generate(request_id, prompt, sampling)
                 completion = 0
         except RequestRejected as e:
+            log.warning("decode refused", code=e.code.name, error=e.message)
             await context.abort(e.code, e.message)
         except InvalidRequest as e:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except NoKVCapacity as e:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"no free KV blocks for this hand-off now: {e}")
         # aclosing: a cancelled call (client gone, deadline) closes the engine stream, which aborts
         # the request and frees its blocks.
-        async with contextlib.aclosing(stream):
-            async for out in stream:
-                completion += len(out.tokens)
-                yield self._message(out, len(prompt), completion)
+        finish = None
+        try:
+            async with contextlib.aclosing(stream):
+                async for out in stream:
+                    completion += len(out.tokens)
+                    finish = out.finish_reason
+                    yield self._message(out, len(prompt), completion)
+        except InvalidRequest as e:   # raised on the engine thread (e.g. a duplicate request id)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            log.info("decode ended", finish_reason=finish.value if finish else "cancelled",
+                     num_completion_tokens=completion, handoff=request.HasField("kv"))
 
     @staticmethod
     def _message(out: RequestOutput, num_prompt: int, num_completion: int) -> decode_pb2.DecodeResponse:
@@ -102,16 +128,16 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
             raise
 
     async def _fetch(self, kv: common_pb2.KVDescriptor, reservation, timeout_s: float) -> None:
-        from kv_transfer import KVTransferError
-
+        expected = kv.checksum if self._ctx.config.kv_checksum and kv.checksum else None
         try:
-            await self._ctx.transfer_client.fetch(
+            nbytes = await self._ctx.transfer_client.fetch(
                 kv.ucx_address, kv.transfer_id, self._engine.kv_cache, list(reservation.full_block_ids),
-                list(reservation.swa_block_ids), expected_checksum=kv.checksum or None, timeout_s=timeout_s)
-        except KVTransferError as e:
-            log.warning("kv fetch failed", transfer_id=kv.transfer_id, error=str(e))
-            raise RequestRejected(grpc.StatusCode.UNAVAILABLE,
-                                  f"KV transfer {kv.transfer_id} from {kv.ucx_address} failed: {e}") from None
+                list(reservation.swa_block_ids), expected_checksum=expected, timeout_s=timeout_s)
+        except (KVTransferError, ValueError) as e:   # ValueError: a malformed ucx_address
+            code = _TRANSFER_STATUS.get(type(e), grpc.StatusCode.UNAVAILABLE)
+            log.warning("kv fetch failed", transfer_id=kv.transfer_id, code=code.name, error=str(e))
+            raise RequestRejected(code, f"KV transfer {kv.transfer_id!r} from {kv.ucx_address!r} failed: {e}") from None
+        log.info("kv received", transfer_id=kv.transfer_id, nbytes=nbytes, checksum_verified=expected is not None)
 
     async def Stats(self, request, context: grpc.aio.ServicerContext):
         return stats_pb(self._engine.stats())

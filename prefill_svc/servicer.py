@@ -19,6 +19,7 @@ import grpc
 
 from gptoss_engine.types import InvalidRequest
 from gptoss_pb.v1 import common_pb2, prefill_pb2, prefill_pb2_grpc
+from kv_transfer import kv_checksum
 from svc_common.convert import RequestRejected, check_request, finish_to_pb, token_to_pb
 from svc_common.logging import bind_request_id, get_logger
 from svc_common.stats import stats_pb
@@ -35,7 +36,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
 
     async def Prefill(self, request: prefill_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         request_id = request.request_id or uuid.uuid4().hex
-        bind_request_id(context.invocation_metadata(), request_id)
+        log_id = bind_request_id(context.invocation_metadata(), request_id)
         try:
             sampling = check_request(request.model, self._ctx.config.served_model_name,
                                      request.prompt_token_ids, request.sampling, self._engine.vocab_size)
@@ -57,34 +58,48 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
             log.info("prefill finished at first token", finish_reason=result.finish_reason.value)
             return response
         try:
-            response.kv.CopyFrom(self._stage(result.staged))
+            response.kv.CopyFrom(await self._stage(log_id, result.staged))
         except BaseException:
-            # Covers a cancel arriving between prefill and staging, too: the blocks are ours to free.
+            # Covers a cancel arriving while the checksum is computed, too: until stage() handed the
+            # blocks to the transfer server (the last, synchronous step) they are ours to free.
             await asyncio.shield(self._engine.release_staged(result.staged.handle))
             raise
         log.info("prefill staged", transfer_id=response.kv.transfer_id, num_tokens=len(prompt),
-                 num_full_blocks=response.kv.num_full_blocks, num_swa_blocks=response.kv.num_swa_blocks)
+                 num_full_blocks=response.kv.num_full_blocks, num_swa_blocks=response.kv.num_swa_blocks,
+                 checksum=response.kv.checksum)
         return response
 
-    def _stage(self, staged) -> common_pb2.KVDescriptor:
+    async def _stage(self, log_id: str, staged) -> common_pb2.KVDescriptor:
+        """Describe the staged KV and hand it to the transfer server (from then on, it frees it)."""
         cfg = self._ctx.config
         transfer_id = uuid.uuid4().hex
         handle = staged.handle
         engine = self._engine
+        full_ids, swa_ids = list(staged.full_block_ids), list(staged.swa_block_ids)
+        layout = engine.layout
+        checksum = 0   # 0 = not computed (the decode side then skips verification)
+        if cfg.kv_checksum:
+            # Off the event loop: on CUDA this copies the blocks to the host. The blocks are pinned
+            # (staged), so nothing writes them meanwhile.
+            checksum = await asyncio.to_thread(kv_checksum, engine.kv_cache, full_ids, swa_ids)
 
-        def on_release() -> None:
-            # Called once by the transfer server: read acked, Release RPC, lease expiry or close.
+        def on_release(tid: str, reason: str) -> None:
+            # Called exactly once by the transfer server: "read" (acked), "released" (Release RPC or
+            # close) or "expired" (lease). The staged blocks go back to the engine's free pools.
+            # Runs in the transfer server's task, not this RPC's: name the request explicitly.
+            log.info("staged kv freed", request_id=log_id, transfer_id=tid, reason=reason)
             engine.release_staged_nowait(handle)
 
-        info = self._transfer.stage(transfer_id, list(staged.full_block_ids), list(staged.swa_block_ids),
-                                    lease_s=cfg.kv_lease_seconds, on_release=on_release)
-        return common_pb2.KVDescriptor(
+        descriptor = common_pb2.KVDescriptor(
             prefill_instance_id=f"{self._ctx.instance_id:016x}", ucx_address=self._ctx.ucx_address,
             transfer_id=transfer_id, layout=self._ctx.layout_pb, num_tokens=staged.num_tokens,
-            num_full_blocks=len(staged.full_block_ids), num_swa_blocks=len(staged.swa_block_ids),
+            num_full_blocks=len(full_ids), num_swa_blocks=len(swa_ids),
             swa_first_logical_block=staged.swa_first_logical_block,
             lease_expires_unix_ms=int((time.time() + cfg.kv_lease_seconds) * 1000),
-            checksum=info.checksum, nbytes=info.nbytes)
+            checksum=checksum,
+            nbytes=len(full_ids) * layout.bytes_per_full_block + len(swa_ids) * layout.bytes_per_swa_block)
+        self._transfer.stage(transfer_id, full_ids, swa_ids, lease_s=cfg.kv_lease_seconds, on_release=on_release)
+        return descriptor
 
     async def Release(self, request: prefill_pb2.ReleaseRequest, context: grpc.aio.ServicerContext):
         bind_request_id(context.invocation_metadata())

@@ -30,6 +30,7 @@ class WorkerConfig:
     extra_engine_args: str | None = None     # engine YAML file
     max_num_tokens: int | None = None        # None: engine default (or the YAML's)
     max_batch_size: int | None = None
+    max_model_len: int | None = None         # None: the model's max_position_embeddings
     free_gpu_memory_fraction: float | None = None
     device: str = "auto"                     # auto | cpu | cuda
     grpc_host: str = "127.0.0.1"
@@ -47,6 +48,7 @@ class WorkerConfig:
     registry_ttl: int = 10
     load_update_interval: float = 2.0
     kv_lease_seconds: float = 30.0
+    kv_checksum: bool = True                 # CRC-32 of staged KV in the descriptor, verified on arrival
     drain_timeout: float = 30.0
     tls_cert: str | None = None
     tls_key: str | None = None
@@ -72,6 +74,7 @@ def build_parser(prog: str, default_mode: str) -> argparse.ArgumentParser:
     e.add_argument("--extra-engine-args", metavar="FILE.yaml", help="engine YAML (TensorRT-LLM style keys)")
     e.add_argument("--max-num-tokens", type=_int)
     e.add_argument("--max-batch-size", type=_int)
+    e.add_argument("--max-model-len", type=_int, help="context limit in tokens (default: the model's)")
     e.add_argument("--free-gpu-memory-fraction", type=float)
     e.add_argument("--tensor-parallel-size", type=_int, default=1)
     e.add_argument("--expert-parallel-size", type=_int, default=1)
@@ -102,6 +105,8 @@ def build_parser(prog: str, default_mode: str) -> argparse.ArgumentParser:
     r.add_argument("--load-update-interval", type=float, default=2.0, help="seconds between load updates in the record")
     k = p.add_argument_group("KV hand-off and shutdown")
     k.add_argument("--kv-lease-seconds", type=float, default=30.0, help="staged KV is freed if not read by then")
+    k.add_argument("--kv-checksum", action=argparse.BooleanOptionalAction, default=True,
+                   help="checksum staged KV (prefill) and verify it on arrival (decode); costs a host copy on GPU")
     k.add_argument("--drain-timeout", type=float, default=30.0, help="max seconds to drain on SIGTERM")
     lg = p.add_argument_group("logging")
     lg.add_argument("--log-format", choices=("json", "console"), default="json")
@@ -121,7 +126,7 @@ def _defaults_from_env(parser: argparse.ArgumentParser, env: Mapping[str, str] |
         if name not in env:
             continue
         raw = env[name]
-        if isinstance(action, argparse._StoreTrueAction):
+        if isinstance(action, (argparse._StoreTrueAction, argparse.BooleanOptionalAction)):
             if raw.lower() not in ("1", "true", "yes", "0", "false", "no", ""):
                 raise ConfigError(f"{name}={raw!r}: expected true or false")
             action.default = raw.lower() in ("1", "true", "yes")
@@ -144,7 +149,7 @@ def parse_worker_args(argv: list[str] | None, prog: str, default_mode: str) -> W
         raise ConfigError(
             f"multi-GPU (tensor-parallel-size={ns.tensor_parallel_size}, expert-parallel-size="
             f"{ns.expert_parallel_size}) is not supported yet: run one worker per GPU with both set to 1")
-    for flag in ("max_num_tokens", "max_batch_size", "registry_ttl"):
+    for flag in ("max_num_tokens", "max_batch_size", "max_model_len", "registry_ttl"):
         value = getattr(ns, flag)
         if value is not None and value < 1:
             raise ConfigError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
@@ -171,6 +176,7 @@ def parse_worker_args(argv: list[str] | None, prog: str, default_mode: str) -> W
         extra_engine_args=ns.extra_engine_args,
         max_num_tokens=ns.max_num_tokens,
         max_batch_size=ns.max_batch_size,
+        max_model_len=ns.max_model_len,
         free_gpu_memory_fraction=fraction,
         device=ns.device,
         grpc_host=ns.grpc_host,
@@ -188,6 +194,7 @@ def parse_worker_args(argv: list[str] | None, prog: str, default_mode: str) -> W
         registry_ttl=ns.registry_ttl,
         load_update_interval=ns.load_update_interval,
         kv_lease_seconds=ns.kv_lease_seconds,
+        kv_checksum=ns.kv_checksum,
         drain_timeout=ns.drain_timeout,
         tls_cert=ns.tls_cert,
         tls_key=ns.tls_key,

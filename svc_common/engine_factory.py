@@ -19,6 +19,7 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
     merged = {
         "max_num_tokens": cfg.max_num_tokens or y.max_num_tokens,
         "max_batch_size": cfg.max_batch_size or y.max_batch_size,
+        "max_model_len": cfg.max_model_len,
         "free_gpu_memory_fraction": cfg.free_gpu_memory_fraction or y.free_gpu_memory_fraction,
         "enable_chunked_prefill": y.enable_chunked_prefill,
         "enable_prefix_caching": y.enable_prefix_caching,
@@ -30,6 +31,15 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
     return {k: v for k, v in merged.items() if v is not None}
 
 
+def _device(flag: str) -> str:
+    """--device auto: the GPU when torch sees one, else the CPU."""
+    if flag != "auto":
+        return flag
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def _engine_config(cfg: WorkerConfig, y: EngineYaml) -> Any:
     from gptoss_engine.config import EngineConfig
 
@@ -39,7 +49,7 @@ def _engine_config(cfg: WorkerConfig, y: EngineYaml) -> Any:
     if unsupported:
         raise ConfigError(f"the engine has no setting for {', '.join(unsupported)} (set by flags or engine YAML)")
     try:
-        return EngineConfig(model_path=cfg.model_path, device=cfg.device, **overrides)
+        return EngineConfig(model_path=cfg.model_path, device=_device(cfg.device), **overrides)
     except ValueError as e:
         raise ConfigError(f"engine settings: {e}") from None
 

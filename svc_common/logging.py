@@ -28,9 +28,19 @@ def configure_logging(log_format: str = "json", level: str = "info", component: 
     """Call once at start-up (in main); logs go to stderr (journald picks them up under systemd)."""
     lvl = getattr(logging, level.upper())
     renderer = structlog.processors.JSONRenderer() if log_format == "json" else structlog.dev.ConsoleRenderer(colors=False)
+    # The component is added by a processor, not a contextvar: callbacks of ucxx and of the engine
+    # thread run in contexts that never saw a bind made in main.
+    fixed = {"component": component} if component else {}
+
+    def add_fixed(_logger: Any, _method: str, event: dict) -> dict:
+        for key, value in fixed.items():
+            event.setdefault(key, value)
+        return event
+
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_fixed,
             _add_request_id,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
@@ -43,8 +53,6 @@ def configure_logging(log_format: str = "json", level: str = "info", component: 
     )
     # Libraries (grpc, aetcd, ucxx) log through stdlib logging: keep their warnings, same stream.
     logging.basicConfig(level=max(lvl, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s")
-    if component:
-        structlog.contextvars.bind_contextvars(component=component)
 
 
 def bind_request_id(metadata: Any, fallback: str | None = None) -> str | None:
