@@ -1,4 +1,8 @@
-"""`python -m frontend_svc` / `gptoss frontend`: wires config, discovery, gRPC pipeline, app, uvicorn."""
+"""`python -m frontend_svc` / `gptoss frontend`: wires config, discovery, gRPC pipeline, app, uvicorn.
+
+systemd runs this as Type=notify: READY=1 goes out only once uvicorn has bound its socket and
+serves (so `systemctl start` returns when requests can be made), STOPPING=1 as soon as a stop
+signal arrives."""
 from __future__ import annotations
 
 import contextlib
@@ -7,12 +11,16 @@ import sys
 
 import uvicorn
 
+from svc_common import sd_notify
+
 from .app import create_app
 from .config import FrontendConfig, parse_args
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .routing import Router
 from .workers import Channels, RegistryDirectory
+
+log = logging.getLogger(__name__)
 
 
 def build_app(cfg: FrontendConfig):
@@ -35,12 +43,29 @@ def build_app(cfg: FrontendConfig):
     return create_app(cfg, pipeline, metrics, lifespan=lifespan)
 
 
+class _NotifyingServer(uvicorn.Server):
+    """uvicorn.Server with systemd notifications at its real start and stop points."""
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.started:   # False when binding failed: uvicorn exits, systemd sees the failure
+            cfg = self.config
+            log.info("serving on http://%s:%d", cfg.host, cfg.port)
+            sd_notify.ready(f"serving on {cfg.host}:{cfg.port}")
+
+    def handle_exit(self, sig, frame) -> None:
+        sd_notify.stopping("shutting down: finishing in-flight requests")
+        super().handle_exit(sig, frame)
+
+
 def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = build_app(cfg)
-    uvicorn.run(app, host=cfg.http_host, port=cfg.http_port, log_level="warning", timeout_graceful_shutdown=5)
-    return 0
+    server = _NotifyingServer(uvicorn.Config(app, host=cfg.http_host, port=cfg.http_port, log_level="warning",
+                                             timeout_graceful_shutdown=5))
+    server.run()
+    return 0 if server.started else 1
 
 
 if __name__ == "__main__":

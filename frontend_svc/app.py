@@ -4,8 +4,9 @@
 source and run for real with the gRPC Pipeline (see __main__)."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -26,6 +27,29 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 def _endpoint_label(path: str) -> str:
     return path if path.startswith("/v1/") or path in auth.OPEN_PATHS else "other"
+
+
+async def _unless_client_gone(request: Request, work: Awaitable[dict]) -> dict | Response:
+    """Await a non-streaming completion, cancelling it (and so the worker calls under it) if the
+    client disconnects first: nobody would read the answer, and the KV blocks should go now."""
+    task = asyncio.ensure_future(work)
+
+    async def client_gone() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(client_gone())
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    if task in done:
+        return task.result()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return Response(status_code=499)   # never read: the client has gone
 
 
 def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None = None,
@@ -49,14 +73,14 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(chat.stream(gen, body.model, include), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        return await chat.complete(gen, body.model)
+        return await _unless_client_gone(request, chat.complete(gen, body.model))
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request):
         gen = responses.prepare(state, body, rid(request, "resp"))
         if body.stream:
             return StreamingResponse(responses.stream(gen, body), media_type="text/event-stream", headers=SSE_HEADERS)
-        return await responses.complete(gen, body)
+        return await _unless_client_gone(request, responses.complete(gen, body))
 
     @app.post("/v1/completions")
     async def create_completion(body: CompletionRequest, request: Request):
@@ -65,7 +89,7 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
             include = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(completions.stream(gen, body.model, include), media_type="text/event-stream",
                                      headers=SSE_HEADERS)
-        return await completions.complete(gen, body.model)
+        return await _unless_client_gone(request, completions.complete(gen, body.model))
 
     @app.get("/v1/models")
     async def models():

@@ -9,6 +9,7 @@ from . import errors
 from .generation import AppState, Generation, check_model, make_sampling, require_workers
 from .harmony_parse import Kind, ParsedCompletion
 from .harmony_render import RenderError, render_chat
+from .logprobs import chat_logprobs
 from .openai_models import ChatCompletionRequest
 
 
@@ -37,9 +38,16 @@ def _tool_call_json(c) -> dict:
     return {"id": c.id, "type": "function", "function": {"name": c.name, "arguments": c.arguments}}
 
 
+def _logprobs(gen: Generation, tokens) -> dict | None:
+    s = gen.sampling
+    return chat_logprobs(gen.state.enc, tokens, s.top_logprobs) if s.logprobs else None
+
+
 async def complete(gen: Generation, model: str) -> dict:
     r = ParsedCompletion()   # from the deltas, which user stop strings have already cut
+    tokens = []
     async for step in gen.steps():
+        tokens += step.tokens
         for d in step.deltas:
             r.apply(d)
     message: dict = {"role": "assistant", "content": r.content or None}
@@ -48,20 +56,25 @@ async def complete(gen: Generation, model: str) -> dict:
     if r.tool_calls:
         message["tool_calls"] = [_tool_call_json(c) for c in r.tool_calls]
     return {"id": gen.request_id, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "finish_reason": gen.finish_reason, "logprobs": None}],
+            "choices": [{"index": 0, "message": message, "finish_reason": gen.finish_reason,
+                         "logprobs": _logprobs(gen, tokens)}],
             "usage": gen.usage.chat()}
 
 
 async def stream(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
 
-    def chunk(delta: dict, finish: str | None = None) -> dict:
+    def chunk(delta: dict, finish: str | None = None, logprobs: dict | None = None) -> dict:
         return {"id": gen.request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+                "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}]}
 
     yield sse(chunk({"role": "assistant", "content": ""}))
     try:
         async for step in gen.steps():
+            # A step's logprobs ride on an empty delta of their own: a step may carry tokens
+            # (harmony headers) and no text, or text for several deltas.
+            if step.tokens and gen.sampling.logprobs:
+                yield sse(chunk({}, logprobs=_logprobs(gen, step.tokens)))
             for d in step.deltas:
                 if d.kind is Kind.CONTENT:
                     yield sse(chunk({"content": d.text}))

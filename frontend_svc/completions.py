@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 from . import errors
 from .generation import AppState, Generation, check_model, make_sampling, require_workers
+from .logprobs import completion_logprobs
 from .openai_models import CompletionRequest
 
 
@@ -29,28 +30,40 @@ def prepare(state: AppState, req: CompletionRequest, request_id: str) -> Generat
     return Generation(state, request_id, prompt, sampling, stop=stops, parse=False)
 
 
-def _body(gen: Generation, model: str, created: int, text: str, finish: str | None, usage: bool) -> dict:
+def _body(gen: Generation, model: str, created: int, text: str, finish: str | None, usage: bool,
+          logprobs: dict | None = None) -> dict:
     body = {"id": gen.request_id, "object": "text_completion", "created": created, "model": model,
-            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": None}]}
+            "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": logprobs}]}
     if usage:
         body["usage"] = gen.usage.chat()
     return body
 
 
+def _logprobs(gen: Generation, tokens, text_offset: int) -> dict | None:
+    s = gen.sampling
+    return completion_logprobs(gen.state.enc, tokens, s.top_logprobs, text_offset) if s.logprobs else None
+
+
 async def complete(gen: Generation, model: str) -> dict:
     text = ""
+    tokens = []
     async for step in gen.steps():
+        tokens += step.tokens
         text += "".join(d.text for d in step.deltas)
-    return _body(gen, model, int(time.time()), text, gen.finish_reason, usage=True)
+    return _body(gen, model, int(time.time()), text, gen.finish_reason, usage=True,
+                 logprobs=_logprobs(gen, tokens, 0))
 
 
 async def stream(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
     created = int(time.time())
+    offset = 0
     try:
         async for step in gen.steps():
             text = "".join(d.text for d in step.deltas)
-            if text:
-                yield f"data: {json.dumps(_body(gen, model, created, text, None, False))}\n\n"
+            logprobs = _logprobs(gen, step.tokens, offset) if step.tokens else None
+            if text or logprobs:
+                yield f"data: {json.dumps(_body(gen, model, created, text, None, False, logprobs))}\n\n"
+            offset += len(text)
     except errors.ApiError as e:
         yield f"data: {json.dumps(e.body())}\n\n"
         yield "data: [DONE]\n\n"
