@@ -164,21 +164,27 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
 def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the mean rows per expert."""
     rows_per_expert = num_pairs / num_experts
+    # Decode tiles from the bench's sweep on an H100 (docs/PERF_NOTES.md v2): narrower n-tiles
+    # (more programs, less of dot_scaled's weight upcast per program) beat BN=64.
+    if rows_per_expert <= 0.5:
+        return 16, 32, 256, 2, 3     # batch <= 4 (20b): one row block per expert
     if rows_per_expert <= 16:
-        return 16, 64, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
+        return 16, 32, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
     if rows_per_expert <= 64:
         return 64, 64, 128, 4, 3
     return 128, 128, 64, 8, 3        # prefill: compute-bound tiles
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
-                swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True) -> torch.Tensor:
+                swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True,
+                tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
     fp16 or fp32; with dot_scaled the activations enter the tensor cores as bf16).
 
     Packed `w` holds the checkpoint tensors (gate_up_blocks [E, 2I, H/32, 16] u8, gate_up_scales
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
-    dot_scaled=False dequantizes by hand (for Triton's CPU interpreter).
+    dot_scaled=False dequantizes by hand (for Triton's CPU interpreter). `tiles` overrides
+    _tiles' (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the bench's tile sweep uses it.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -201,7 +207,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return torch.empty_like(x)
     x = x.contiguous()
     num_pairs = T * k
-    bm, bn, bk, warps, stages = _tiles(num_pairs, E)
+    bm, bn, bk, warps, stages = tiles or _tiles(num_pairs, E)
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
