@@ -11,7 +11,7 @@ import grpc
 import torch
 
 from gptoss_engine.kv_layout import KVLayout
-from gptoss_engine.types import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenOutput
+from gptoss_engine.types import FinishReason, InvalidRequest, SamplingParams, TokenOutput
 from gptoss_pb.v1 import common_pb2
 
 _FINISH_TO_PB = {
@@ -103,10 +103,3 @@ def layout_mismatches(theirs: common_pb2.KVLayout, ours: common_pb2.KVLayout) ->
         if a != b:
             out.append(f"{f.name}: hand-off has {a!r}, this worker has {b!r}")
     return out
-
-
-def usage_pb(output: RequestOutput | None, num_prompt_tokens: int, num_completion_tokens: int,
-             num_cached_tokens: int = 0) -> common_pb2.Usage:
-    cached = output.num_cached_tokens if output is not None and output.num_cached_tokens else num_cached_tokens
-    return common_pb2.Usage(prompt_tokens=num_prompt_tokens, completion_tokens=num_completion_tokens,
-                            cached_prompt_tokens=cached)

@@ -114,3 +114,15 @@ def test_unknown_yaml_key_from_the_real_command_exits_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "foo_bar" in r.stderr and "enable_chunked_prefill" in r.stderr
+
+
+def test_context_limit_checksum_and_device_flags(monkeypatch):
+    cfg = parse_worker_args(["--model-path", "/m", "--max-model-len", "4096"], "gptoss decode", "decode")
+    assert cfg.max_model_len == 4096 and cfg.kv_checksum and cfg.device == "auto"
+    assert engine_overrides(cfg, parse_engine_yaml({}))["max_model_len"] == 4096
+    assert not parse_worker_args(["--model-path", "/m", "--no-kv-checksum"], "p", "prefill").kv_checksum
+    monkeypatch.setenv("GPTOSS_KV_CHECKSUM", "false")
+    assert not parse_worker_args(["--model-path", "/m"], "p", "prefill").kv_checksum
+    assert parse_worker_args(["--model-path", "/m", "--kv-checksum"], "p", "prefill").kv_checksum
+    with pytest.raises(ConfigError, match="max-model-len"):
+        parse_worker_args(["--model-path", "/m", "--max-model-len", "0"], "p", "prefill")
