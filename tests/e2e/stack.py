@@ -13,6 +13,9 @@ import subprocess
 import sys
 import time
 
+import json
+from collections.abc import Iterator
+
 import grpc
 import httpx
 import openai
@@ -36,6 +39,32 @@ def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
         if time.monotonic() > deadline:
             raise TimeoutError(f"not within {timeout_s}s: {what}")
         time.sleep(interval_s)
+
+
+def iter_sse(response: httpx.Response) -> Iterator[dict | str]:
+    """Events of an SSE response, checked as they come: every `data:` line is JSON or the final
+    [DONE], and nothing follows [DONE]."""
+    done = False
+    for line in response.iter_lines():
+        if not line or line.startswith(":") or line.startswith("event:"):
+            continue
+        assert line.startswith("data: "), f"not an SSE data line: {line!r}"
+        assert not done, f"data after [DONE]: {line!r}"
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            done = True
+            yield data
+        else:
+            yield json.loads(data)
+
+
+def metric(fe_url: str, name: str) -> float:
+    """Sum of a Prometheus counter/gauge's samples on a frontend's /metrics."""
+    total = 0.0
+    for line in httpx.get(fe_url + "/metrics", timeout=5).text.splitlines():
+        if line.startswith(name) and (line[len(name)] in " {"):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 class Frontend:

@@ -5,7 +5,6 @@ not text. Fault injection lives in tests/faults/."""
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import os
 import signal
 import subprocess
@@ -17,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, ROOT, needs_engine
-from tests.e2e.stack import wait_until
+from tests.e2e.stack import iter_sse, wait_until
 from tests.fixtures.procs import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -32,22 +31,6 @@ FINISH = ("stop", "length", "tool_calls")
 @pytest.fixture(scope="module")
 def fe(stack):
     return stack.frontends[0]
-
-
-def sse_events(response: httpx.Response) -> list:
-    """Every `data:` line must be JSON, the stream must end with [DONE] and carry nothing else."""
-    events = []
-    for line in response.iter_lines():
-        if not line or line.startswith(":") or line.startswith("event:"):
-            continue
-        assert line.startswith("data: "), line
-        data = line[len("data: "):]
-        if data == "[DONE]":
-            events.append(data)
-            continue
-        assert not events or events[-1] != "[DONE]", "data after [DONE]"
-        events.append(json.loads(data))
-    return events
 
 
 def test_chat_stream_usage_responses_completions_health(fe):
@@ -116,7 +99,7 @@ def test_any_tokens_give_well_formed_sse_and_json(fe, path, body):
     body = {**body, "model": MODEL, "ignore_eos": True, "temperature": 1.0, "seed": 7}
     with httpx.stream("POST", fe.url + path, json={**body, "stream": True}, timeout=120) as r:
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-        events = sse_events(r)
+        events = list(iter_sse(r))
     objs = [e for e in events if isinstance(e, dict)]
     assert objs and not any("error" in e for e in objs)
     if path == "/v1/responses":
