@@ -164,12 +164,8 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
 def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the mean rows per expert."""
     rows_per_expert = num_pairs / num_experts
-    # Decode tiles from the bench's sweep on an H100 (docs/PERF_NOTES.md v2): narrower n-tiles
-    # (more programs, less of dot_scaled's weight upcast per program) beat BN=64.
-    if rows_per_expert <= 0.5:
-        return 16, 32, 256, 2, 3     # batch <= 4 (20b): one row block per expert
     if rows_per_expert <= 16:
-        return 16, 32, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
+        return 16, 64, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
     if rows_per_expert <= 64:
         return 64, 64, 128, 4, 3
     return 128, 128, 64, 8, 3        # prefill: compute-bound tiles
