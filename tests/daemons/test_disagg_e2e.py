@@ -66,11 +66,12 @@ async def _refused(p_addr: str, d_addr: str, tamper, code: grpc.StatusCode, word
     """A tampered hand-off is refused with `code` (never tokens); the prefill's staging is released."""
     prompt = PROMPTS["blocks"]
     resp = await prefill(p_addr, prompt)
+    transfer_id = resp.kv.transfer_id
     tamper(resp)
     with pytest.raises(grpc.aio.AioRpcError) as e:
         await decode(d_addr, prompt, GREEDY, resp)
     assert e.value.code() == code and words in e.value.details(), e.value.details()
-    await release(p_addr, resp.kv.transfer_id)
+    await release(p_addr, transfer_id)
 
 
 async def test_tampered_checksum_layout_and_transfer_id_are_refused(stack, baseline):
