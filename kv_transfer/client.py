@@ -16,6 +16,7 @@ import ucxx
 
 from gptoss_engine.kv_layout import KVCache
 from kv_transfer.blocks import check_block_ids, kv_checksum, layout_dict, plan_pool, runs
+from kv_transfer.direct import host_id, new_tag_base, worker_address_hex
 from kv_transfer.errors import (KVChecksumMismatch, KVLayoutMismatch, KVPeerGone, KVTransferError,
                                 KVTransferTimeout, from_status)
 from kv_transfer.wire import recv_msg, send_msg
@@ -68,9 +69,13 @@ class KVTransferClient:
         ep = await self._checkout(address)
         reusable = False
         try:
+            tag_base = new_tag_base()
             await send_msg(ep, {"op": "fetch", "transfer_id": transfer_id, "layout": layout_dict(kv.layout),
                                 "full_runs": [n for _, n in runs(full_ids)],
-                                "swa_runs": [n for _, n in runs(swa_ids)]})
+                                "swa_runs": [n for _, n in runs(swa_ids)],
+                                # same-host fast path (kv_transfer/direct.py); the server decides
+                                "host_id": host_id(), "worker_address": worker_address_hex(),
+                                "tag_base": tag_base})
             header = await recv_msg(ep)
             if header.get("status") != "ok":
                 reusable = True   # a refusal leaves the endpoint in a clean state
@@ -83,8 +88,13 @@ class KVTransferClient:
                 # Both sides derived buffers from the same run lengths and an equal layout, so
                 # this means a bug; the stream is out of sync, drop the endpoint.
                 raise KVLayoutMismatch(f"size mismatch: expecting {nbytes} bytes, sender sends {header.get('nbytes')}")
-            for buf in buffers:
-                await ep.recv(buf)
+            if header.get("direct"):
+                # Sent over the server's endpoint to our worker; posted here on `ep` so that
+                # aborting `ep` (any failure, timeout) cancels them before the caller frees the blocks.
+                await asyncio.gather(*(ep.recv(buf, tag=tag_base + i, force_tag=True) for i, buf in enumerate(buffers)))
+            else:
+                for buf in buffers:
+                    await ep.recv(buf)
             full.finish_receive()
             swa.finish_receive()
             if expected_checksum:

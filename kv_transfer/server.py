@@ -23,6 +23,7 @@ import ucxx
 
 from gptoss_engine.kv_layout import KVCache
 from kv_transfer.blocks import check_block_ids, kv_checksum, layout_dict, plan_pool, runs
+from kv_transfer.direct import TAG_BITS, DataEndpoints, same_host
 from kv_transfer.wire import recv_msg, send_msg
 
 log = logging.getLogger(__name__)
@@ -56,6 +57,7 @@ class KVTransferServer:
         self._reads_idle = asyncio.Event()
         self._reads_idle.set()
         self._num_reading = 0
+        self._data_eps = DataEndpoints()   # same-host fast path (kv_transfer/direct.py)
 
     @property
     def address(self) -> str:
@@ -118,6 +120,7 @@ class KVTransferServer:
         for task in list(self._handlers):
             task.cancel()
         await asyncio.gather(*self._handlers, *self._callbacks, return_exceptions=True)
+        self._data_eps.close()
 
     def _on_lease_end(self, transfer_id: str) -> None:
         entry = self._staged.get(transfer_id)
@@ -179,22 +182,40 @@ class KVTransferServer:
         self._num_reading += 1
         self._reads_idle.clear()
         acked = False
+        direct: str | None = None
+        sends: list[asyncio.Future] = []
         try:
+            direct = await self._direct_address(msg)
             full = plan_pool(self.kv.full, entry.full_block_ids, msg["full_runs"], sending=True)
             swa = plan_pool(self.kv.swa, entry.swa_block_ids, msg["swa_runs"], sending=True)
-            nbytes = sum(b.nbytes for b in full.buffers + swa.buffers)
-            await send_msg(ep, {"status": "ok", "message": "", "nbytes": nbytes,
+            buffers = full.buffers + swa.buffers
+            await send_msg(ep, {"status": "ok", "message": "", "nbytes": sum(b.nbytes for b in buffers),
                                 "full_runs": [n for _, n in runs(entry.full_block_ids)],
-                                "swa_runs": [n for _, n in runs(entry.swa_block_ids)]})
-            for buf in full.buffers + swa.buffers:
-                await ep.send(buf)
+                                "swa_runs": [n for _, n in runs(entry.swa_block_ids)],
+                                "direct": direct is not None})
+            if direct is not None:
+                # All sends in flight at once; the reader acks only after every receive completed,
+                # so by the ack they are done. They must not outlive a failed read (the blocks are
+                # freed after it): the except below cancels them and aborts the data endpoint.
+                data_ep = await self._data_eps.get(direct)
+                sends = [asyncio.ensure_future(data_ep.send(buf, tag=msg["tag_base"] + i, force_tag=True))
+                         for i, buf in enumerate(buffers)]
+            else:
+                for buf in buffers:
+                    await ep.send(buf)
             ack = await asyncio.wait_for(recv_msg(ep), self.ack_timeout_s)
+            if sends:
+                await asyncio.wait_for(asyncio.gather(*sends), self.ack_timeout_s)
             acked = bool(ack.get("ok"))
             if not acked:
                 log.warning("kv_transfer: reader refused %s: %s", transfer_id, ack.get("reason"))
             return True
         except Exception as e:  # noqa: BLE001 - peer gone or timed out mid-read
             log.warning("kv_transfer: read of %s failed: %s: %s", transfer_id, type(e).__name__, e)
+            for task in sends:
+                task.cancel()
+            if direct is not None:
+                self._data_eps.drop(direct)
             return False
         finally:
             entry.reading = False
@@ -206,6 +227,20 @@ class KVTransferServer:
             elif entry.expired or time.monotonic() >= entry.expires_at:
                 self._finish(entry, "expired")
             # else: stays staged for a retry until its lease ends
+
+    async def _direct_address(self, msg: dict) -> str | None:
+        """The reader's worker address when it runs on this host and asked for the fast path."""
+        address, tag_base = msg.get("worker_address"), msg.get("tag_base")
+        if not (isinstance(address, str) and isinstance(tag_base, int) and 0 <= tag_base < 1 << TAG_BITS
+                and same_host(msg.get("host_id"))):
+            return None
+        try:
+            await self._data_eps.get(address)
+        except Exception as e:  # noqa: BLE001 - a malformed address: serve over the control endpoint
+            log.warning("kv_transfer: no data endpoint to the reader (%s: %s); using the control endpoint",
+                        type(e).__name__, e)
+            return None
+        return address
 
     def _refusal(self, entry: _Staged | None, transfer_id: str, msg: dict) -> tuple[str, str] | None:
         if entry is None:

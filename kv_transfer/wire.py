@@ -1,9 +1,11 @@
 """The small control messages of the KV transfer protocol (JSON objects via ucxx send_obj/recv_obj).
 
 One fetch on one endpoint (endpoints carry one fetch at a time):
-  client -> {"op": "fetch", "transfer_id", "layout", "full_runs", "swa_runs"}  (its run lengths)
-  server -> {"status": "ok"|<error status>, "message", "full_runs", "swa_runs", "nbytes"}
-  server -> the data messages of the full pool, then of the swa pool (see blocks.plan_pool)
+  client -> {"op": "fetch", "transfer_id", "layout", "full_runs", "swa_runs",  (its run lengths)
+             "host_id", "worker_address", "tag_base"}  (the same-host fast path, kv_transfer/direct.py)
+  server -> {"status": "ok"|<error status>, "message", "full_runs", "swa_runs", "nbytes", "direct"}
+  server -> the data messages of the full pool, then of the swa pool (see blocks.plan_pool), on this
+             endpoint, or if "direct" on its endpoint to the worker_address, tagged tag_base + i
   client -> {"ok": bool, "reason"}  (after it verified sizes and checksum)
 and {"op": "ping"} -> {"status": "ok"} warms a new endpoint up before real data flows.
 """
