@@ -105,6 +105,8 @@ class KVTransferClient:
                     raise KVChecksumMismatch(f"transfer {transfer_id!r}: checksum {got:#x} != expected {expected_checksum:#x}")
             await send_msg(ep, {"ok": True})
             reusable = True
+            log.debug("kv_transfer: fetched %s (%d bytes) from %s over %s", transfer_id, nbytes, address,
+                      "the same-host data endpoint" if header.get("direct") else "the control endpoint")
             return nbytes
         except KVTransferError:
             raise

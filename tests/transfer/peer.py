@@ -1,7 +1,9 @@
 """A prefill-side KVTransferServer in its own process, driven by JSON lines on stdin.
 
 Commands: {"cmd": "stage", "transfer_id", "full", "swa", "lease_s"} -> {"checksum"};
-{"cmd": "release", "transfer_id"} -> {"ok"}; {"cmd": "state"} -> {"num_staged", "released": [[id, reason]]}.
+{"cmd": "release", "transfer_id"} -> {"ok"}; {"cmd": "state"} -> {"num_staged", "released": [[id, reason]]};
+{"cmd": "reset"} -> {"ok"}: releases whatever is still staged and forgets the release log, so one peer
+process can serve several tests.
 The KV cache holds deterministic data (fill_known) so the reader can rebuild and compare it.
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ async def serve() -> None:
     kv = fill_known(KVCache.allocate(TINY, NUM_BLOCKS, NUM_BLOCKS, "cpu"))
     server = KVTransferServer(kv)
     released: list[list[str]] = []
+    staged: set[str] = set()
     print(json.dumps({"address": await server.start()}), flush=True)
     loop = asyncio.get_running_loop()
     while line := await loop.run_in_executor(None, sys.stdin.readline):
@@ -38,7 +41,14 @@ async def serve() -> None:
         if cmd["cmd"] == "stage":
             server.stage(cmd["transfer_id"], cmd["full"], cmd["swa"], cmd["lease_s"],
                          lambda tid, reason: released.append([tid, reason]))
+            staged.add(cmd["transfer_id"])
             reply = {"checksum": server.checksum(cmd["transfer_id"])}
+        elif cmd["cmd"] == "reset":
+            for tid in staged:
+                server.release(tid)
+            staged.clear()
+            released.clear()
+            reply = {"ok": server.num_staged == 0}
         elif cmd["cmd"] == "release":
             reply = {"ok": server.release(cmd["transfer_id"])}
         else:

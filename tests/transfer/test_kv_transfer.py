@@ -1,9 +1,10 @@
 """KV transfer between two real processes: a child runs the prefill-side server (tests/transfer/peer.py),
-this process fetches over real UCX (TCP/shared memory on loopback)."""
+this process fetches over real UCX (TCP/shared memory on loopback). One peer process serves every
+test of the module (reset between tests); the test that kills its peer starts its own."""
 from __future__ import annotations
 
-import asyncio
 import json
+import logging
 import subprocess
 import sys
 import time
@@ -12,7 +13,8 @@ import pytest
 import torch
 
 from gptoss_engine.kv_layout import KVCache, KVLayout
-from kv_transfer import (KVLayoutMismatch, KVPeerGone, KVTransferClient, KVTransferExpired,
+import kv_transfer.client
+from kv_transfer import (KVChecksumMismatch, KVLayoutMismatch, KVPeerGone, KVTransferClient, KVTransferExpired,
                          KVTransferNotFound, kv_checksum)
 from tests.transfer.peer import NUM_BLOCKS, TINY, fill_known
 
@@ -52,8 +54,22 @@ class Peer:
         self.proc.wait(10)
 
 
+@pytest.fixture(scope="module")
+def shared_peer():
+    p = Peer()
+    yield p
+    p.stop()
+
+
 @pytest.fixture
-def peer():
+def peer(shared_peer):
+    yield shared_peer
+    assert shared_peer.call(cmd="reset") == {"ok": True}
+
+
+@pytest.fixture
+def own_peer():
+    """A peer this test may kill."""
     p = Peer()
     yield p
     p.stop()
@@ -77,15 +93,21 @@ def source_cache() -> KVCache:
     return fill_known(KVCache.allocate(TINY, NUM_BLOCKS, NUM_BLOCKS, "cpu"))
 
 
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "other-host"])
 @pytest.mark.parametrize("src_full,src_swa,dst_full,dst_swa", [
     ([0, 1, 2, 3], [4, 5], [8, 9, 10, 11], [0, 1]),          # same runs: direct, one message per run
     ([3, 7, 8, 2], [5, 1], [0, 1, 2, 3], [9, 11]),          # different runs: staged through a buffer
     ([1, 2, 9, 10], [6, 7], [4, 5, 12, 13], [14, 15]),      # equal run lengths, non-contiguous
 ])
-async def test_bytes_arrive_intact(peer, client, src_full, src_swa, dst_full, dst_swa):
+async def test_bytes_arrive_intact(peer, client, caplog, monkeypatch, same_host, src_full, src_swa, dst_full, dst_swa):
+    if not same_host:   # the reader claims another boot: the server must send over the control endpoint
+        monkeypatch.setattr(kv_transfer.client, "host_id", lambda: "another-host")
+    caplog.set_level(logging.DEBUG, logger="kv_transfer.client")
     expected = peer.stage("t1", src_full, src_swa)
     dst = dest_cache()
     nbytes = await client.fetch(peer.address, "t1", dst, dst_full, dst_swa, expected_checksum=expected, timeout_s=10)
+    path = "the same-host data endpoint" if same_host else "the control endpoint"
+    assert any(f"fetched t1 ({nbytes} bytes) from {peer.address} over {path}" in m for m in caplog.messages)
     src = source_cache()
     assert nbytes == len(src_full) * TINY.bytes_per_full_block + len(src_swa) * TINY.bytes_per_swa_block
     assert torch.equal(dst.full[dst_full], src.full[src_full])
@@ -101,7 +123,6 @@ async def test_bytes_arrive_intact(peer, client, src_full, src_swa, dst_full, ds
 
 
 async def test_checksum_detects_a_different_source(peer, client):
-    from kv_transfer import KVChecksumMismatch
     checksum_of_other = peer.stage("other", [5], [5])
     peer.stage("t", [0], [0])
     with pytest.raises(KVChecksumMismatch):
@@ -112,7 +133,6 @@ async def test_checksum_detects_a_different_source(peer, client):
 
 async def test_expired_lease_fails_loudly(peer, client):
     peer.stage("t", [0, 1], [2], lease_s=0.2)
-    await asyncio.sleep(0.5)
     assert peer.wait_state({"num_staged": 0, "released": [["t", "expired"]]}) == {
         "num_staged": 0, "released": [["t", "expired"]]}
     dst = dest_cache()
@@ -145,13 +165,13 @@ async def test_layout_mismatch(peer, client):
     assert peer.call(cmd="state")["num_staged"] == 1
 
 
-async def test_peer_gone_fails_within_timeout(peer, client):
-    peer.stage("t", [0], [0])
-    await client.connect(peer.address)      # a cached, warmed-up endpoint to a process that then dies
-    peer.stop()
+async def test_peer_gone_fails_within_timeout(own_peer, client):
+    own_peer.stage("t", [0], [0])
+    await client.connect(own_peer.address)      # a cached, warmed-up endpoint to a process that then dies
+    own_peer.stop()
     start = time.monotonic()
     with pytest.raises(KVPeerGone):
-        await client.fetch(peer.address, "t", dest_cache(), [0], [0], timeout_s=5)
+        await client.fetch(own_peer.address, "t", dest_cache(), [0], [0], timeout_s=5)
     assert time.monotonic() - start < 6
 
 
