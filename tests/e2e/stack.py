@@ -75,7 +75,7 @@ class Frontend:
         self._log = open(log_path, "wb")
         args = ["--http-port", str(self.port), "--etcd-endpoints", etcd_endpoint, "--namespace", NAMESPACE,
                 "--served-model-name", MODEL, *extra]
-        if model_dir is not None:
+        if model_dir is not None and "--model-path" not in extra:
             args += ["--model-path", str(model_dir)]
         self.proc = subprocess.Popen([sys.executable, "-m", "frontend_svc", *args], cwd=ROOT, stdout=self._log,
                                      stderr=subprocess.STDOUT, start_new_session=True,
