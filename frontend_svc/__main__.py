@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
 import sys
 
 import uvicorn
@@ -56,6 +57,17 @@ class _NotifyingServer(uvicorn.Server):
     def handle_exit(self, sig, frame) -> None:
         sd_notify.stopping("shutting down: finishing in-flight requests")
         super().handle_exit(sig, frame)
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        """Like uvicorn's, minus re-raising the signal after the graceful stop: a stop we asked
+        for ends with exit 0, as the workers' drain does."""
+        previous = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 def main(argv: list[str] | None = None) -> int:
