@@ -53,26 +53,30 @@ class ExpertWeights:
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [T, H] -> (topk_ids [T, k], topk_weights [T, k]): softmax over the k largest router logits."""
+    """x [T, H] -> (topk_ids [T, k], topk_weights [T, k]): softmax over the k largest router logits.
+    On CUDA the top-k and softmax are one Triton launch (fp32 weights) instead of topk + softmax."""
     logits = F.linear(x, weight, bias)
+    if logits.is_cuda and (kernels := _kernels()) is not None:
+        return kernels[1](logits, top_k)
     top_values, topk_ids = torch.topk(logits, top_k, dim=-1)
     return topk_ids, torch.softmax(top_values, dim=-1)
 
 
 @functools.cache
-def _kernel() -> Callable[..., torch.Tensor] | None:
+def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]]] | None:
     try:
         from gptoss_engine.kernels.moe_mxfp4 import moe_experts as kernel
+        from gptoss_engine.kernels.routing import topk_softmax
     except ImportError:
         return None
-    return kernel
+    return kernel, topk_softmax
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
     """x [T, H] -> [T, H]: sum over k of topk_weights * expert_{topk_ids}(x)."""
-    if x.is_cuda and (kernel := _kernel()) is not None:
-        return kernel(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+    if x.is_cuda and (kernels := _kernels()) is not None:
+        return kernels[0](x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     return moe_experts_reference(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
 
 

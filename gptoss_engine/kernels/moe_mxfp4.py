@@ -22,7 +22,12 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.moe import ExpertWeights
+
+# Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
+# each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
+GEMV_MAX_PAIRS = 32
 
 
 @dataclass(frozen=True)
@@ -173,7 +178,7 @@ def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True,
-                tiles: tuple[int, int, int, int, int] | None = None) -> torch.Tensor:
+                tiles: tuple[int, int, int, int, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
     fp16 or fp32; with dot_scaled the activations enter the tensor cores as bf16).
 
@@ -181,6 +186,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
     dot_scaled=False dequantizes by hand (for Triton's CPU interpreter). `tiles` overrides
     _tiles' (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the bench's tile sweep uses it.
+    gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -203,11 +209,14 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return torch.empty_like(x)
     x = x.contiguous()
     num_pairs = T * k
+    gu_blk = gu_blk.reshape(E, two_i, H // 2)
+    d_blk = d_blk.reshape(E, H, I // 2)
+    if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
+        return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
+                                swiglu_limit, alpha)
     bm, bn, bk, warps, stages = tiles or _tiles(num_pairs, E)
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
-    gu_blk = gu_blk.reshape(E, two_i, H // 2)
-    d_blk = d_blk.reshape(E, H, I // 2)
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
     grid = (cap // bm, triton.cdiv(I, bn))
     _gate_up_kernel[grid](

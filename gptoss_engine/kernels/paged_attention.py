@@ -11,6 +11,12 @@ The sink joins the softmax denominator with no value: the online softmax starts 
 (running max = sink, running sum = exp(sink - sink) = 1, accumulator 0), which also keeps every
 row's denominator >= 1 (no 0/0 on padded rows).
 
+Decode with few (sequence, KV head) programs (batch 1: 8 for gpt-oss) is split over the keys
+(flash-decoding): `_decode_split_kernel` runs SPLITS programs per (sequence, KV head), each over
+a contiguous key range, and writes its unnormalized partial (max, sum, accumulator);
+`_decode_combine_kernel` merges the splits and the sink. The split count depends on the batch
+size only, so a captured graph stays valid for any sequence length.
+
 Grid bounds come from the host ints batch.max_query_len and the tensor shapes only; the loop over
 keys reads seq_lens and positions on the device. Nothing here syncs the host, so a decode step
 can be captured in a CUDA graph and replayed with other sequence lengths.
@@ -90,9 +96,117 @@ def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_
              mask=row_ok[:, None])
 
 
+@triton.jit
+def _decode_split_kernel(q_ptr, pool_ptr, part_ptr, ml_ptr, tables_ptr, qstart_ptr, seqlen_ptr, pos_ptr,
+                         scale_log2, window, num_heads,
+                         s_qt, s_qh, s_pb, s_pkv, s_ps, s_ph, s_tb,
+                         BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
+                         SLIDING: tl.constexpr):
+    seq = tl.program_id(0)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    tok = tl.load(qstart_ptr + seq)
+    if tl.load(qstart_ptr + seq + 1) == tok:
+        return  # no query token for this sequence: the combine kernel skips it too
+    r = tl.arange(0, BLOCK_M)           # the GQA group's heads, padded to tl.dot's 16 rows
+    head = kvh * GROUP + r
+    row_ok = r < GROUP
+    d = tl.arange(0, HEAD_DIM)
+    tok = tok.to(tl.int64)
+    q = tl.load(q_ptr + tok * s_qt + head[:, None] * s_qh + d[None, :], mask=row_ok[:, None], other=0.0)
+    q_pos = tl.load(pos_ptr + tok).to(tl.int32)
+    hi = tl.minimum(q_pos + 1, tl.load(seqlen_ptr + seq))
+    lo = 0
+    if SLIDING:
+        lo = tl.maximum(q_pos - window + 1, 0)
+    # This split's share of [lo, hi), in whole BLOCK_N tiles.
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), SPLITS), BLOCK_N) * BLOCK_N
+    s_lo = lo + split * chunk
+    s_hi = tl.minimum(s_lo + chunk, hi)
+    # Finite start (not -inf): an empty split then writes m = -1e30, l = 0 and weighs nothing.
+    m_i = tl.full((BLOCK_M,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    head_base = pool_ptr + kvh * s_ph
+    table = tables_ptr + seq.to(tl.int64) * s_tb
+    for start in range(s_lo, s_hi, BLOCK_N):
+        kpos = start + tl.arange(0, BLOCK_N)
+        k_ok = kpos < s_hi
+        blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_ok, other=-1)
+        k_ok = k_ok & (blk >= 0)
+        base = head_base + blk.to(tl.int64) * s_pb + (kpos % BLOCK_SIZE) * s_ps
+        k = tl.load(base[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(base[:, None] + s_pkv + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.where(k_ok[None, :], tl.dot(q, tl.trans(k)) * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    idx = (seq.to(tl.int64) * num_heads + head) * SPLITS + split   # [BLOCK_M] partial rows
+    tl.store(part_ptr + idx[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(ml_ptr + idx * 2, m_i, mask=row_ok)
+    tl.store(ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, qstart_ptr, sinks_ptr, num_heads, s_ot, s_oh,
+                           HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(qstart_ptr + seq)
+    if tl.load(qstart_ptr + seq + 1) == tok:
+        return
+    sp = tl.arange(0, SPLITS)
+    d = tl.arange(0, HEAD_DIM)
+    idx = (seq.to(tl.int64) * num_heads + head) * SPLITS + sp
+    m = tl.load(ml_ptr + idx * 2)
+    l = tl.load(ml_ptr + idx * 2 + 1)
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
+    m_all = tl.maximum(tl.max(m, 0), sink)
+    w = tl.exp2(m - m_all)
+    denom = tl.exp2(sink - m_all) + tl.sum(l * w, 0)   # the sink joins the denominator only
+    acc = tl.load(part_ptr + idx[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + tok.to(tl.int64) * s_ot + head * s_oh + d, out.to(out_ptr.dtype.element_ty))
+
+
+def decode_splits(num_seqs: int, num_kv_heads: int) -> int:
+    """Key splits per (sequence, KV head) for a decode step: enough programs to cover the SMs
+    (~256), none when the batch alone does (1 = the unsplit kernel)."""
+    programs = num_seqs * num_kv_heads
+    return 1 if programs >= 128 else min(32, triton.next_power_of_2(triton.cdiv(256, programs)))
+
+
+def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
+                        batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None,
+                        splits: int) -> None:
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv_heads = layer_pool.shape[3]
+    group = num_heads // num_kv_heads
+    num_seqs = batch.seq_lens.shape[0]
+    part = torch.empty((num_seqs, num_heads, splits, head_dim), dtype=torch.float32, device=q.device)
+    ml = torch.empty((num_seqs, num_heads, splits, 2), dtype=torch.float32, device=q.device)
+    _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
+        q, layer_pool, part, ml, block_tables, batch.query_start_loc, batch.seq_lens, batch.positions,
+        float(scale) * _LOG2E, int(window or 0), num_heads,
+        q.stride(0), q.stride(1),
+        layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
+        block_tables.stride(0),
+        BLOCK_SIZE=layer_pool.shape[2], GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(16, group), BLOCK_N=32,
+        SPLITS=splits, SLIDING=window is not None, num_warps=4, num_stages=2)
+    _decode_combine_kernel[(num_seqs, num_heads)](
+        part, ml, out, batch.query_start_loc, sinks, num_heads, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, SPLITS=splits, num_warps=1)
+
+
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
-                    batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None) -> torch.Tensor:
-    """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention."""
+                    batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None,
+                    splits: int | None = None) -> torch.Tensor:
+    """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention.
+    `splits` overrides decode_splits' choice for a decode step (tests use it)."""
     if q.dim() != 3 or pool.dim() != 6:
         raise ValueError(f"q must be [T, Hq, D] and pool [blocks, layers, 2, bs, kv_heads, D]; "
                          f"got {tuple(q.shape)} and {tuple(pool.shape)}")
@@ -111,6 +225,11 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
     if num_tokens == 0 or num_seqs == 0:
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
+    if batch.max_query_len == 1:
+        splits = decode_splits(num_seqs, num_kv_heads) if splits is None else splits
+        if splits > 1:
+            _paged_decode_split(q, layer_pool, out, block_tables, batch, sinks, scale, window, splits)
+            return out
     # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16);
     # prefill tiles 16 tokens x group rows.
     block_q = max(1, 16 // group) if batch.max_query_len == 1 else max(1, 128 // group)

@@ -48,13 +48,14 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, experts:
     router_w = torch.randn(experts, hidden, generator=gen).to(device, torch.bfloat16)
     ids, wts = route(x, router_w, torch.zeros(experts, device=device, dtype=torch.bfloat16), top_k)
     ref = fp32_reference(x, ids, wts, w, 7.0)
-    modes = [False] if interpreted else [True, False]  # the interpreter has no dot_scaled
-    for dot_scaled in modes:
-        out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=dot_scaled)
+    # (dot_scaled, gemv): the grouped GEMM both ways, and the small-batch GEMV at every size.
+    modes = [(False, False), (False, True)] if interpreted else [(True, False), (False, False), (True, True)]
+    for dot_scaled, gemv in modes:
+        out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=dot_scaled, gemv=gemv)
         assert out.shape == x.shape and out.dtype == x.dtype
         assert torch.isfinite(out).all()
         rel = ((out.float() - ref).norm() / ref.norm()).item()
-        assert rel < 2e-2, (dot_scaled, rel)
+        assert rel < 2e-2, (dot_scaled, gemv, rel)
 
 
 def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None:
@@ -67,7 +68,8 @@ def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None
     x = torch.randn(4, 64, generator=gen).to(device, torch.bfloat16)
     ids = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]], device=device)
     wts = torch.full((4, 2), 0.5, device=device)
-    out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=not interpreted)
     ref = fp32_reference(x, ids, wts, w, 7.0)
-    assert torch.isfinite(out).all()
-    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    for gemv in (False, True):
+        out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=not interpreted, gemv=gemv)
+        assert torch.isfinite(out).all()
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, gemv

@@ -1,0 +1,126 @@
+"""Small-batch MoE over packed MXFP4 experts: GEMV kernels that read each touched expert once.
+
+At decode (a few tokens x top-k pairs) the experts' weights are the whole cost: the grouped GEMM
+in moe_mxfp4 pads every expert's rows to a 16-row tile and pays `dot_scaled`'s software e2m1
+upcast per program. Here each program streams a contiguous slice of one expert's output rows
+(16-byte loads along the packed input dimension), dequantizes in registers and multiplies with
+fp32 FMAs; the output dimension is split over many programs so even batch 1 fills the SMs.
+
+    gate_up: program (pair, n-tile): 2*BN interleaved gate_up rows of expert topk_ids[pair]
+             -> bias -> clamped SwiGLU -> inter[pair, BN cols] (fp32)
+    down:    program (token, n-tile): loops over the token's k experts, each
+             (W_d[e] @ inter[pair] + b_d[e]) * routing weight, summed in registers -> out[token]
+No sort/scatter routing layout and no atomics: topk_ids index the weights directly.
+
+e2m1 decode by bit placement: a code s|e1e0|m placed as fp16 bits s<<15 | e<<10 | m<<9 reads
+2^(e-15) * (1 + m/2) for e > 0 and m * 2^-15 for e = 0 (an fp16 subnormal), i.e. the e2m1 value
+times 2^-14 in both cases; the 2^14 goes into the group scale, exp2(s - 127 + 14).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+# e8m0 bias, less the 2^-14 of the fp16 bit placement (docstring).
+_SCALE_BIAS: tl.constexpr = tl.constexpr(127.0 - 14.0)
+# Output rows per program (gate_up: interleaved pairs, so 2*BN rows) and packed input per loop:
+# narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 90, down 180).
+_BN_GATE_UP, _BN_DOWN, _BK, _WARPS = 32, 16, 256, 4
+
+
+@triton.jit
+def _e2m1(nib):
+    """u8 nibbles (0..15) -> their e2m1 values * 2^-14, fp32."""
+    n = nib.to(tl.int32)
+    bits = ((n & 8) << 12) | ((n & 7) << 9)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr):
+    """acc[r] += sum_k dequant(W[rows[r], k]) * x[k] over k in [0, K); W packed [rows, K/2] u8."""
+    half = tl.arange(0, BK // 2)
+    groups = tl.arange(0, BK // 32)
+    for k0 in range(0, K, BK):
+        kb = k0 // 2 + half
+        k_ok = kb < K // 2
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * s_wn + kb[None, :],
+                    mask=row_ok[:, None] & k_ok[None, :], other=0)
+        # Low nibble = even k, high nibble = odd k (mxfp4.py).
+        xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
+        xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
+        prod = _e2m1(w & 0xF) * xe[None, :] + _e2m1(w >> 4) * xo[None, :]        # [R, BK/2]
+        part = tl.sum(tl.reshape(prod, (rows.shape[0], BK // 32, 16)), 2)         # [R, BK/32] per group
+        kg = k0 // 32 + groups
+        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
+                    mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
+        acc += tl.sum(part * tl.exp2(s.to(tl.float32) - _SCALE_BIAS), 1)
+    return acc
+
+
+@triton.jit
+def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
+                  s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
+                  TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pair = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    token = pair // TOPK
+    # 2*BN consecutive gate_up rows = BN interleaved (gate, up) pairs.
+    rows = pid_n * 2 * BN + tl.arange(0, 2 * BN)
+    row_ok = rows < 2 * I
+    acc = tl.zeros((2 * BN,), dtype=tl.float32)
+    acc = _gemv_tile(acc, x_ptr + token.to(tl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
+                     rows, row_ok, H, s_bn, s_sn, BK)
+    acc += tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(acc, (BN, 2)))
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    cols = pid_n * BN + tl.arange(0, BN)
+    tl.store(inter_ptr + pair.to(tl.int64) * s_it + cols, act, mask=cols < I)
+
+
+@triton.jit
+def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, out_ptr, H, I,
+               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
+               TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    token = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rows = pid_n * BN + tl.arange(0, BN)
+    row_ok = rows < H
+    out = tl.zeros((BN,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        pair = token * TOPK + j
+        expert = tl.load(ids_ptr + pair).to(tl.int64)
+        acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
+        acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
+                         scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK)
+        out += acc * tl.load(wts_ptr + pair).to(tl.float32)
+    tl.store(out_ptr + token.to(tl.int64) * s_ot + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+
+
+def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                     gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
+                     d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
+                     swiglu_limit: float, alpha: float) -> torch.Tensor:
+    """x [T, H] -> [T, H]. Expert tensors in checkpoint layout, blocks flattened to [E, out, in/2];
+    shapes were checked by the caller (moe_mxfp4.moe_experts)."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    I = gu_blk.shape[1] // 2
+    bn_gu, bn_d, bk, warps = _BN_GATE_UP, _BN_DOWN, _BK, _WARPS
+    ids = topk_ids.reshape(-1).contiguous()
+    wts = topk_weights.reshape(-1).contiguous()
+    inter = torch.empty((T * k, I), dtype=torch.float32, device=x.device)
+    _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
+        x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
+        x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=min(bk, triton.next_power_of_2(H)), num_warps=warps)
+    out = torch.empty_like(x)
+    _down_gemv[(T, triton.cdiv(H, bn_d))](
+        inter, ids, wts, d_blk, d_scl, d_bias, out, H, I,
+        inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
+        out.stride(0), TOPK=k, BN=bn_d, BK=min(bk, triton.next_power_of_2(I)), num_warps=warps)
+    return out
