@@ -30,10 +30,12 @@ def backend_for(device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def init_parallel(attention_tp_size: int, moe_ep_size: int, device: str = "cpu",
-                  timeout_s: float = 600.0) -> ParallelGroups:
+def init_parallel(attention_tp_size: int, moe_ep_size: int, device: str = "cpu", timeout_s: float = 600.0,
+                  backend: str | None = None, ranks_per_gpu: int = 1) -> ParallelGroups:
     """Join the job the launcher started (env RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) and build
-    the groups. Every rank must call this with the same sizes. On CUDA the rank's GPU is LOCAL_RANK."""
+    the groups. Every rank must call this with the same sizes. On CUDA the rank's GPU is
+    LOCAL_RANK // ranks_per_gpu; ranks_per_gpu > 1 (a smoke test of the sharded GPU kernels on one
+    GPU) needs backend "gloo", since NCCL refuses two ranks on one GPU."""
     missing = [k for k in LAUNCHER_ENV if not os.environ.get(k)]
     if missing:
         raise ParallelConfigError(f"environment lacks {missing}: start the ranks with torchrun (or set them)")
@@ -46,11 +48,11 @@ def init_parallel(attention_tp_size: int, moe_ep_size: int, device: str = "cpu",
     dev = torch.device(device)
     if dev.type == "cuda":
         os.environ.update(MULTICAST_OFF)
-        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+        dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)) // ranks_per_gpu)
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
         import datetime
-        dist.init_process_group(backend_for(dev), rank=rank, world_size=world,
+        dist.init_process_group(backend or backend_for(dev), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
     return build_groups(topology, dev)
