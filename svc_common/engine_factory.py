@@ -19,7 +19,7 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
     merged = {
         "max_num_tokens": cfg.max_num_tokens or y.max_num_tokens,
         "max_batch_size": cfg.max_batch_size or y.max_batch_size,
-        "max_model_len": cfg.max_model_len,
+        "max_model_len": cfg.max_model_len or y.max_model_len,
         "free_gpu_memory_fraction": cfg.free_gpu_memory_fraction or y.free_gpu_memory_fraction,
         "enable_chunked_prefill": y.enable_chunked_prefill,
         "enable_prefix_caching": y.enable_prefix_caching,

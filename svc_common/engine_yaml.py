@@ -21,6 +21,7 @@ class EngineYaml:
     """What the YAML sets (None: not set). Flags override these; see worker.engine_config."""
     max_num_tokens: int | None = None
     max_batch_size: int | None = None
+    max_model_len: int | None = None                 # max_seq_len
     enable_chunked_prefill: bool | None = None
     free_gpu_memory_fraction: float | None = None
     enable_prefix_caching: bool | None = None       # kv_cache_config.enable_block_reuse
@@ -81,6 +82,7 @@ def _pytorch_backend(key: str, v: Any) -> None:
 _APPLIED: dict[str, tuple[str | None, Callable[[str, Any], Any]]] = {
     "max_num_tokens": ("max_num_tokens", _pos_int),
     "max_batch_size": ("max_batch_size", _pos_int),
+    "max_seq_len": ("max_model_len", _pos_int),
     "enable_chunked_prefill": ("enable_chunked_prefill", _bool),
     "kv_cache_config.free_gpu_memory_fraction": ("free_gpu_memory_fraction", _fraction),
     "kv_cache_config.enable_block_reuse": ("enable_prefix_caching", _bool),
@@ -104,7 +106,6 @@ _NOT_APPLICABLE = (
     "stream_interval",
     "trust_remote_code",
     "kv_cache_config.max_tokens",
-    "max_seq_len",
 )
 _SECTIONS = ("kv_cache_config", "cuda_graph_config", "cache_transceiver_config", "moe_config")
 KNOWN_KEYS = tuple(sorted([*_APPLIED, *_NOT_APPLICABLE]))

@@ -120,6 +120,10 @@ def test_context_limit_checksum_and_device_flags(monkeypatch):
     cfg = parse_worker_args(["--model-path", "/m", "--max-model-len", "4096"], "gptoss decode", "decode")
     assert cfg.max_model_len == 4096 and cfg.kv_checksum and cfg.device == "auto"
     assert engine_overrides(cfg, parse_engine_yaml({}))["max_model_len"] == 4096
+    # The seeds' max_seq_len sets the context limit unless the flag does.
+    assert engine_overrides(cfg, parse_engine_yaml({"max_seq_len": 8192}))["max_model_len"] == 4096
+    no_flag = parse_worker_args(["--model-path", "/m"], "gptoss decode", "decode")
+    assert engine_overrides(no_flag, parse_engine_yaml({"max_seq_len": 8192}))["max_model_len"] == 8192
     assert not parse_worker_args(["--model-path", "/m", "--no-kv-checksum"], "p", "prefill").kv_checksum
     monkeypatch.setenv("GPTOSS_KV_CHECKSUM", "false")
     assert not parse_worker_args(["--model-path", "/m"], "p", "prefill").kv_checksum
