@@ -25,8 +25,9 @@ import triton.language as tl
 # e8m0 bias, less the 2^-14 of the fp16 bit placement (docstring).
 _SCALE_BIAS: tl.constexpr = tl.constexpr(127.0 - 14.0)
 # Output rows per program (gate_up: interleaved pairs, so 2*BN rows) and packed input per loop:
-# narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 90, down 180).
-_BN_GATE_UP, _BN_DOWN, _BK, _WARPS = 32, 16, 256, 4
+# narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 180, down 180); wide
+# BK so each program keeps 8-16 KB of loads in flight (picked by a CUDA-graph sweep, PERF_NOTES v3).
+_BN_GATE_UP, _BN_DOWN, _BK_GATE_UP, _BK_DOWN, _WARPS = 16, 16, 512, 1024, 4
 
 
 @triton.jit
@@ -110,17 +111,17 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     T, H = x.shape
     k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
-    bn_gu, bn_d, bk, warps = _BN_GATE_UP, _BN_DOWN, _BK, _WARPS
+    bn_gu, bn_d, warps = _BN_GATE_UP, _BN_DOWN, _WARPS
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     inter = torch.empty((T * k, I), dtype=torch.float32, device=x.device)
     _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, BN=bn_gu, BK=min(bk, triton.next_power_of_2(H)), num_warps=warps)
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=min(_BK_GATE_UP, triton.next_power_of_2(H)), num_warps=warps)
     out = torch.empty_like(x)
     _down_gemv[(T, triton.cdiv(H, bn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, out, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        out.stride(0), TOPK=k, BN=bn_d, BK=min(bk, triton.next_power_of_2(I)), num_warps=warps)
+        out.stride(0), TOPK=k, BN=bn_d, BK=min(_BK_DOWN, triton.next_power_of_2(I)), num_warps=warps)
     return out
