@@ -105,7 +105,7 @@ def finalize_model(model: GptOssForCausalLM, device: torch.device | str) -> GptO
     return model.eval()
 
 
-def _weight_map(path: pathlib.Path) -> tuple[dict[str, str], pathlib.Path]:
+def weight_map_of(path: pathlib.Path) -> tuple[dict[str, str], pathlib.Path]:
     index = path / INDEX_FILE
     if index.is_file():
         try:
@@ -118,12 +118,12 @@ def _weight_map(path: pathlib.Path) -> tuple[dict[str, str], pathlib.Path]:
         return {str(k): str(v) for k, v in weight_map.items()}, index
     single = path / SINGLE_FILE
     if single.is_file():
-        with _open(single) as f:
+        with open_shard(single) as f:
             return {k: SINGLE_FILE for k in f.keys()}, single
     raise CheckpointError(f"{path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
 
 
-def _open(file: pathlib.Path):  # noqa: ANN202 - safetensors' handle type is private
+def open_shard(file: pathlib.Path):  # noqa: ANN202 - safetensors' handle type is private
     try:
         return safe_open(str(file), framework="pt", device="cpu")
     except Exception as e:  # noqa: BLE001 - safetensors raises its own error types for bad headers
@@ -150,7 +150,7 @@ def load_model(path: str | pathlib.Path, device: torch.device | str = "cpu", dty
         config = ModelConfig.from_pretrained(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    weight_map, source = _weight_map(path)
+    weight_map, source = weight_map_of(path)
     stored_packed = any(k.endswith("_blocks") for k in weight_map)
     keep_packed = stored_packed and device.type == "cuda"
     specs = {s.name: s for s in tensor_specs(config, stored_packed)}
@@ -174,7 +174,7 @@ def load_model(path: str | pathlib.Path, device: torch.device | str = "cpu", dty
         file = path / fname
         if not file.is_file():
             raise CheckpointError(f"{source} names {fname} (holding {names[0]}), but {file} does not exist")
-        with _open(file) as f:
+        with open_shard(file) as f:
             present = set(f.keys())
             for name in names:
                 if name not in present:

@@ -12,7 +12,7 @@ from collections import defaultdict
 import torch
 
 from gptoss_engine import mxfp4
-from gptoss_engine.checkpoint import (CheckpointError, _open, _weight_map, default_dtype, finalize_model,
+from gptoss_engine.checkpoint import (CheckpointError, open_shard, weight_map_of, default_dtype, finalize_model,
                                       place_tensor, tensor_specs)
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ConfigError, ModelConfig
@@ -32,7 +32,7 @@ def load_shard(path: str | pathlib.Path, topology: Topology, device: torch.devic
         full = ModelConfig.from_pretrained(path)
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    weight_map, source = _weight_map(path)
+    weight_map, source = weight_map_of(path)
     stored_packed = any(k.endswith("_blocks") for k in weight_map)
     keep_packed = stored_packed and device.type == "cuda"
     topology.check(full, stored_packed)
@@ -51,7 +51,7 @@ def load_shard(path: str | pathlib.Path, topology: Topology, device: torch.devic
         by_file[fname].append(name)
     halves: dict[str, torch.Tensor] = {}  # packed-to-dense: the first of blocks/scales waits for the other
     for fname, names in by_file.items():
-        with _open(path / fname) as f:
+        with open_shard(path / fname) as f:
             for name in names:
                 t = _read_slice(f, path / fname, name, specs[name].shape, topology)
                 if stored_packed and not keep_packed and name.endswith(("_blocks", "_scales")):
