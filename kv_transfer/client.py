@@ -16,12 +16,15 @@ import ucxx
 
 from gptoss_engine.kv_layout import KVCache
 from kv_transfer.blocks import check_block_ids, kv_checksum, layout_dict, plan_pool, runs
-from kv_transfer.direct import host_id, new_tag_base, worker_address_hex
+from kv_transfer.direct import enabled_by_env, host_id, new_tag_base, worker_address_hex
 from kv_transfer.errors import (KVChecksumMismatch, KVLayoutMismatch, KVPeerGone, KVTransferError,
                                 KVTransferTimeout, from_status)
 from kv_transfer.wire import recv_msg, send_msg
 
 log = logging.getLogger(__name__)
+
+PEER_CHECK_S = 0.1   # how often a same-host transfer checks that the sender is still there
+DRAIN_S = 5.0        # how long a failed same-host fetch waits for its receives in flight
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -32,8 +35,10 @@ def parse_address(address: str) -> tuple[str, int]:
 
 
 class KVTransferClient:
-    def __init__(self, connect_timeout_s: float = 5.0, max_idle_endpoints: int = 4):
+    def __init__(self, connect_timeout_s: float = 5.0, max_idle_endpoints: int = 4, same_host: bool | None = None):
         self.connect_timeout_s = connect_timeout_s
+        # Ask same-host servers for the fast data path (kv_transfer/direct.py: why it is opt-in).
+        self.same_host = enabled_by_env() if same_host is None else same_host
         self.max_idle_endpoints = max_idle_endpoints
         self._idle: dict[str, list[Any]] = {}
 
@@ -68,14 +73,14 @@ class KVTransferClient:
                      swa_ids: Sequence[int], expected_checksum: int | None) -> int:
         ep = await self._checkout(address)
         reusable = False
+        receiving: list[asyncio.Future] = []   # same-host path: receives posted on our worker
         try:
             tag_base = new_tag_base()
-            await send_msg(ep, {"op": "fetch", "transfer_id": transfer_id, "layout": layout_dict(kv.layout),
-                                "full_runs": [n for _, n in runs(full_ids)],
-                                "swa_runs": [n for _, n in runs(swa_ids)],
-                                # same-host fast path (kv_transfer/direct.py); the server decides
-                                "host_id": host_id(), "worker_address": worker_address_hex(),
-                                "tag_base": tag_base})
+            request = {"op": "fetch", "transfer_id": transfer_id, "layout": layout_dict(kv.layout),
+                       "full_runs": [n for _, n in runs(full_ids)], "swa_runs": [n for _, n in runs(swa_ids)]}
+            if self.same_host:   # the server decides (same boot_id)
+                request.update(host_id=host_id(), worker_address=worker_address_hex(), tag_base=tag_base)
+            await send_msg(ep, request)
             header = await recv_msg(ep)
             if header.get("status") != "ok":
                 reusable = True   # a refusal leaves the endpoint in a clean state
@@ -89,9 +94,13 @@ class KVTransferClient:
                 # this means a bug; the stream is out of sync, drop the endpoint.
                 raise KVLayoutMismatch(f"size mismatch: expecting {nbytes} bytes, sender sends {header.get('nbytes')}")
             if header.get("direct"):
-                # Sent over the server's endpoint to our worker; posted here on `ep` so that
-                # aborting `ep` (any failure, timeout) cancels them before the caller frees the blocks.
-                await asyncio.gather(*(ep.recv(buf, tag=tag_base + i, force_tag=True) for i, buf in enumerate(buffers)))
+                # Posted on our worker, not on an endpoint: the server sends from its endpoint to
+                # our worker address. Tried and dropped (both crashed this process when the sender
+                # died mid-transfer): receives on the error-handled control endpoint (ucxx cancels
+                # them under UCX's in-progress cma read: segfault) and on an endpoint of ours
+                # without error handling (UCX aborts). On the worker, UCX fails them with an I/O error.
+                receiving = [asyncio.ensure_future(ucxx.recv(buf, tag_base + i)) for i, buf in enumerate(buffers)]
+                await self._unless_gone(ep, receiving)
             else:
                 for buf in buffers:
                     await ep.recv(buf)
@@ -115,11 +124,38 @@ class KVTransferClient:
         except Exception as e:  # noqa: BLE001 - ucxx raises several types for a dead/reset peer
             raise KVPeerGone(f"fetch of {transfer_id!r} from {address} failed: {type(e).__name__}: {e}") from e
         finally:
+            sender_gone = ep.closed
             if reusable:
                 self._checkin(address, ep)
             else:
                 with contextlib.suppress(Exception):
-                    ep.abort()
+                    ep.abort()   # first: the server cancels its sends when it sees this
+            if not sender_gone and any(not r.done() for r in receiving):
+                await self._drain(receiving)
+
+    async def _unless_gone(self, ep: Any, receiving: list[asyncio.Future]) -> None:
+        """Await the receives, but fail soon after the control endpoint `ep` sees its peer gone (a
+        sender that dies before its data starts would leave them waiting until the fetch's timeout).
+        Polled rather than through ucxx's close callback, which runs on ucxx's thread."""
+        everything = asyncio.gather(*receiving)
+        while not (await asyncio.wait({everything}, timeout=PEER_CHECK_S))[0]:
+            if ep.closed:
+                raise ConnectionError("the control endpoint closed during the transfer")
+        everything.result()
+
+    @staticmethod
+    async def _drain(receiving: list[asyncio.Future]) -> None:
+        """A failed same-host fetch with a live sender: ucxx cannot cancel a worker receive, so wait
+        (bounded) until the posted ones end before the caller frees the destination blocks. A matched receive ends
+        within one copy (its sender is alive, or UCX fails it); an unmatched one never matches
+        later, as the server cancels its sends when our control endpoint goes away (its tag is
+        random and used once), so stopping to wait for it is safe."""
+        pending = [r for r in receiving if not r.done()]
+        with contextlib.suppress(BaseException):
+            await asyncio.shield(asyncio.wait(pending, timeout=DRAIN_S))
+        for r in receiving:   # retrieve errors; the still-pending ones stay posted (harmless)
+            if r.done() and not r.cancelled():
+                r.exception()
 
     async def _checkout(self, address: str) -> Any:
         idle = self._idle.get(address)

@@ -13,6 +13,11 @@ wait and aborts the data endpoint when the control endpoint fails.
 The reader posts its receives through its sockaddr endpoint with explicit tags (UCX matches tags
 per worker, not per endpoint), so aborting that endpoint still cancels them.
 Only used between processes of one boot (same boot_id); elsewhere the control endpoint carries data.
+
+Opt-in (KV_TRANSFER_SAME_HOST=1, or KVTransferClient(same_host=True)): when the sender process was
+killed while its data was in flight, the reader (the decode daemon) crashed in ucxx (segfault in a
+pending worker receive, 2 of 3 runs; with the receives on an endpoint without error handling UCX
+aborted instead), where the control-endpoint path fails cleanly with KVPeerGone.
 """
 from __future__ import annotations
 
@@ -25,6 +30,10 @@ import ucxx
 
 MAX_DATA_ENDPOINTS = 8            # cached sender-side endpoints, one per reader process
 TAG_BITS = 48                     # random per-fetch tag base; buffer i is sent with tag base + i
+
+
+def enabled_by_env() -> bool:
+    return os.environ.get("KV_TRANSFER_SAME_HOST", "0") == "1"
 
 
 @functools.cache

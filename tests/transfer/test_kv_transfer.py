@@ -93,15 +93,14 @@ def source_cache() -> KVCache:
     return fill_known(KVCache.allocate(TINY, NUM_BLOCKS, NUM_BLOCKS, "cpu"))
 
 
-@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "other-host"])
+@pytest.mark.parametrize("same_host", [True, False], ids=["same-host", "control-endpoint"])
 @pytest.mark.parametrize("src_full,src_swa,dst_full,dst_swa", [
     ([0, 1, 2, 3], [4, 5], [8, 9, 10, 11], [0, 1]),          # same runs: direct, one message per run
     ([3, 7, 8, 2], [5, 1], [0, 1, 2, 3], [9, 11]),          # different runs: staged through a buffer
     ([1, 2, 9, 10], [6, 7], [4, 5, 12, 13], [14, 15]),      # equal run lengths, non-contiguous
 ])
-async def test_bytes_arrive_intact(peer, client, caplog, monkeypatch, same_host, src_full, src_swa, dst_full, dst_swa):
-    if not same_host:   # the reader claims another boot: the server must send over the control endpoint
-        monkeypatch.setattr(kv_transfer.client, "host_id", lambda: "another-host")
+async def test_bytes_arrive_intact(peer, client, caplog, same_host, src_full, src_swa, dst_full, dst_swa):
+    client.same_host = same_host
     caplog.set_level(logging.DEBUG, logger="kv_transfer.client")
     expected = peer.stage("t1", src_full, src_swa)
     dst = dest_cache()
@@ -120,6 +119,18 @@ async def test_bytes_arrive_intact(peer, client, caplog, monkeypatch, same_host,
         "num_staged": 0, "released": [["t1", "read"]]}
     with pytest.raises(KVTransferNotFound):
         await client.fetch(peer.address, "t1", dst, dst_full, dst_swa, timeout_s=5)
+
+
+async def test_other_host_gets_the_control_endpoint(peer, client, caplog, monkeypatch):
+    """A reader that asks for the fast path from another boot is served over the control endpoint."""
+    client.same_host = True
+    monkeypatch.setattr(kv_transfer.client, "host_id", lambda: "another-host")
+    caplog.set_level(logging.DEBUG, logger="kv_transfer.client")
+    expected = peer.stage("t", [0, 1], [2])
+    dst = dest_cache()
+    await client.fetch(peer.address, "t", dst, [3, 4], [5], expected_checksum=expected, timeout_s=10)
+    assert torch.equal(dst.full[[3, 4]], source_cache().full[[0, 1]])
+    assert any("over the control endpoint" in m for m in caplog.messages)
 
 
 async def test_checksum_detects_a_different_source(peer, client):
