@@ -3,7 +3,8 @@ fetches timed here. Reports hand-off time and bytes/s for 1k- and 8k-token promp
 20b KV layouts, and appends a row per case to bench/results/kv_transfer.md.
 
     python -m bench.kv_transfer_bench [--layouts tiny,20b] [--tokens 1024,8192] [--repeats 5]
-UCX_* environment variables (UCX_TLS, UCX_RNDV_THRESH, ...) apply to both processes and are recorded.
+UCX_* environment variables (UCX_TLS, UCX_RNDV_THRESH, ...) apply to both processes and are recorded,
+as is KV_TRANSFER_SAME_HOST=1 (the opt-in same-host cma data path, kv_transfer/direct.py).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 # Recorded before kv_transfer imports ucxx, which sets its own UCX_* defaults in os.environ.
-USER_UCX_ENV = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("UCX_")) or "default"
+USER_UCX_ENV = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                        if k.startswith("UCX_") or k == "KV_TRANSFER_SAME_HOST") or "default"
 
 from gptoss_engine.kv_layout import KVCache, KVLayout  # noqa: E402
 from gptoss_engine.model_config import ModelConfig
@@ -35,6 +37,8 @@ HEADER = """# KV hand-off over UCX (kv_transfer), two processes on one machine
 Hand-off = one `KVTransferClient.fetch` on a warmed-up endpoint: request, header, data, ack
 (no checksum in the timed runs; the warm-up fetch verifies it). Full blocks cover the prompt, swa
 blocks only the window (`swa_blocks_per_window`). Median of the repeats.
+
+## Results
 
 | date | machine | cpu | commit | device | UCX env | layout | tokens | MiB | hand-off ms | GB/s |
 |---|---|---|---|---|---|---|---|---|---|---|
