@@ -64,6 +64,9 @@ class InstanceRecord:
     load: LoadInfo = field(default_factory=LoadInfo)
     started_at: float = 0.0    # unix seconds
     pid: int = 0
+    # The context limit (prompt + generated tokens) the worker's engine enforces; 0 = not published
+    # (records of older workers): readers then fall back to the model's config.json.
+    max_model_len: int = 0
 
     @property
     def key(self) -> str:
@@ -84,13 +87,14 @@ class InstanceRecord:
         if not isinstance(kv, dict):
             raise MalformedRecord("kv_layout missing or not an object")
         values = {f.name: _typed(data, f.name, f.type) for f in fields(cls)
-                  if f.name not in ("kv_layout", "load", "started_at", "pid")}
+                  if f.name not in ("kv_layout", "load", "started_at", "pid", "max_model_len")}
         if values["role"] not in ROLES:
             raise MalformedRecord(f"role must be one of {ROLES}, got {values['role']!r}")
         layout = KVLayoutInfo(**{f.name: _typed(kv, f.name, f.type) for f in fields(KVLayoutInfo)})
         return cls(**values, kv_layout=layout, load=_load(data.get("load")),
                    started_at=_optional_number(data, "started_at", float),
-                   pid=_optional_number(data, "pid", int))
+                   pid=_optional_number(data, "pid", int),
+                   max_model_len=max(0, _optional_number(data, "max_model_len", int)))
 
 
 _TYPES = {"int": int, "str": str, "Role": str}

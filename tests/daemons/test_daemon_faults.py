@@ -12,7 +12,7 @@ from gptoss_engine.model_config import ModelConfig
 from gptoss_pb.v1 import common_pb2, decode_pb2, decode_pb2_grpc
 from registry.discovery import Discovery
 from tests.daemons.calls import GREEDY, decode, prefill, release, stats, wait_stats
-from tests.fixtures.procs import TEST_TTL_S, worker_args
+from tests.fixtures.procs import TEST_MAX_MODEL_LEN, TEST_TTL_S, worker_args
 
 pytestmark = pytest.mark.slow
 PROMPT = list(range(1, 41))
@@ -55,6 +55,8 @@ async def test_records_fingerprint_drain_and_kill(etcd, start_daemon, tiny_model
                 rp.kv_layout.num_kv_heads, rp.kv_layout.head_dim, rp.kv_layout.sliding_window) == (
             16, "float32", 2, 2, 2, 16, 128)
         assert rp.model_name == rd.model_name == "tiny" and rp.instance_id != rd.instance_id
+        # the context limit each engine enforces (--max-model-len), for the frontend's checks
+        assert rp.max_model_len == rd.max_model_len == rx.max_model_len == TEST_MAX_MODEL_LEN
 
         # A hand-off to a worker running another model is refused, naming the mismatch.
         x0 = await stats(x.address)

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -59,3 +60,15 @@ def test_etcd_settings_parse_and_secrets():
         EtcdSettings.parse("127.0.0.1:2379", username="u")
     with pytest.raises(ValueError):
         EtcdSettings.parse("")
+
+
+def test_record_max_model_len_roundtrip_and_old_records():
+    record = dataclasses.replace(make_record(9), max_model_len=4096)
+    assert InstanceRecord.from_json(record.to_json()).max_model_len == 4096
+    old = json.loads(record.to_json())
+    del old["max_model_len"]   # written by a worker from before the field existed
+    assert InstanceRecord.from_json(json.dumps(old)).max_model_len == 0
+    for bad in ("4096", True, None, -5):
+        data = json.loads(record.to_json())
+        data["max_model_len"] = bad
+        assert InstanceRecord.from_json(json.dumps(data)).max_model_len == 0, bad
