@@ -20,6 +20,7 @@ from .harmony_parse import HarmonySpecials
 from .metrics import Metrics
 from .openai_models import ChatCompletionRequest, CompletionRequest, ResponsesRequest
 from .pipeline import TokenSource
+from .sse import with_keepalive
 from .workers import DECODE
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -63,6 +64,10 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
     errors.install(app)
     app.add_middleware(_Gate, cfg=cfg, metrics=metrics)
 
+    def sse_response(events) -> StreamingResponse:
+        events = with_keepalive(events, cfg.sse_keepalive_s, metrics.sse_keepalives.inc)
+        return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
+
     def rid(request: Request, prefix: str) -> str:
         return request.headers.get("x-request-id") or new_request_id(prefix)
 
@@ -71,15 +76,14 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
         gen = chat.prepare(state, body, rid(request, "chatcmpl"))
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(chat.stream(gen, body.model, include), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return sse_response(chat.stream(gen, body.model, include))
         return await _unless_client_gone(request, chat.complete(gen, body.model))
 
     @app.post("/v1/responses")
     async def create_response(body: ResponsesRequest, request: Request):
         gen = responses.prepare(state, body, rid(request, "resp"))
         if body.stream:
-            return StreamingResponse(responses.stream(gen, body), media_type="text/event-stream", headers=SSE_HEADERS)
+            return sse_response(responses.stream(gen, body))
         return await _unless_client_gone(request, responses.complete(gen, body))
 
     @app.post("/v1/completions")
@@ -87,8 +91,7 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
         gen = completions.prepare(state, body, rid(request, "cmpl"))
         if body.stream:
             include = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(completions.stream(gen, body.model, include), media_type="text/event-stream",
-                                     headers=SSE_HEADERS)
+            return sse_response(completions.stream(gen, body.model, include))
         return await _unless_client_gone(request, completions.complete(gen, body.model))
 
     @app.get("/v1/models")

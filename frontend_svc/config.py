@@ -28,6 +28,7 @@ class FrontendConfig:
     migration_limit: int = 3
     max_inflight: int = 0          # 0 = unlimited
     request_timeout_s: float = 600.0
+    sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
 
 
 def _env(name: str, default):
@@ -61,7 +62,12 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or env GPTOSS_API_KEY)")
     p.add_argument("--migration-limit", type=int, default=int(_env("migration-limit", d.migration_limit)))
     p.add_argument("--max-inflight", type=int, default=int(_env("max-inflight", d.max_inflight)))
+    p.add_argument("--sse-keepalive-interval", type=float,
+                   default=float(_env("sse-keepalive-interval", d.sse_keepalive_s)),
+                   help="seconds without an event after which a stream gets a ': keep-alive' comment")
     a = p.parse_args(argv)
+    if not a.sse_keepalive_interval > 0:
+        p.error("--sse-keepalive-interval must be > 0")
     if a.migration_limit < 0 or a.max_inflight < 0 or a.disagg_threshold < 0:
         p.error("--migration-limit, --max-inflight and --disagg-threshold must be >= 0")
     return FrontendConfig(
@@ -69,5 +75,5 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
         etcd_endpoints=a.etcd_endpoints, namespace=a.namespace, served_model_name=a.served_model_name,
         model_path=a.model_path, context_length=context_length_of(a.model_path),
         disagg_threshold=a.disagg_threshold, api_key=a.api_key or os.environ.get("GPTOSS_API_KEY") or None,
-        migration_limit=a.migration_limit, max_inflight=a.max_inflight,
+        migration_limit=a.migration_limit, max_inflight=a.max_inflight, sse_keepalive_s=a.sse_keepalive_interval,
     )

@@ -22,6 +22,12 @@ class Metrics:
         self.kv_handoff = Histogram("gptoss_frontend_kv_handoff_seconds",
                                     "Decode call start to its first response when KV is handed off",
                                     buckets=_LATENCY_BUCKETS, registry=r)
+        self.kv_handoff_failures = Counter(
+            "gptoss_frontend_kv_handoff_failures",
+            "Decode calls that could not take the prefill's KV (by gRPC code); the request re-ran without it",
+            ["code"], registry=r)
+        self.sse_keepalives = Counter("gptoss_frontend_sse_keepalives", "SSE keep-alive comments sent while "
+                                      "a stream had nothing to say", registry=r)
         self.migrations = Counter("gptoss_frontend_migrations", "requests moved to another worker mid-way",
                                   registry=r)
         self.output_tokens = Counter("gptoss_frontend_output_tokens", "generated tokens", registry=r)

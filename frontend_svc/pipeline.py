@@ -12,6 +12,16 @@ lease expiry; Release after a completed read is a no-op on the worker.
 Migration: if a worker fails (UNAVAILABLE and the like) before the request finished and fewer
 than --migration-limit migrations happened, re-run prompt + tokens already sent on another live
 worker (without kv) and continue the same client stream.
+
+Hand-off fallback: a Decode WITH kv that fails before its first response (transfer gone, lease
+expired, layout refused, checksum mismatch, busy, read timeout, prefill gone, no blocks for the
+hand-off) is not the client's problem: the prefill's staged KV is released, the failure counted
+(gptoss_frontend_kv_handoff_failures_total), and the request re-runs WITHOUT kv (the decode worker
+prefills locally), bounded by --migration-limit like a migration. When sampling is reproducible
+(greedy, or seeded: token i is drawn from (seed, i)) the re-run uses the unchanged prompt and
+sampling, and the token the client already has from the prefill is regenerated and checked, not
+re-sent, so the output equals an uninterrupted run; otherwise (or if the check fails) it
+continues from prompt + that token like a migration. INVALID_ARGUMENT stays a 400.
 """
 from __future__ import annotations
 
@@ -36,6 +46,10 @@ log = logging.getLogger(__name__)
 
 _MIGRATABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.ABORTED, grpc.StatusCode.UNKNOWN,
                grpc.StatusCode.INTERNAL, grpc.StatusCode.CANCELLED}
+# What a Decode WITH kv answers, before any response, when the hand-off (not the request) failed;
+# see decode_svc/servicer.py for which transfer error maps to which code.
+_HANDOFF_FAILED = _MIGRATABLE | {grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                                 grpc.StatusCode.DATA_LOSS, grpc.StatusCode.RESOURCE_EXHAUSTED}
 _FINISH = {common_pb2.FINISH_REASON_STOP: "stop", common_pb2.FINISH_REASON_LENGTH: "length",
            common_pb2.FINISH_REASON_ABORT: "abort"}
 
@@ -60,6 +74,7 @@ class TokenSource(Protocol):
 
     def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]: ...
     def components(self) -> dict[str, list]: ...
+    def context_limit(self, num_prompt_tokens: int) -> int | None: ...
 
 
 class _WorkerFailed(Exception):
@@ -67,6 +82,22 @@ class _WorkerFailed(Exception):
         super().__init__(f"worker {instance_id:016x}: {err.code().name} {err.details()}")
         self.instance_id = instance_id
         self.err = err
+
+
+class _HandoffFailed(Exception):
+    """Decode could not take the prefill's KV; neither worker is known to be broken."""
+
+    def __init__(self, instance_id: int, err: grpc.aio.AioRpcError):
+        super().__init__(f"KV hand-off to {instance_id:016x} failed: {err.code().name} {err.details()}")
+        self.code = err.code()
+
+
+class _ReplayDiverged(Exception):
+    """The local re-prefill sampled another first token than the one the client already has."""
+
+
+def _reproducible(s: SamplingParams) -> bool:
+    return s.temperature == 0 or s.seed is not None
 
 
 def sampling_to_pb(s: SamplingParams) -> common_pb2.SamplingParams:
@@ -104,28 +135,52 @@ class Pipeline:
     def components(self) -> dict[str, list]:
         return {c: list(self._dir.instances(c)) for c in (DECODE, PREFILL)}
 
+    def context_limit(self, num_prompt_tokens: int) -> int | None:
+        """The smallest max_model_len the live workers that could serve this prompt publish
+        (None: none does). Prefill workers count only for prompts long enough to go there."""
+        components = [DECODE] + ([PREFILL] if num_prompt_tokens >= self._threshold else [])
+        limits = [r.max_model_len for c in components for r in self._dir.instances(c) if r.max_model_len > 0]
+        return min(limits, default=None)
+
     async def generate(self, req: GenerateRequest) -> AsyncIterator[TokenChunk]:
         sent: list[int] = []
         failed: set[int] = set()
         migrations = 0
+        replay = False
         while True:
             try:
-                async for chunk in self._attempt(req, sent, failed):
+                async for chunk in self._attempt(req, sent, failed, replay):
                     sent.extend(t.token_id for t in chunk.tokens)
                     yield chunk
                 return
             except _WorkerFailed as f:
                 failed.add(f.instance_id)
-                if migrations >= self._migration_limit:
-                    raise errors.unavailable(f"request failed and may not migrate further: {f}") from None
-                migrations += 1
+                reason, replay = f, False
+            except _HandoffFailed as h:
+                # Neither worker goes into `failed`: with one decode worker that would end the
+                # request; if the decode worker itself is gone, the next attempt finds out.
+                self._metrics.kv_handoff_failures.labels(h.code.name).inc()
+                reason, replay = h, _reproducible(req.sampling)
+            except _ReplayDiverged as d:
+                reason, replay = d, False
+            if migrations >= self._migration_limit:
+                raise errors.unavailable(f"request failed and may not migrate further: {reason}") from None
+            migrations += 1
+            if isinstance(reason, _WorkerFailed):
                 self._metrics.migrations.inc()
-                log.warning("migrating request %s after %d tokens: %s", req.request_id, len(sent), f)
+            log.warning("re-running request %s after %d tokens (replay=%s): %s", req.request_id, len(sent),
+                        replay, reason)
 
-    async def _attempt(self, req: GenerateRequest, sent: list[int], failed: set[int]) -> AsyncIterator[TokenChunk]:
+    async def _attempt(self, req: GenerateRequest, sent: list[int], failed: set[int],
+                       replay: bool) -> AsyncIterator[TokenChunk]:
+        """One try on one worker pair. replay: run the original prompt and sampling again and
+        check, not send, the first len(sent) tokens (the client has them already)."""
         s = req.sampling
-        sampling = replace(s, max_tokens=s.max_tokens - len(sent), min_tokens=max(0, s.min_tokens - len(sent)))
-        prompt = req.prompt_ids + sent
+        if replay:
+            sampling, prompt, expect = s, req.prompt_ids, list(sent)
+        else:
+            sampling = replace(s, max_tokens=s.max_tokens - len(sent), min_tokens=max(0, s.min_tokens - len(sent)))
+            prompt, expect = req.prompt_ids + sent, []
         decoder = self._router.pick(DECODE, self._dir.instances(DECODE), failed)
         if decoder is None or decoder.instance_id in failed:
             raise errors.unavailable("no decode worker is available")
@@ -163,8 +218,17 @@ class Pipeline:
                 if not got_response and kv is not None:
                     self._metrics.kv_handoff.observe(time.monotonic() - t0)
                 got_response = True
-                yield TokenChunk(_tokens(resp.tokens), _FINISH.get(resp.finish_reason), cached)
+                tokens = _tokens(resp.tokens)
+                while expect and tokens:
+                    if tokens[0].token_id != expect[0]:
+                        raise _ReplayDiverged(f"re-prefill sampled {tokens[0].token_id}, the client has {expect[0]}")
+                    tokens, expect = tokens[1:], expect[1:]
+                finish = _FINISH.get(resp.finish_reason)
+                if tokens or finish is not None:
+                    yield TokenChunk(tokens, finish, cached)
         except grpc.aio.AioRpcError as e:
+            if kv is not None and not got_response and e.code() in _HANDOFF_FAILED:
+                raise _HandoffFailed(decoder.instance_id, e) from None
             raise _rpc_error(decoder.instance_id, e) from None
         finally:
             self._router.end(decoder.instance_id)

@@ -37,6 +37,9 @@ class Scripted:
     def components(self):
         return {"backend": [Rec(7, "127.0.0.1:1")] if self.workers else [], "prefill": []}
 
+    def context_limit(self, num_prompt_tokens):
+        return None   # the workers publish no limit: the frontend's config.json one applies
+
     async def generate(self, req):
         self.requests.append(req)
         ids = self.ids[:req.sampling.max_tokens]
@@ -155,6 +158,20 @@ async def test_malformed_json_unknown_model_context_length(enc):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
     r = await c.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "word " * 200}]))
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+async def test_context_limit_of_the_workers_wins(enc):
+    c, src = client(enc)   # config.json's limit is 131072
+    src.context_limit = lambda n: 120   # the live workers run with --max-model-len 120
+    r = await c.post("/v1/chat/completions", json=chat_body(messages=[{"role": "user", "content": "word " * 200}]))
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and "120 tokens" in err["message"]
+    body = chat_body()
+    del body["max_tokens"]
+    r = await c.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    s = src.requests[-1]
+    assert s.sampling.max_tokens == 120 - len(s.prompt_ids)   # the remaining context
 
 
 async def test_no_workers_503_and_health(enc):

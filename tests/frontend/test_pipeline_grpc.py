@@ -30,6 +30,7 @@ class Rec:
     grpc_address: str
     role: str
     load: Load = field(default_factory=Load)
+    max_model_len: int = 0
 
 
 class FakePrefill(prefill_pb2_grpc.PrefillServicer):
@@ -103,13 +104,37 @@ async def workers():
         await s.stop(0)
 
 
-def make_pipeline(directory, threshold=0, migration_limit=3):
-    return Pipeline(directory, Channels(), Router("round-robin"), Metrics(), disagg_threshold=threshold,
+def make_pipeline(directory, threshold=0, migration_limit=3, metrics=None):
+    return Pipeline(directory, Channels(), Router("round-robin"), metrics or Metrics(), disagg_threshold=threshold,
                     migration_limit=migration_limit, timeout_s=10)
 
 
-def req(n_prompt=8, max_tokens=5):
-    return GenerateRequest("rid-1", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens), "m")
+def req(n_prompt=8, max_tokens=5, **sampling):
+    return GenerateRequest("rid-1", list(range(1, n_prompt + 1)), SamplingParams(max_tokens=max_tokens, **sampling),
+                           "m")
+
+
+class HandoffFailingDecode(FakeDecode):
+    """Refuses every hand-off with `code` before any token (as decode_svc does when the transfer
+    fails); without kv it prefills "locally" and samples the prefill's first token (1000) again."""
+
+    def __init__(self, code: grpc.StatusCode, first: int = 1000):
+        super().__init__()
+        self.code = code
+        self.first = first
+
+    async def Generate(self, request, context):
+        self.requests.append(request)
+        if request.HasField("kv"):
+            await context.abort(self.code, "KV transfer failed")
+        n = request.sampling.max_tokens
+        for i in range(n):
+            yield decode_pb2.DecodeResponse(tokens=[common_pb2.TokenOutput(token_id=self.first if i == 0 else 2000 + i)],
+                                            finish_reason=common_pb2.FINISH_REASON_LENGTH if i == n - 1 else 0)
+
+
+def handoff_failures(metrics: Metrics, code: grpc.StatusCode) -> float:
+    return metrics.registry.get_sample_value("gptoss_frontend_kv_handoff_failures_total", {"code": code.name}) or 0
 
 
 async def collect(pipe, r):
@@ -180,3 +205,69 @@ def test_router_policies():
     ll.begin(2), ll.begin(2)
     assert ll.pick("backend", recs).instance_id == 3
     assert Router("random").pick("backend", []) is None
+
+
+@pytest.mark.parametrize("code", [grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION,
+                                  grpc.StatusCode.DATA_LOSS, grpc.StatusCode.ABORTED,
+                                  grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED])
+async def test_handoff_failure_falls_back_to_local_prefill(workers, code):
+    p, d = FakePrefill(), HandoffFailingDecode(code)
+    pa, da = await workers("p", p), await workers("d", d)
+    metrics = Metrics()
+    pipe = make_pipeline(Dir(prefill=[Rec(1, pa, "prefill")], backend=[Rec(2, da, "decode")]), metrics=metrics)
+    toks, finish = await collect(pipe, req(8, 5))
+    # the client gets the prefill's first token once, then the local re-run's tokens after it
+    assert toks == [1000, 2001, 2002, 2003, 2004] and finish == "length"
+    again = d.requests[1]
+    assert not again.HasField("kv") and not again.HasField("first")
+    # greedy: the unchanged prompt and budget, so the output equals an uninterrupted run
+    assert list(again.prompt_token_ids) == list(range(1, 9)) and again.sampling.max_tokens == 5
+    assert handoff_failures(metrics, code) == 1
+    for _ in range(50):
+        if p.released:
+            break
+        await asyncio.sleep(0.02)
+    assert p.released == ["t1"]   # the staged KV is freed now, not at its lease expiry
+
+
+async def test_handoff_fallback_unseeded_or_diverged_continues_after_the_sent_token(workers):
+    p = FakePrefill()
+    unseeded, diverging = HandoffFailingDecode(grpc.StatusCode.NOT_FOUND), HandoffFailingDecode(
+        grpc.StatusCode.NOT_FOUND, first=999)
+    pa, ua, va = await workers("p", p), await workers("d", unseeded), await workers("d", diverging)
+    # sampled without a seed: the re-run cannot reproduce token 0, so it continues after it
+    pipe = make_pipeline(Dir(prefill=[Rec(1, pa, "prefill")], backend=[Rec(2, ua, "decode")]))
+    toks, _ = await collect(pipe, req(4, 5, temperature=0.8))
+    assert toks[0] == 1000 and len(toks) == 5
+    assert list(unseeded.requests[1].prompt_token_ids) == [1, 2, 3, 4, 1000]
+    assert unseeded.requests[1].sampling.max_tokens == 4
+    # greedy, but the local re-prefill samples another first token: never sent, re-run after 1000
+    pipe = make_pipeline(Dir(prefill=[Rec(1, pa, "prefill")], backend=[Rec(3, va, "decode")]))
+    toks, _ = await collect(pipe, req(4, 5))
+    # (this fake samples 999 first whatever the prompt: the continuation starts with it)
+    assert toks == [1000, 999, 2001, 2002, 2003]
+    assert [list(r.prompt_token_ids) for r in diverging.requests[1:]] == [[1, 2, 3, 4], [1, 2, 3, 4, 1000]]
+
+
+async def test_handoff_invalid_argument_stays_400_and_fallbacks_are_bounded(workers):
+    p, bad = FakePrefill(), HandoffFailingDecode(grpc.StatusCode.INVALID_ARGUMENT)
+    pa, ba = await workers("p", p), await workers("d", bad)
+    pipe = make_pipeline(Dir(prefill=[Rec(1, pa, "prefill")], backend=[Rec(2, ba, "decode")]))
+    with pytest.raises(errors.ApiError) as e:
+        await collect(pipe, req())
+    assert e.value.status == 400 and len(bad.requests) == 1
+    refusing = HandoffFailingDecode(grpc.StatusCode.NOT_FOUND, first=999)   # the re-run always diverges
+    ra = await workers("d", refusing)
+    pipe = make_pipeline(Dir(prefill=[Rec(1, pa, "prefill")], backend=[Rec(3, ra, "decode")]), migration_limit=0)
+    with pytest.raises(errors.ApiError) as e:
+        await collect(pipe, req())
+    assert e.value.status == 503 and len(refusing.requests) == 1
+
+
+def test_context_limit_is_the_smallest_published_by_workers_that_could_serve():
+    d = Dir(prefill=[Rec(1, "a", "prefill", max_model_len=2048)],
+            backend=[Rec(2, "b", "decode", max_model_len=4096), Rec(3, "c", "decode", max_model_len=0)])
+    pipe = make_pipeline(d, threshold=100)
+    assert pipe.context_limit(500) == 2048     # long prompt: the prefill worker takes it too
+    assert pipe.context_limit(50) == 4096      # short prompt: straight to a decode worker
+    assert make_pipeline(Dir(backend=[Rec(2, "b", "decode")])).context_limit(5) is None   # none published
