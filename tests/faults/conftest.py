@@ -11,15 +11,15 @@ from tests.e2e.stack import Stack
 
 @pytest.fixture(scope="module")
 def make_stack(tmp_path_factory, tiny_model_dir, request):
-    """Build this module's Stack: `make_stack("prefill", "decode", frontend_args=(...))`."""
+    """Build this module's Stack: `make_stack("prefill", "decode", frontend_args=(...), worker_args=(...))`."""
     stacks: list[Stack] = []
     failed_before = request.session.testsfailed
 
-    def make(*modes: str, frontend_args: tuple[str, ...] = ()) -> Stack:
+    def make(*modes: str, frontend_args: tuple[str, ...] = (), worker_args: tuple[str, ...] = ()) -> Stack:
         needs_engine()
         s = Stack(tmp_path_factory.mktemp("stack"), tiny_model_dir)
         stacks.append(s)
-        s.start_workers(*modes)
+        s.start_workers(*modes, extra=worker_args)
         want = {"backend"} | ({"prefill"} if "prefill" in modes else set())
         s.start_frontend(*frontend_args).wait_health(want)
         return s
