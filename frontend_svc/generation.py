@@ -57,7 +57,8 @@ def make_sampling(state: AppState, req, prompt_len: int, max_tokens: int | None,
                   top_logprobs: int = 0) -> SamplingParams:
     # The live workers' own limit when they publish one (a worker may run with --max-model-len
     # below the model's): a prompt they cannot take is the client's 400, not a worker error.
-    ctx = state.source.context_limit(prompt_len) or state.context_length
+    # Never above the model's (config.json): no worker can go past that either.
+    ctx = min(state.context_length, state.source.context_limit(prompt_len) or state.context_length)
     if prompt_len >= ctx:
         raise errors.invalid(f"This model's maximum context length is {ctx} tokens; the prompt has {prompt_len}.",
                              param="messages", code="context_length_exceeded")
