@@ -23,6 +23,8 @@ COMMON_DROPIN_DIR = "gptoss-.service.d"   # applies to every gptoss-*.service
 LOCAL_ETCD_DROPIN = "20-local-etcd.conf"
 HOME_DROPIN = "30-venv-in-home.conf"
 HOME_DIRS = ("/home", "/root", "/run/user")
+TMP_DROPIN = "31-venv-in-tmp.conf"
+TMP_DIRS = ("/tmp", "/var/tmp")
 STATE_DIR = "/var/lib/gptoss"
 
 
@@ -56,11 +58,24 @@ def systemd_is_running() -> bool:
     return os.path.isdir("/run/systemd/system")
 
 
+def _code_places(venv: pathlib.Path) -> tuple[pathlib.Path, ...]:
+    """Where the services' code lives: the venv, the Python it links to (pyenv, ~/.local), and this
+    package's own source (an editable install runs it from the checkout)."""
+    return (venv.resolve(), (venv / "bin" / "python").resolve(), pathlib.Path(__file__).resolve())
+
+
+def _under(places: tuple[pathlib.Path, ...], dirs: tuple[str, ...]) -> bool:
+    return any(p == pathlib.Path(d) or pathlib.Path(d) in p.parents for p in places for d in dirs)
+
+
 def interpreter_in_home(venv: pathlib.Path) -> bool:
-    """True if the venv, or the Python it links to (pyenv, ~/.local), lies under a home directory,
-    which ProtectHome=yes would hide from the service."""
-    places = (venv.resolve(), (venv / "bin" / "python").resolve())
-    return any(p == pathlib.Path(h) or pathlib.Path(h) in p.parents for p in places for h in HOME_DIRS)
+    """True if the services' code lies under a home directory, which ProtectHome=yes would hide."""
+    return _under(_code_places(venv), HOME_DIRS)
+
+
+def interpreter_in_tmp(venv: pathlib.Path) -> bool:
+    """True if the services' code lies under /tmp, which PrivateTmp=yes would hide (e.g. a CI checkout)."""
+    return _under(_code_places(venv), TMP_DIRS)
 
 
 def untraversable_parents(path: pathlib.Path) -> list[pathlib.Path]:
@@ -138,6 +153,13 @@ class Installer:
                        "lives under a home directory.\n[Service]\nProtectHome=read-only\n")
         else:
             self.remove(common / HOME_DROPIN)
+        if interpreter_in_tmp(self.cfg.venv):
+            # PrivateTmp=yes gives the service an empty /tmp, hiding the code itself.
+            print(f"note: {self.cfg.venv} (or its code) lies under /tmp: turning PrivateTmp off")
+            self.write(common / TMP_DROPIN, "# Written by gptoss install-systemd: the venv or its code "
+                       "lives under /tmp.\n[Service]\nPrivateTmp=no\n")
+        else:
+            self.remove(common / TMP_DROPIN)
         blocked = untraversable_parents(self.cfg.venv / "bin" / "python")
         if blocked and self.cfg.user != "root":
             print(f"warning: user {self.cfg.user} cannot enter {', '.join(map(str, blocked))} "
