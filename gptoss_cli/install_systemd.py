@@ -73,9 +73,15 @@ def interpreter_in_home(venv: pathlib.Path) -> bool:
     return _under(_code_places(venv), HOME_DIRS)
 
 
-def interpreter_in_tmp(venv: pathlib.Path) -> bool:
-    """True if the services' code lies under /tmp, which PrivateTmp=yes would hide (e.g. a CI checkout)."""
-    return _under(_code_places(venv), TMP_DIRS)
+def code_dirs_in_tmp(venv: pathlib.Path) -> list[pathlib.Path]:
+    """The top folders under /tmp or /var/tmp holding the services' code (e.g. a CI checkout):
+    PrivateTmp=yes would hide them, so they are bound read-only into the service's private /tmp."""
+    found = set()
+    for p in _code_places(venv):
+        for d in map(pathlib.Path, TMP_DIRS):
+            if d in p.parents:
+                found.add(d / p.relative_to(d).parts[0])
+    return sorted(found)
 
 
 def untraversable_parents(path: pathlib.Path) -> list[pathlib.Path]:
@@ -153,11 +159,13 @@ class Installer:
                        "lives under a home directory.\n[Service]\nProtectHome=read-only\n")
         else:
             self.remove(common / HOME_DROPIN)
-        if interpreter_in_tmp(self.cfg.venv):
-            # PrivateTmp=yes gives the service an empty /tmp, hiding the code itself.
-            print(f"note: {self.cfg.venv} (or its code) lies under /tmp: turning PrivateTmp off")
+        tmp_code = code_dirs_in_tmp(self.cfg.venv)
+        if tmp_code:
+            # PrivateTmp=yes gives the service an empty /tmp; keep it, and bind the code back in read-only.
+            paths = " ".join(map(str, tmp_code))
+            print(f"note: the services' code lies under /tmp: binding {paths} read-only into their private /tmp")
             self.write(common / TMP_DROPIN, "# Written by gptoss install-systemd: the venv or its code "
-                       "lives under /tmp.\n[Service]\nPrivateTmp=no\n")
+                       f"lives under /tmp.\n[Service]\nBindReadOnlyPaths={paths}\n")
         else:
             self.remove(common / TMP_DROPIN)
         blocked = untraversable_parents(self.cfg.venv / "bin" / "python")
