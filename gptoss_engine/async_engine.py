@@ -110,6 +110,11 @@ class AsyncEngine:
     def model_fingerprint(self) -> str:
         return self._engine.model_config.fingerprint
 
+    @property
+    def max_model_len(self) -> int:
+        """The context limit this engine enforces (prompt + generated tokens)."""
+        return self._engine.max_model_len
+
     def stats(self) -> EngineStats:
         return self._stats
 

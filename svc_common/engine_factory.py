@@ -73,6 +73,10 @@ class EngineHandle:
         return self._engine.model_config.fingerprint
 
     @property
+    def max_model_len(self) -> int:
+        return self._engine.max_model_len
+
+    @property
     def vocab_size(self) -> int:
         return self._engine.model_config.vocab_size
 

@@ -28,24 +28,14 @@ from svc_common.args import ConfigError, WorkerConfig
 from svc_common.context import WorkerContext
 from svc_common.convert import layout_to_pb
 from svc_common.engine_yaml import EngineYaml
-from svc_common.engine_factory import EngineHandle, build_engine, engine_overrides
+from svc_common.engine_factory import EngineHandle, build_engine
 from svc_common.logging import get_logger
 from svc_common.server import GrpcServer, ServiceSpec, install_shutdown_signals, server_credentials
 
 log = get_logger("worker")
 
 
-def max_model_len(cfg: WorkerConfig, engine_yaml: EngineYaml) -> int:
-    """The context limit the engine enforces: the flag/YAML value, else the model's own (the
-    engine's rule, gptoss_engine.engine.LLMEngine). Published so the frontend refuses prompts that
-    do not fit with a clear 400 instead of forwarding them to a worker that must refuse them."""
-    from gptoss_engine.model_config import ModelConfig
-
-    return (engine_overrides(cfg, engine_yaml).get("max_model_len")
-            or ModelConfig.from_pretrained(cfg.model_path).max_position_embeddings)
-
-
-def _record(ctx: WorkerContext, grpc_port: int, load: LoadInfo, context_limit: int) -> InstanceRecord:
+def _record(ctx: WorkerContext, grpc_port: int, load: LoadInfo) -> InstanceRecord:
     cfg = ctx.config
     role = cfg.disaggregation_mode
     return InstanceRecord(
@@ -53,7 +43,7 @@ def _record(ctx: WorkerContext, grpc_port: int, load: LoadInfo, context_limit: i
         role=role, grpc_address=f"{cfg.advertise_host or cfg.grpc_host}:{grpc_port}",
         ucx_address=ctx.ucx_address, model_name=cfg.served_model_name,
         model_fingerprint=ctx.engine.fingerprint, kv_layout=KVLayoutInfo.from_layout(ctx.engine.layout),
-        load=load, started_at=time.time(), pid=os.getpid(), max_model_len=context_limit)
+        load=load, started_at=time.time(), pid=os.getpid(), max_model_len=ctx.engine.max_model_len)
 
 
 def etcd_settings(cfg: WorkerConfig) -> EtcdSettings:
@@ -115,7 +105,7 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
         await server.start()
         await server.set_serving(True)
         sd_notify.status("registering in etcd")
-        record = _record(ctx, server.port, _load(ctx), max_model_len(cfg, engine_yaml))
+        record = _record(ctx, server.port, _load(ctx))
         registration = Registration(etcd_settings(cfg), record, ttl=cfg.registry_ttl)
         if not await registration.start(timeout_s=10.0):
             # The registration task keeps retrying; READY still waits for it (bounded by etcd's return).
