@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -19,15 +20,17 @@ from .config import FrontendConfig, parse_args
 from .metrics import Metrics
 from .pipeline import Pipeline
 from .routing import Router
-from .workers import Channels, RegistryDirectory
+from .workers import Channels, RegistryDirectory, worker_credentials
 
 log = logging.getLogger(__name__)
 
 
 def build_app(cfg: FrontendConfig):
     metrics = Metrics()
-    directory = RegistryDirectory(cfg.etcd_endpoints, cfg.namespace)
-    channels = Channels()
+    directory = RegistryDirectory(cfg.etcd_endpoints, cfg.namespace, ca_file=cfg.etcd_ca,
+                                  cert_file=cfg.etcd_cert, key_file=cfg.etcd_key, username=cfg.etcd_user,
+                                  password=os.environ.get("GPTOSS_ETCD_PASSWORD") or None)
+    channels = Channels(worker_credentials(cfg.worker_tls_ca, cfg.worker_tls_cert, cfg.worker_tls_key))
     pipeline = Pipeline(directory, channels, Router(cfg.router_mode), metrics,
                         disagg_threshold=cfg.disagg_threshold, migration_limit=cfg.migration_limit,
                         timeout_s=cfg.request_timeout_s)

@@ -29,6 +29,16 @@ class FrontendConfig:
     max_inflight: int = 0          # 0 = unlimited
     request_timeout_s: float = 600.0
     sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
+    # etcd: TLS (CA, client cert/key for mutual TLS) and user; the password only from
+    # GPTOSS_ETCD_PASSWORD, never a flag.
+    etcd_ca: str | None = None
+    etcd_cert: str | None = None
+    etcd_key: str | None = None
+    etcd_user: str | None = None
+    # gRPC to the workers over TLS when a CA is given (+ client cert/key when they demand mutual TLS).
+    worker_tls_ca: str | None = None
+    worker_tls_cert: str | None = None
+    worker_tls_key: str | None = None
 
 
 def _env(name: str, default):
@@ -65,7 +75,14 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
     p.add_argument("--sse-keepalive-interval", type=float,
                    default=float(_env("sse-keepalive-interval", d.sse_keepalive_s)),
                    help="seconds without an event after which a stream gets a ': keep-alive' comment")
+    for name in ("etcd-ca", "etcd-cert", "etcd-key", "etcd-user",
+                 "worker-tls-ca", "worker-tls-cert", "worker-tls-key"):
+        p.add_argument(f"--{name}", default=_env(name, None))
     a = p.parse_args(argv)
+    if bool(a.worker_tls_cert) != bool(a.worker_tls_key):
+        p.error("--worker-tls-cert and --worker-tls-key go together")
+    if (a.worker_tls_cert or a.worker_tls_key) and not a.worker_tls_ca:
+        p.error("--worker-tls-cert/--worker-tls-key need --worker-tls-ca")
     if not a.sse_keepalive_interval > 0:
         p.error("--sse-keepalive-interval must be > 0")
     if a.migration_limit < 0 or a.max_inflight < 0 or a.disagg_threshold < 0:
@@ -76,4 +93,6 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
         model_path=a.model_path, context_length=context_length_of(a.model_path),
         disagg_threshold=a.disagg_threshold, api_key=a.api_key or os.environ.get("GPTOSS_API_KEY") or None,
         migration_limit=a.migration_limit, max_inflight=a.max_inflight, sse_keepalive_s=a.sse_keepalive_interval,
+        etcd_ca=a.etcd_ca, etcd_cert=a.etcd_cert, etcd_key=a.etcd_key, etcd_user=a.etcd_user,
+        worker_tls_ca=a.worker_tls_ca, worker_tls_cert=a.worker_tls_cert, worker_tls_key=a.worker_tls_key,
     )

@@ -7,6 +7,7 @@ gets no new traffic). Channels are cached per address and closed when the addres
 from __future__ import annotations
 
 import asyncio
+import pathlib
 from typing import Protocol, Sequence
 
 import grpc
@@ -24,10 +25,11 @@ class WorkerDirectory(Protocol):
 class RegistryDirectory:
     """Live instances of one namespace, from etcd (registry.discovery.Discovery)."""
 
-    def __init__(self, etcd_endpoints: str, namespace: str):
+    def __init__(self, etcd_endpoints: str, namespace: str, **etcd_options) -> None:
+        """etcd_options: EtcdSettings fields (ca_file, cert_file, key_file, username, password)."""
         from registry.etcd_settings import EtcdSettings
 
-        self._settings = EtcdSettings.parse(etcd_endpoints)
+        self._settings = EtcdSettings.parse(etcd_endpoints, **etcd_options)
         self._namespace = namespace
         self._discovery = None
 
@@ -47,16 +49,41 @@ class RegistryDirectory:
         return list(self._discovery.instances(component))
 
 
-class Channels:
-    """One aio channel per worker address, shared by all requests."""
+def worker_credentials(ca_file: str | None, cert_file: str | None = None,
+                       key_file: str | None = None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the workers' gRPC servers (None = plaintext): their CA, plus our client
+    certificate and key when they require mutual TLS."""
+    if not ca_file:
+        return None
 
-    def __init__(self) -> None:
+    def read(path: str | None) -> bytes | None:
+        if path is None:
+            return None
+        try:
+            return pathlib.Path(path).read_bytes()
+        except OSError as e:
+            raise SystemExit(f"frontend: cannot read {path}: {e}") from None
+
+    return grpc.ssl_channel_credentials(root_certificates=read(ca_file), private_key=read(key_file),
+                                        certificate_chain=read(cert_file))
+
+
+class Channels:
+    """One aio channel per worker address, shared by all requests; TLS when given credentials
+    (grpc.ssl_channel_credentials: the workers' CA, plus a client cert/key for mutual TLS)."""
+
+    _OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+
+    def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}
+        self._credentials = credentials
 
     def _channel(self, address: str) -> grpc.aio.Channel:
         ch = self._channels.get(address)
         if ch is None:
-            ch = grpc.aio.insecure_channel(address, options=[("grpc.max_receive_message_length", 64 << 20)])
+            ch = (grpc.aio.secure_channel(address, self._credentials, options=self._OPTIONS)
+                  if self._credentials is not None else
+                  grpc.aio.insecure_channel(address, options=self._OPTIONS))
             self._channels[address] = ch
         return ch
 
