@@ -45,21 +45,47 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class EmbeddedEtcd:
+    """TLS: with cert_file/key_file the client URL is https://; trusted_ca_file (with
+    client_cert_auth) makes clients present a certificate that CA signed. Peers stay on plaintext
+    loopback (single node), and a plaintext metrics listener serves /health for the start-up probe,
+    which then needs no client certificate."""
+
     def __init__(self, data_dir: str | Path | None = None, host: str = "127.0.0.1",
-                 client_port: int = 0, peer_port: int = 0, log_path: str | Path | None = None):
+                 client_port: int = 0, peer_port: int = 0, log_path: str | Path | None = None,
+                 cert_file: str | Path | None = None, key_file: str | Path | None = None,
+                 trusted_ca_file: str | Path | None = None, client_cert_auth: bool = False):
+        if (cert_file is None) != (key_file is None):
+            raise ValueError("etcd TLS: cert_file and key_file go together")
+        if client_cert_auth and (trusted_ca_file is None or cert_file is None):
+            raise ValueError("etcd TLS: client_cert_auth needs cert_file, key_file and trusted_ca_file")
         self._tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix="etcd-")
         self.data_dir = Path(data_dir if data_dir is not None else self._tmp.name)
         self.host = host
         # Ports are fixed at construction so that restart() comes back at the same address.
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
+        self.tls_args: list[str] = []
+        self._metrics_url: str | None = None
+        if cert_file is not None:
+            self._metrics_url = f"http://{host}:{free_port(host)}"
+            self.tls_args = ["--cert-file", str(cert_file), "--key-file", str(key_file),
+                             "--listen-metrics-urls", self._metrics_url]
+            if trusted_ca_file is not None:
+                self.tls_args += ["--trusted-ca-file", str(trusted_ca_file)]
+            if client_cert_auth:
+                self.tls_args.append("--client-cert-auth")
         self.log_path = Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
         self.binary = find_etcd_binary()
         self._proc: subprocess.Popen | None = None
 
     @property
     def endpoint(self) -> str:
-        return f"http://{self.host}:{self.client_port}"
+        scheme = "https" if self.tls_args else "http"
+        return f"{scheme}://{self.host}:{self.client_port}"
+
+    @property
+    def _health_url(self) -> str:
+        return (self._metrics_url or self.endpoint) + "/health"
 
     @property
     def running(self) -> bool:
@@ -72,7 +98,7 @@ class EmbeddedEtcd:
         cmd = [self.binary, "--name", "embedded", "--data-dir", str(self.data_dir / "data"),
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"embedded={peer}", "--log-level", "warn"]
+               "--initial-cluster", f"embedded={peer}", "--log-level", "warn", *self.tls_args]
         log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
@@ -85,7 +111,7 @@ class EmbeddedEtcd:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"etcd exited with {self._proc.returncode}; log: {self.log_path}")
             try:
-                with urllib.request.urlopen(self.endpoint + "/health", timeout=1) as r:
+                with urllib.request.urlopen(self._health_url, timeout=1) as r:
                     if b'"health":"true"' in r.read():
                         return
             except (urllib.error.URLError, OSError):

@@ -1,10 +1,19 @@
-"""Where etcd is and how to log in: parsed once from flags/env, builds aetcd clients."""
+"""Where etcd is and how to log in: parsed once from flags/env, builds aetcd clients.
+
+TLS: https:// endpoints (or a CA file with scheme-less endpoints) give TLS clients
+(registry.tls_client), verifying the server against ca_file (else the system's roots); a client
+certificate + key make it mutual TLS. User/password work with or without TLS.
+"""
 from __future__ import annotations
 
+import pathlib
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import aetcd
+import grpc
+
+from registry.tls_client import TlsClient
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
 
@@ -26,13 +35,22 @@ class EtcdSettings:
             _host_port(url)
         if (self.username is None) != (self.password is None):
             raise ValueError("etcd: username and password must be given together")
-        if self.cert_file is not None and self.key_file is None:
-            raise ValueError("etcd: cert_file needs key_file")
-        # aetcd 1.0 opens plaintext channels only (no TLS options in aetcd.Client), so refuse
-        # rather than silently talk plaintext to a server the operator meant to reach over TLS.
-        if self.ca_file or self.cert_file or any(u.startswith("https://") for u in self.endpoints):
-            raise ValueError("etcd: TLS is not supported by the aetcd client in use; "
-                             "use http:// endpoints (e.g. over a trusted network or a local TLS proxy)")
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("etcd: the client certificate and its key go together (--etcd-cert, --etcd-key)")
+        schemes = {_scheme(u) for u in self.endpoints}
+        if {"http", "https"} <= schemes:
+            raise ValueError(f"etcd: endpoints mix http:// and https://: {','.join(self.endpoints)}")
+        if "http" in schemes and (self.ca_file or self.cert_file):
+            # Never talk plaintext to a server the operator meant to reach over TLS.
+            raise ValueError("etcd: TLS files are given (--etcd-ca/--etcd-cert) but the endpoints are "
+                             "http://; use https:// endpoints")
+        for path in (self.ca_file, self.cert_file, self.key_file):
+            if path is not None:
+                _read(path)   # a missing file is a start-up error, not an endless reconnect loop
+
+    @property
+    def tls(self) -> bool:
+        return any(_scheme(u) == "https" for u in self.endpoints) or self.ca_file is not None or self.cert_file is not None
 
     @classmethod
     def parse(cls, endpoints: str, **kwargs) -> "EtcdSettings":
@@ -43,13 +61,32 @@ class EtcdSettings:
         """A new (unconnected) client for endpoint `index` (modulo the count): callers rotate
         through endpoints on failure."""
         host, port = _host_port(self.endpoints[index % len(self.endpoints)])
-        return aetcd.Client(host=host, port=port, username=self.username, password=self.password,
-                            timeout=self.timeout_s)
+        kwargs = dict(host=host, port=port, username=self.username, password=self.password, timeout=self.timeout_s)
+        if not self.tls:
+            return aetcd.Client(**kwargs)
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=_read(self.ca_file) if self.ca_file else None,
+            private_key=_read(self.key_file) if self.key_file else None,
+            certificate_chain=_read(self.cert_file) if self.cert_file else None)
+        return TlsClient(credentials=credentials, **kwargs)
 
     def describe(self) -> str:
         """For logs: endpoints and user, never the password."""
         user = f" as {self.username}" if self.username else ""
-        return ",".join(self.endpoints) + user
+        tls = (" (mutual TLS)" if self.cert_file else " (TLS)") if self.tls else ""
+        return ",".join(self.endpoints) + user + tls
+
+
+def _scheme(url: str) -> str | None:
+    """http / https, or None when the endpoint names no scheme (TLS then follows ca_file)."""
+    return urlsplit(url).scheme if "://" in url else None
+
+
+def _read(path: str) -> bytes:
+    try:
+        return pathlib.Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"etcd: cannot read TLS file {path}: {e.strerror}") from None
 
 
 def _host_port(url: str) -> tuple[str, int]:
