@@ -11,6 +11,7 @@ from registry import keys
 from registry.discovery import Discovery
 from registry.embedded_etcd import EmbeddedEtcd
 from registry.etcd_settings import EtcdSettings
+from tests.e2e.stack import MODEL, Frontend
 from tests.fixtures.procs import DaemonGroup, worker_args
 
 pytestmark = [pytest.mark.timeout(180), pytest.mark.slow]   # two worker processes start: > 20 s on 2 cores
@@ -85,3 +86,25 @@ async def test_mutual_tls(tls_workers, test_pki):
     without_cert = grpc.ssl_channel_credentials(root_certificates=test_pki.read("ca"))
     await refused(decode.address, without_cert)
     await refused(decode.address, None)
+
+
+def test_frontend_reaches_tls_workers_through_tls_etcd(tls_workers, test_pki, tiny_model_dir, tmp_path):
+    """The whole chain: frontend -> etcd (mutual TLS) to find the workers -> their gRPC over TLS
+    (the decode worker demands a client certificate), checked with the official openai client."""
+    etcd, _, _ = tls_workers
+    client_tls = []
+    for prefix in ("etcd", "worker-tls"):
+        client_tls += [f"--{prefix}-ca", str(test_pki.ca), f"--{prefix}-cert", str(test_pki.client_cert),
+                       f"--{prefix}-key", str(test_pki.client_key)]
+    frontend = Frontend(etcd.endpoint, tmp_path / "frontend.log", tiny_model_dir, *client_tls)
+    try:
+        frontend.wait_live()
+        frontend.wait_health({"prefill", "backend"})
+        reply = frontend.client().completions.create(model=MODEL, prompt="hello " * 40, max_tokens=4,
+                                                     temperature=0)
+        assert reply.usage.completion_tokens == 4, reply
+    except Exception:
+        print(frontend.tail())
+        raise
+    finally:
+        frontend.stop()
