@@ -27,9 +27,12 @@ log = logging.getLogger(__name__)
 
 def build_app(cfg: FrontendConfig):
     metrics = Metrics()
-    directory = RegistryDirectory(cfg.etcd_endpoints, cfg.namespace, ca_file=cfg.etcd_ca,
-                                  cert_file=cfg.etcd_cert, key_file=cfg.etcd_key, username=cfg.etcd_user,
-                                  password=os.environ.get("GPTOSS_ETCD_PASSWORD") or None)
+    try:
+        directory = RegistryDirectory(cfg.etcd_endpoints, cfg.namespace, ca_file=cfg.etcd_ca,
+                                      cert_file=cfg.etcd_cert, key_file=cfg.etcd_key, username=cfg.etcd_user,
+                                      password=os.environ.get("GPTOSS_ETCD_PASSWORD") or None)
+    except ValueError as e:   # bad etcd settings (e.g. a CA with http:// endpoints)
+        raise SystemExit(f"frontend: {e}") from None
     channels = Channels(worker_credentials(cfg.worker_tls_ca, cfg.worker_tls_cert, cfg.worker_tls_key))
     pipeline = Pipeline(directory, channels, Router(cfg.router_mode), metrics,
                         disagg_threshold=cfg.disagg_threshold, migration_limit=cfg.migration_limit,
