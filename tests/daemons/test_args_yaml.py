@@ -130,3 +130,11 @@ def test_context_limit_checksum_and_device_flags(monkeypatch):
     assert parse_worker_args(["--model-path", "/m", "--kv-checksum"], "p", "prefill").kv_checksum
     with pytest.raises(ConfigError, match="max-model-len"):
         parse_worker_args(["--model-path", "/m", "--max-model-len", "0"], "p", "prefill")
+
+
+@pytest.mark.parametrize("name", ["prefill.yaml", "decode.yaml"])
+def test_shipped_example_engine_yamls_parse_without_warnings(name):
+    import pathlib
+
+    y = load_engine_yaml(pathlib.Path(__file__).parents[2] / "examples" / "engine_configs" / "gpt-oss" / name)
+    assert y.ignored_keys == () and y.max_num_tokens and y.free_gpu_memory_fraction == 0.9
