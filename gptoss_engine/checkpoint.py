@@ -139,6 +139,26 @@ def _check(file: pathlib.Path, spec: TensorSpec, t: torch.Tensor) -> None:
         raise CheckpointError(f"{file}: tensor {spec.name} has dtype {t.dtype}, expected {want}")
 
 
+@dataclass(frozen=True)
+class CheckpointSource:
+    """What a loader learns from a checkpoint folder before reading any tensor."""
+    config: ModelConfig
+    weight_map: dict[str, str]   # tensor name -> shard file name
+    source: pathlib.Path         # the index (or the single shard) for error messages
+    stored_packed: bool          # experts stored as MXFP4 blocks/scales
+    keep_packed: bool            # ... and kept packed on this device (CUDA: the MoE kernel reads them)
+
+
+def open_checkpoint(path: pathlib.Path, device: torch.device) -> CheckpointSource:
+    try:
+        config = ModelConfig.from_pretrained(path)
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    weight_map, source = weight_map_of(path)
+    stored_packed = any(k.endswith("_blocks") for k in weight_map)
+    return CheckpointSource(config, weight_map, source, stored_packed, stored_packed and device.type == "cuda")
+
+
 def load_model(path: str | pathlib.Path, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                progress: bool = True) -> GptOssForCausalLM:
     """Load a checkpoint folder (config.json + safetensors) onto `device`; raises CheckpointError."""
@@ -146,13 +166,9 @@ def load_model(path: str | pathlib.Path, device: torch.device | str = "cpu", dty
 
     path, device = pathlib.Path(path), torch.device(device)
     dtype = dtype or default_dtype(device)
-    try:
-        config = ModelConfig.from_pretrained(path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    weight_map, source = weight_map_of(path)
-    stored_packed = any(k.endswith("_blocks") for k in weight_map)
-    keep_packed = stored_packed and device.type == "cuda"
+    ck = open_checkpoint(path, device)
+    config, weight_map, source = ck.config, ck.weight_map, ck.source
+    stored_packed, keep_packed = ck.stored_packed, ck.keep_packed
     specs = {s.name: s for s in tensor_specs(config, stored_packed)}
     for name in weight_map:
         if name not in specs:

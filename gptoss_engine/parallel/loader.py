@@ -12,10 +12,9 @@ from collections import defaultdict
 import torch
 
 from gptoss_engine import mxfp4
-from gptoss_engine.checkpoint import (CheckpointError, open_shard, weight_map_of, default_dtype, finalize_model,
+from gptoss_engine.checkpoint import (CheckpointError, default_dtype, finalize_model, open_checkpoint, open_shard,
                                       place_tensor, tensor_specs)
 from gptoss_engine.model import GptOssForCausalLM
-from gptoss_engine.model_config import ConfigError, ModelConfig
 from gptoss_engine.parallel.layers import attach_all_reduces, use_expert_shards
 from gptoss_engine.parallel.plan import keeps_values, shard_index
 from gptoss_engine.parallel.process_group import ParallelGroups
@@ -28,13 +27,9 @@ def load_shard(path: str | pathlib.Path, topology: Topology, device: torch.devic
     packed on CUDA and are dequantized elsewhere, as checkpoint.load_model does."""
     path, device = pathlib.Path(path), torch.device(device)
     dtype = dtype or default_dtype(device)
-    try:
-        full = ModelConfig.from_pretrained(path)
-    except ConfigError as e:
-        raise CheckpointError(str(e)) from None
-    weight_map, source = weight_map_of(path)
-    stored_packed = any(k.endswith("_blocks") for k in weight_map)
-    keep_packed = stored_packed and device.type == "cuda"
+    ck = open_checkpoint(path, device)
+    full, weight_map, source = ck.config, ck.weight_map, ck.source
+    stored_packed, keep_packed = ck.stored_packed, ck.keep_packed
     topology.check(full, stored_packed)
     specs = {s.name: s for s in tensor_specs(full, stored_packed)}
     if set(specs) != set(weight_map):
