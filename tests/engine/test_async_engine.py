@@ -4,28 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import pathlib
 
 import pytest
 
 from gptoss_engine.async_engine import AsyncEngine, NoKVCapacity
-from gptoss_engine.checkpoint import load_model
 from gptoss_engine.config import EngineConfig
 from gptoss_engine.engine import LLMEngine
-from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.types import FinishReason, InvalidRequest, SamplingParams
 
 PROMPT = list(range(300, 337))  # 37 tokens: 3 blocks, the last one partial
-
-
-@pytest.fixture(scope="module")
-def swa_model_dir(make_tiny_checkpoint) -> pathlib.Path:
-    return make_tiny_checkpoint(sliding_window=8)
-
-
-@pytest.fixture(scope="module")
-def model(swa_model_dir: pathlib.Path) -> GptOssForCausalLM:
-    return load_model(swa_model_dir, "cpu", progress=False)
 
 
 @pytest.fixture

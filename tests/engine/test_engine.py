@@ -6,7 +6,6 @@ import pathlib
 
 import pytest
 
-from gptoss_engine.checkpoint import load_model
 from gptoss_engine.config import EngineConfig
 from gptoss_engine.engine import LLMEngine
 from gptoss_engine.model import GptOssForCausalLM
@@ -15,17 +14,6 @@ from tests.fixtures.models import greedy_generate
 
 GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 PROMPTS = [list(range(100, 141)), list(range(500, 513)), list(range(900, 905)), list(range(1000, 1033))]
-
-
-@pytest.fixture(scope="module")
-def swa_model_dir(make_tiny_checkpoint) -> pathlib.Path:
-    # A window of 8 < block_size 16: sliding blocks are freed during the test prompts.
-    return make_tiny_checkpoint(sliding_window=8)
-
-
-@pytest.fixture(scope="module")
-def model(swa_model_dir: pathlib.Path) -> GptOssForCausalLM:
-    return load_model(swa_model_dir, "cpu", progress=False)
 
 
 def make_engine(model: GptOssForCausalLM, path: pathlib.Path, **kw) -> LLMEngine:
