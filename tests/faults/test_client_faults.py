@@ -15,7 +15,7 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.stack import MODEL, ROOT, iter_sse, stats, wait_until
+from tests.e2e.stack import MODEL, iter_sse, stats, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(180)]
 

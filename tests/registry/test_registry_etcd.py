@@ -7,7 +7,6 @@ import subprocess
 import sys
 import time
 
-import aetcd
 import pytest
 
 from registry import keys
