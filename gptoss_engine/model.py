@@ -7,6 +7,9 @@ like its checkpoint key, so loading is one loop (checkpoint.py). Experts are eit
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -31,6 +34,22 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)): the residual add and the next norm, one launch on CUDA."""
+        if x.is_cuda and (fused := _add_rmsnorm()) is not None:
+            return fused(x, delta, self.weight, self.eps)
+        x = x + delta
+        return x, self(x)
+
+
+@functools.cache
+def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
+    try:
+        from gptoss_engine.kernels.norm import add_rmsnorm
+    except ImportError:
+        return None
+    return add_rmsnorm
 
 
 class Attention(nn.Module):
@@ -118,10 +137,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config, packed)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                batch: StepBatch, kv: KVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                batch: StepBatch, kv: KVCache, next_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: residual stream, h: input_layernorm(x) (computed by the previous layer's fused add+norm).
+        Returns (x + attn + mlp, next_norm of it), next_norm None for the last layer (the final norm
+        runs on the logits rows only)."""
+        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
+        delta = self.mlp(h)
+        if next_norm is None:
+            return x + delta, None
+        return next_norm.add_forward(x, delta)
 
 
 class GptOssModel(nn.Module):
@@ -146,7 +171,10 @@ class GptOssForCausalLM(nn.Module):
         """Logits [B, vocab] float32 for the rows batch.logits_indices of the flattened step."""
         x = self.model.embed_tokens(batch.input_ids)
         cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
-        for layer in self.model.layers:
-            x = layer(x, cos, sin, batch, kv)
+        layers = self.model.layers
+        h = layers[0].input_layernorm(x)
+        for i, layer in enumerate(layers):
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            x, h = layer(x, h, cos, sin, batch, kv, next_norm)
         x = self.model.norm(x[batch.logits_indices])
         return self.lm_head(x).float()

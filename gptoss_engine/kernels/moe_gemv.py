@@ -8,8 +8,8 @@ fp32 FMAs; the output dimension is split over many programs so even batch 1 fill
 
     gate_up: program (pair, n-tile): 2*BN interleaved gate_up rows of expert topk_ids[pair]
              -> bias -> clamped SwiGLU -> inter[pair, BN cols] (fp32)
-    down:    program (token, n-tile): loops over the token's k experts, each
-             (W_d[e] @ inter[pair] + b_d[e]) * routing weight, summed in registers -> out[token]
+    down:    program (pair, n-tile): (W_d[e] @ inter[pair] + b_d[e]) * routing weight -> part[pair] (fp32)
+    sum:     program (token, column block): sum of the token's k partials -> out[token]
 No sort/scatter routing layout and no atomics: topk_ids index the weights directly.
 
 e2m1 decode by bit placement: a code s|e1e0|m placed as fp16 bits s<<15 | e<<10 | m<<9 reads
@@ -28,6 +28,8 @@ _SCALE_BIAS: tl.constexpr = tl.constexpr(127.0 - 14.0)
 # narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 180, down 180); wide
 # BK so each program keeps 8-16 KB of loads in flight (picked by a CUDA-graph sweep, PERF_NOTES v3).
 _BN_GATE_UP, _BN_DOWN, _BK_GATE_UP, _BK_DOWN, _WARPS = 16, 16, 512, 1024, 4
+# Columns per program of the k-partials sum (20b: 3 programs per token).
+_SUM_BLOCK = 1024
 
 
 @triton.jit
@@ -84,22 +86,33 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
 
 
 @triton.jit
-def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, out_ptr, H, I,
-               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
-               TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    token = tl.program_id(0)
+def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
+               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
+               BN: tl.constexpr, BK: tl.constexpr):
+    # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
+    # the programs (and bytes in flight) at batch 1; the k partials are summed by _sum_pairs.
+    pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
     row_ok = rows < H
-    out = tl.zeros((BN,), dtype=tl.float32)
+    expert = tl.load(ids_ptr + pair).to(tl.int64)
+    acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
+    acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
+                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK)
+    acc *= tl.load(wts_ptr + pair).to(tl.float32)
+    tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
+
+
+@triton.jit
+def _sum_pairs(part_ptr, out_ptr, H, s_pt, s_ot, TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[token] = sum over the token's k pairs of part[pair] (fp32), cast to out's dtype."""
+    token = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    out = tl.zeros((BLOCK,), dtype=tl.float32)
     for j in tl.static_range(TOPK):
-        pair = token * TOPK + j
-        expert = tl.load(ids_ptr + pair).to(tl.int64)
-        acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
-        acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
-                         scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK)
-        out += acc * tl.load(wts_ptr + pair).to(tl.float32)
-    tl.store(out_ptr + token.to(tl.int64) * s_ot + rows, out.to(out_ptr.dtype.element_ty), mask=row_ok)
+        out += tl.load(part_ptr + (token * TOPK + j).to(tl.int64) * s_pt + cols, mask=ok, other=0.0)
+    tl.store(out_ptr + token.to(tl.int64) * s_ot + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -119,9 +132,12 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0), TOPK=k, BN=bn_gu, BK=min(_BK_GATE_UP, triton.next_power_of_2(H)), num_warps=warps)
-    out = torch.empty_like(x)
-    _down_gemv[(T, triton.cdiv(H, bn_d))](
-        inter, ids, wts, d_blk, d_scl, d_bias, out, H, I,
+    part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
+    _down_gemv[(T * k, triton.cdiv(H, bn_d))](
+        inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        out.stride(0), TOPK=k, BN=bn_d, BK=min(_BK_DOWN, triton.next_power_of_2(I)), num_warps=warps)
+        part.stride(0), BN=bn_d, BK=min(_BK_DOWN, triton.next_power_of_2(I)), num_warps=warps)
+    out = torch.empty_like(x)
+    _sum_pairs[(T, triton.cdiv(H, _SUM_BLOCK))](part, out, H, part.stride(0), out.stride(0),
+                                                TOPK=k, BLOCK=_SUM_BLOCK, num_warps=4)
     return out
