@@ -120,6 +120,18 @@ def stack(tiny_model_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory
     binds = {str(REPO): str(REPO), str(base): str(base), str(model): MODEL}
     if REPO not in VENV.resolve().parents:
         binds[str(VENV)] = str(VENV)
+    # A checkout made in a `mktemp -d` folder is 0700: the gptoss user could not enter it. Let
+    # others traverse it (x only, no listing) while the test runs; restored afterwards.
+    repo_mode = REPO.stat().st_mode & 0o7777
+    if not repo_mode & 0o001:
+        REPO.chmod(repo_mode | 0o011)
+    try:
+        yield from _booted_stack(binds, tmp_path_factory)
+    finally:
+        REPO.chmod(repo_mode)
+
+
+def _booted_stack(binds: dict[str, str], tmp_path_factory: pytest.TempPathFactory):
     with booted(rootfs(), binds, tmp_path_factory.mktemp("nspawn")) as c:
         s = Stack(c)
         # The container's /root is 0700 (Debian's default); the gptoss user must traverse it to
