@@ -55,7 +55,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         bind_request_id(context.invocation_metadata(), request_id)
         try:
             sampling = check_request(request.model, self._ctx.config.served_model_name,
-                                     request.prompt_token_ids, request.sampling, self._engine.vocab_size)
+                                     request.prompt_token_ids, request.sampling, self._engine.model_config.vocab_size)
             prompt = list(request.prompt_token_ids)
             if request.HasField("kv"):
                 stream = await self._from_handoff(request_id, prompt, request, sampling, context)

@@ -39,7 +39,7 @@ class PrefillServicer(prefill_pb2_grpc.PrefillServicer):
         log_id = bind_request_id(context.invocation_metadata(), request_id)
         try:
             sampling = check_request(request.model, self._ctx.config.served_model_name,
-                                     request.prompt_token_ids, request.sampling, self._engine.vocab_size)
+                                     request.prompt_token_ids, request.sampling, self._engine.model_config.vocab_size)
         except RequestRejected as e:
             await context.abort(e.code, e.message)
         prompt = list(request.prompt_token_ids)

@@ -12,7 +12,7 @@ from svc_common.args import WorkerConfig
 class WorkerContext:
     """What a servicer needs; built once by run_worker."""
     config: WorkerConfig
-    engine: Any                         # svc_common.engine_factory.EngineHandle
+    engine: Any                         # gptoss_engine.async_engine.AsyncEngine
     layout_pb: common_pb2.KVLayout
     instance_id: int
     transfer_server: Any | None      # kv_transfer.KVTransferServer on prefill workers

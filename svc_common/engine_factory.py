@@ -1,17 +1,19 @@
 """Build the engine a worker serves from: flags + engine YAML -> EngineConfig -> AsyncEngine.
 
 Flags override the YAML (an operator's command line is the last word); what neither sets keeps
-the engine's defaults. EngineHandle is the one place that knows the AsyncEngine's shape, so the
-servicers read as the design's contracts (prefill / reserve_kv / generate_from_kv / stats).
+the engine's defaults. The daemons then call the AsyncEngine directly (prefill / reserve_kv /
+generate_from_kv / stats, see docs/DESIGN.md).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, AsyncIterator
+from typing import TYPE_CHECKING, Any
 
-from gptoss_engine.kv_layout import KVCache, KVLayout
 from svc_common.args import ConfigError, WorkerConfig
 from svc_common.engine_yaml import EngineYaml
+
+if TYPE_CHECKING:
+    from gptoss_engine.async_engine import AsyncEngine
 
 
 def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
@@ -54,67 +56,8 @@ def _engine_config(cfg: WorkerConfig, y: EngineYaml) -> Any:
         raise ConfigError(f"engine settings: {e}") from None
 
 
-class EngineHandle:
-    """The AsyncEngine plus what the daemon reads off it (layout, fingerprint, KV tensors)."""
-
-    def __init__(self, engine: Any) -> None:
-        self._engine = engine
-
-    @property
-    def layout(self) -> KVLayout:
-        return self._engine.kv_cache.layout
-
-    @property
-    def kv_cache(self) -> KVCache:
-        return self._engine.kv_cache
-
-    @property
-    def fingerprint(self) -> str:
-        return self._engine.model_config.fingerprint
-
-    @property
-    def max_model_len(self) -> int:
-        return self._engine.max_model_len
-
-    @property
-    def vocab_size(self) -> int:
-        return self._engine.model_config.vocab_size
-
-    async def start(self) -> None:
-        await self._engine.start()
-
-    async def shutdown(self) -> None:
-        await self._engine.shutdown()
-
-    async def prefill(self, request_id: str, prompt_ids: list[int], sampling: Any) -> Any:
-        return await self._engine.prefill(request_id, prompt_ids, sampling)
-
-    async def release_staged(self, handle: Any) -> None:
-        await self._engine.release_staged(handle)
-
-    def release_staged_nowait(self, handle: Any) -> None:
-        """From any thread or callback: queue the release on the engine thread."""
-        self._engine.release_staged_nowait(handle)
-
-    async def reserve_kv(self, num_tokens: int) -> Any:
-        return await self._engine.reserve_kv(num_tokens)
-
-    async def free_reservation(self, reservation: Any) -> None:
-        await self._engine.free_reservation(reservation)
-
-    def generate(self, request_id: str, prompt_ids: list[int], sampling: Any) -> AsyncIterator[Any]:
-        return self._engine.generate(request_id, prompt_ids, sampling)
-
-    def generate_from_kv(self, request_id: str, prompt_ids: list[int], first: Any, reservation: Any,
-                         sampling: Any) -> AsyncIterator[Any]:
-        return self._engine.generate_from_kv(request_id, prompt_ids, first, reservation, sampling)
-
-    def stats(self) -> Any:
-        return self._engine.stats()
-
-
-def build_engine(cfg: WorkerConfig, engine_yaml: EngineYaml) -> EngineHandle:
+def build_engine(cfg: WorkerConfig, engine_yaml: EngineYaml) -> AsyncEngine:
     """Blocking (loads weights): run it in a thread."""
     from gptoss_engine.async_engine import AsyncEngine
 
-    return EngineHandle(AsyncEngine.from_config(_engine_config(cfg, engine_yaml)))
+    return AsyncEngine.from_config(_engine_config(cfg, engine_yaml))

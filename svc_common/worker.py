@@ -18,7 +18,7 @@ import dataclasses
 import os
 import secrets
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 from registry.etcd_settings import EtcdSettings
 from registry.record import InstanceRecord, KVLayoutInfo, LoadInfo
@@ -28,9 +28,12 @@ from svc_common.args import ConfigError, WorkerConfig
 from svc_common.context import WorkerContext
 from svc_common.convert import layout_to_pb
 from svc_common.engine_yaml import EngineYaml
-from svc_common.engine_factory import EngineHandle, build_engine
+from svc_common.engine_factory import build_engine
 from svc_common.logging import get_logger
 from svc_common.server import GrpcServer, ServiceSpec, install_shutdown_signals, server_credentials
+
+if TYPE_CHECKING:
+    from gptoss_engine.async_engine import AsyncEngine
 
 log = get_logger("worker")
 
@@ -42,7 +45,7 @@ def _record(ctx: WorkerContext, grpc_port: int, load: LoadInfo) -> InstanceRecor
         namespace=cfg.namespace, component=cfg.component, endpoint="generate", instance_id=ctx.instance_id,
         role=role, grpc_address=f"{cfg.advertise_host or cfg.grpc_host}:{grpc_port}",
         ucx_address=ctx.ucx_address, model_name=cfg.served_model_name,
-        model_fingerprint=ctx.engine.fingerprint, kv_layout=KVLayoutInfo.from_layout(ctx.engine.layout),
+        model_fingerprint=ctx.engine.model_fingerprint, kv_layout=KVLayoutInfo.from_layout(ctx.engine.layout),
         load=load, started_at=time.time(), pid=os.getpid(), max_model_len=ctx.engine.max_model_len)
 
 
@@ -60,7 +63,7 @@ def _load(ctx: WorkerContext) -> LoadInfo:
                     free_blocks=s.num_free_blocks, total_blocks=s.num_total_blocks)
 
 
-async def _start_transfer(cfg: WorkerConfig, engine: EngineHandle) -> tuple[object | None, object | None, str]:
+async def _start_transfer(cfg: WorkerConfig, engine: AsyncEngine) -> tuple[object | None, object | None, str]:
     from kv_transfer import KVTransferClient, KVTransferServer
 
     if cfg.disaggregation_mode == "prefill":
@@ -98,7 +101,7 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
     try:
         sd_notify.status("starting KV transfer endpoint")
         transfer_server, transfer_client, ucx_address = await _start_transfer(cfg, engine)
-        ctx = WorkerContext(cfg, engine, layout_to_pb(engine.layout, engine.fingerprint),
+        ctx = WorkerContext(cfg, engine, layout_to_pb(engine.layout, engine.model_fingerprint),
                             secrets.randbits(63), transfer_server, transfer_client, ucx_address)
         server = GrpcServer(make_services(ctx), cfg.grpc_host, cfg.grpc_port,
                             server_credentials(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca))
