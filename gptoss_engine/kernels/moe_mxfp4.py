@@ -89,6 +89,25 @@ def _mxfp4_dot(acc, a, b_packed, b_scale, DOT_SCALED: tl.constexpr, BK: tl.const
 
 
 @triton.jit
+def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
+                 BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, DOT_SCALED: tl.constexpr):
+    """[BM, N] fp32 = a [BM, K] @ one expert's packed MXFP4 weight columns `cols` (K-loop shared by
+    the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales."""
+    acc = tl.zeros((BM, N), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
+                    mask=col_ok[None, :] & (kb[:, None] < K // 2), other=0)
+        kg = k0 // 32 + tl.arange(0, BK // 32)
+        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
+                    mask=col_ok[:, None] & (kg[None, :] < K // 32), other=127)
+        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, N)
+    return acc
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_ptr, block_expert_ptr,
                     num_pairs, H, I, limit, alpha,
                     s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
@@ -106,20 +125,9 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     # 2*BN consecutive gate_up columns = BN interleaved (gate, up) pairs.
     cols = pid_n * 2 * BN + tl.arange(0, 2 * BN)
     col_ok = cols < 2 * I
-    acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-    wb = blk_ptr + expert.to(tl.int64) * s_be
-    ws = scl_ptr + expert.to(tl.int64) * s_se
-    for k0 in range(0, H, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(x_ptr + token[:, None].to(tl.int64) * s_xt + ks[None, :],
-                    mask=row_ok[:, None] & (ks[None, :] < H), other=0.0)
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
-                    mask=col_ok[None, :] & (kb[:, None] < H // 2), other=0)
-        kg = k0 // 32 + tl.arange(0, BK // 32)
-        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
-                    mask=col_ok[:, None] & (kg[None, :] < H // 32), other=127)
-        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, 2 * BN)
+    acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
+                       blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, DOT_SCALED)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -145,20 +153,9 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
     row_ok = pair < num_pairs
     cols = pid_n * BN + tl.arange(0, BN)
     col_ok = cols < H
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    wb = blk_ptr + expert.to(tl.int64) * s_be
-    ws = scl_ptr + expert.to(tl.int64) * s_se
-    for k0 in range(0, I, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(inter_ptr + rows[:, None].to(tl.int64) * s_it + ks[None, :],
-                    mask=row_ok[:, None] & (ks[None, :] < I), other=0.0)
-        kb = k0 // 2 + tl.arange(0, BK // 2)
-        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
-                    mask=col_ok[None, :] & (kb[:, None] < I // 2), other=0)
-        kg = k0 // 32 + tl.arange(0, BK // 32)
-        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
-                    mask=col_ok[:, None] & (kg[None, :] < I // 32), other=127)
-        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, BN)
+    acc = _expert_tile(inter_ptr + rows[:, None].to(tl.int64) * s_it, row_ok,
+                       blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
+                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, DOT_SCALED)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
