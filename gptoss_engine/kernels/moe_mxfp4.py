@@ -61,50 +61,117 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
     return _Routing(sorted_pair, block_expert, block_m)
 
 
-@triton.jit
-def _mxfp4_dot(acc, a, b_packed, b_scale, DOT_SCALED: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr):
-    """acc += a [BM, BK] bf16 @ dequant(b_packed [BK//2, BN] u8 e2m1, b_scale [BN, BK//32] e8m0).
+MODE_DOT_SCALED: tl.constexpr = tl.constexpr(0)   # tl.dot_scaled(bf16, e2m1): Triton upcasts the weights
+MODE_FP32: tl.constexpr = tl.constexpr(1)         # hand dequant, fp32 dot: Triton's CPU interpreter
+MODE_BF16: tl.constexpr = tl.constexpr(2)         # hand dequant to bf16 in registers, bf16 tensor-core dot
+MODE_ASM: tl.constexpr = tl.constexpr(3)          # dequant by bit placement in inline PTX (sm_90), bf16 dot
 
-    DOT_SCALED=False dequantizes by hand (nibble -> e2m1 value -> * 2^(s-127)) and multiplies in
-    fp32: the path Triton's CPU interpreter can run (it has neither dot_scaled nor a bf16 dot), so
-    the CPU tests check the kernels' indexing too.
-    """
-    if DOT_SCALED:
-        # dot_scaled takes bf16 activations only: fp32/fp16 inputs (an fp32 engine on CUDA) are
-        # rounded to bf16 here, in registers, rather than failing to compile.
-        acc = tl.dot_scaled(a.to(tl.bfloat16), None, "bf16", b_packed, b_scale, "e2m1", acc=acc)
-    else:
-        lo = b_packed & 0xF
-        hi = (b_packed >> 4) & 0xF
-        nib = tl.reshape(tl.permute(tl.join(lo, hi), (0, 2, 1)), (BK, BN))  # low nibble = even k
-        mag = (nib & 7).to(tl.float32)
-        e = tl.floor(mag * 0.5)
-        m = mag - 2.0 * e
-        val = tl.where(e == 0.0, m * 0.5, (1.0 + 0.5 * m) * tl.exp2(e - 1.0))
-        val = tl.where((nib & 8) != 0, -val, val)
-        sc = tl.exp2(b_scale.to(tl.float32) - 127.0)                       # [BN, BK//32]
-        sc = tl.reshape(tl.broadcast_to(tl.permute(sc, (1, 0))[:, None, :], (BK // 32, 32, BN)), (BK, BN))
-        acc = tl.dot(a.to(tl.float32), val * sc, acc)
-    return acc
+# Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
+# each times its group scale. prmt spreads bytes (b0, b1) into the two 16-bit lanes; in each lane a
+# code s|e1e0|m lands as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1 value
+# (e = 0 gives the bf16 subnormal m * 2^-127); the two bf16x2 products by 2^63 and by the group's
+# 2^(s-64) restore it and apply the scale, all exact. About 3 instructions per weight instead of the
+# ~8.6 of Triton's dot_scaled upcast (PTX count, PERF_NOTES v5): decode is ALU-bound on the dequant.
+_E2M1_ASM: tl.constexpr = tl.constexpr("""
+{
+.reg .b32 y, t, u, z, c;
+mov.b32 z, 0;
+mov.b32 c, 0x5F005F00;
+prmt.b32 y, $4, z, 0x4140;
+shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $0, t, $5;
+shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
+mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $2, t, $5;
+prmt.b32 y, $4, z, 0x4342;
+shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
+mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $1, t, $6;
+shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
+mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $3, t, $6;
+}
+""")
+
+
+@triton.jit
+def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr):
+    """nib [R, BK//2] nibbles (one of a byte's two) with fp32 group scales sc [R, BK//32] (already
+    holding the 2^14 of the bit placement, moe_gemv's docstring) -> [R, BK//2] fp32 or bf16 weights."""
+    n = nib.to(tl.int32)
+    val = (((n & 8) << 12) | ((n & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    scb = tl.reshape(tl.broadcast_to(sc[:, :, None], (R, BK // 32, 16)), (R, BK // 2))
+    w = val * scb
+    if BF16:
+        w = w.to(tl.bfloat16)
+    return w
 
 
 @triton.jit
 def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
-                 BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, DOT_SCALED: tl.constexpr):
+                 BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr):
     """[BM, N] fp32 = a [BM, K] @ one expert's packed MXFP4 weight columns `cols` (K-loop shared by
-    the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales."""
-    acc = tl.zeros((BM, N), dtype=tl.float32)
+    the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales.
+
+    SWAP computes the transposed product W [N, K] @ a^T [K, BM] instead: the dequantized weights are
+    then the left operand, which Hopper's wgmma may take straight from registers (the right operand
+    must sit in shared memory), and a few token rows fill the MMA's narrow N side instead of padding
+    its 64-row M side. Returned transposed back to [BM, N] either way."""
+    if SWAP:
+        acc = tl.zeros((N, BM), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BM, N), dtype=tl.float32)
     for k0 in range(0, K, BK):
-        ks = k0 + tl.arange(0, BK)
-        a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
         kb = k0 // 2 + tl.arange(0, BK // 2)
-        b = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
-                    mask=col_ok[None, :] & (kb[:, None] < K // 2), other=0)
         kg = k0 // 32 + tl.arange(0, BK // 32)
+        # Weights as [N, BK/2] (16-byte runs along the packed K of each row) and scales [N, BK/32].
         s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
                     mask=col_ok[:, None] & (kg[None, :] < K // 32), other=127)
-        acc = _mxfp4_dot(acc, a, b, s, DOT_SCALED, BK, N)
-    return acc
+        if MODE == MODE_DOT_SCALED:
+            ks = k0 + tl.arange(0, BK)
+            if SWAP:
+                b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
+                            mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
+                at = tl.load(tl.trans(a_rows) + ks[:, None], mask=tl.trans(row_ok[:, None]) & (ks[:, None] < K),
+                             other=0.0)
+                acc = tl.dot_scaled(b, s, "e2m1", at.to(tl.bfloat16), None, "bf16", acc=acc)
+            else:
+                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
+                # dot_scaled takes bf16 activations only: fp32/fp16 inputs (an fp32 engine on CUDA)
+                # are rounded to bf16 here, in registers, rather than failing to compile.
+                bt = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
+                             mask=col_ok[None, :] & (kb[:, None] < K // 2), other=0)
+                acc = tl.dot_scaled(a.to(tl.bfloat16), None, "bf16", bt, s, "e2m1", acc=acc)
+        else:
+            # Hand dequant: the low nibbles hold even k, the high nibbles odd k (mxfp4.py), so the
+            # tile is two half-K products against the even and odd activation columns (no interleave).
+            b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
+                        mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
+            if MODE == MODE_ASM:
+                s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
+                s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (N, BK // 32, 16)), (N, BK // 2))
+                w_lo, w_hi = tl.inline_asm_elementwise(_E2M1_ASM, "=r,=r,=r,=r,r,r,r", [b, s64],
+                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            else:
+                sc = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)   # 2^(s-127) * 2^14
+                w_lo = _dequant_half(b & 0xF, sc, N, BK, MODE == MODE_BF16)
+                w_hi = _dequant_half(b >> 4, sc, N, BK, MODE == MODE_BF16)
+            ke = k0 + 2 * tl.arange(0, BK // 2)
+            if SWAP:
+                rt = tl.trans(a_rows)
+                mt = tl.trans(row_ok[:, None]) & (ke[:, None] < K)
+                a_e = tl.load(rt + ke[:, None], mask=mt, other=0.0).to(w_lo.dtype)
+                a_o = tl.load(rt + ke[:, None] + 1, mask=mt, other=0.0).to(w_lo.dtype)
+                acc = tl.dot(w_lo, a_e, acc)
+                acc = tl.dot(w_hi, a_o, acc)
+            else:
+                m = row_ok[:, None] & (ke[None, :] < K)
+                a_e = tl.load(a_rows + ke[None, :], mask=m, other=0.0).to(w_lo.dtype)
+                a_o = tl.load(a_rows + ke[None, :] + 1, mask=m, other=0.0).to(w_lo.dtype)
+                acc = tl.dot(a_e, tl.trans(w_lo), acc)
+                acc = tl.dot(a_o, tl.trans(w_hi), acc)
+    if SWAP:
+        res = tl.trans(acc)
+    else:
+        res = acc
+    return res
 
 
 @triton.jit
@@ -112,7 +179,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
                     num_pairs, H, I, limit, alpha,
                     s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    DOT_SCALED: tl.constexpr):
+                    MODE: tl.constexpr, SWAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -127,7 +194,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     col_ok = cols < 2 * I
     acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, DOT_SCALED)
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -142,7 +209,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
 def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
                  num_pairs, H, I,
                  s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, DOT_SCALED: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -155,7 +222,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
     col_ok = cols < H
     acc = _expert_tile(inter_ptr + rows[:, None].to(tl.int64) * s_it, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, DOT_SCALED)
+                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
@@ -163,26 +230,38 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
              mask=row_ok[:, None] & col_ok[None, :])
 
 
-def _tiles(num_pairs: int, num_experts: int) -> tuple[int, int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) from the mean rows per expert."""
+@dataclass(frozen=True)
+class Tiles:
+    """One launch configuration of the grouped MoE kernels."""
+    bm: int             # token rows per program (each expert's run is padded to a multiple)
+    bn: int             # output columns per program (gate_up: interleaved pairs, so 2*bn weight rows)
+    bk: int             # input elements per K-loop trip
+    warps: int
+    stages: int
+    mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_BF16 (the kernel's constexprs)
+    swap: bool = False  # weights as the left MMA operand (_expert_tile)
+
+
+def _tiles(num_pairs: int, num_experts: int) -> Tiles:
+    """Default tiles from the mean rows per expert."""
     rows_per_expert = num_pairs / num_experts
     if rows_per_expert <= 16:
-        return 16, 64, 128, 4, 4     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
+        return Tiles(16, 64, 128, 4, 4)     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
     if rows_per_expert <= 64:
-        return 64, 64, 128, 4, 3
-    return 128, 128, 64, 8, 3        # prefill: compute-bound tiles
+        return Tiles(64, 64, 128, 4, 3)
+    return Tiles(128, 128, 64, 8, 3)        # prefill: compute-bound tiles
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
-                swiglu_limit: float, alpha: float = 1.702, *, dot_scaled: bool = True,
-                tiles: tuple[int, int, int, int, int] | None = None, gemv: bool | None = None) -> torch.Tensor:
+                swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
+                tiles: Tiles | None = None, gemv: bool | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
-    fp16 or fp32; with dot_scaled the activations enter the tensor cores as bf16).
+    fp16 or fp32; on the tensor cores the activations enter as bf16).
 
     Packed `w` holds the checkpoint tensors (gate_up_blocks [E, 2I, H/32, 16] u8, gate_up_scales
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
-    dot_scaled=False dequantizes by hand (for Triton's CPU interpreter). `tiles` overrides
-    _tiles' (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): the bench's tile sweep uses it.
+    interpret=True runs the fp32 hand-dequant mode (Triton's CPU interpreter has no dot_scaled and no
+    bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
     gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS.
     """
     if not w.packed:
@@ -211,7 +290,10 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha)
-    bm, bn, bk, warps, stages = tiles or _tiles(num_pairs, E)
+    t = tiles or _tiles(num_pairs, E)
+    if interpret:
+        t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
+    bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
@@ -221,7 +303,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         num_pairs, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0),
-        TOPK=k, BM=bm, BN=bn, BK=bk, DOT_SCALED=dot_scaled, num_warps=warps, num_stages=stages)
+        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, num_warps=warps, num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     grid = (cap // bm, triton.cdiv(H, bn))
@@ -230,5 +312,5 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         num_pairs, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
-        BM=bm, BN=bn, BK=bk, DOT_SCALED=dot_scaled, num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, num_warps=warps, num_stages=stages)
     return pair_out.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -36,6 +36,22 @@ def fp32_reference(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: Exp
 SHAPES = [(1, 8, 4, 64, 96), (3, 8, 2, 64, 64), (40, 8, 4, 96, 64), (300, 16, 4, 128, 160)]
 
 
+def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
+    """(name, moe_experts kwargs): every kernel path the dispatcher can take, at this size."""
+    from gptoss_engine.kernels.moe_mxfp4 import Tiles
+    if interpreted:
+        return [("fp32", dict(interpret=True, gemv=False)),
+                ("fp32 swap", dict(interpret=True, tiles=Tiles(16, 32, 64, 4, 1, swap=True))),
+                ("gemv", dict(gemv=True))]
+    out = [("default", {}), ("gemv", dict(gemv=True))]
+    for mode in (0, 2, 3):
+        for swap in (False, True):
+            out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
+            if tokens > 64:
+                out.append((f"mode{mode} swap{swap} big", dict(tiles=Tiles(64, 128, 64, 4, 3, mode, swap))))
+    return out
+
+
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", SHAPES)
 def test_matches_reference(device: str, interpreted: bool, tokens: int, experts: int, top_k: int,
                            hidden: int, inter: int) -> None:
@@ -48,14 +64,30 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, experts:
     router_w = torch.randn(experts, hidden, generator=gen).to(device, torch.bfloat16)
     ids, wts = route(x, router_w, torch.zeros(experts, device=device, dtype=torch.bfloat16), top_k)
     ref = fp32_reference(x, ids, wts, w, 7.0)
-    # (dot_scaled, gemv): the grouped GEMM both ways, and the small-batch GEMV at every size.
-    modes = [(False, False), (False, True)] if interpreted else [(True, False), (False, False), (True, True)]
-    for dot_scaled, gemv in modes:
-        out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=dot_scaled, gemv=gemv)
+    for name, kwargs in _variants(interpreted, tokens):
+        out = moe_experts(x, ids, wts, w, 7.0, **kwargs)
         assert out.shape == x.shape and out.dtype == x.dtype
-        assert torch.isfinite(out).all()
+        assert torch.isfinite(out).all(), name
         rel = ((out.float() - ref).norm() / ref.norm()).item()
-        assert rel < 2e-2, (dot_scaled, gemv, rel)
+        assert rel < 2e-2, (name, rel)
+
+
+def test_grouped_mm_path_matches_reference(device: str, interpreted: bool) -> None:
+    """Prefill path: experts dequantized to bf16 scratch + torch's grouped GEMM."""
+    from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
+    if interpreted:
+        pytest.skip("grouped_mm's CPU fallback is checked on CUDA only")
+    gen = torch.Generator().manual_seed(11)
+    w = random_packed_experts(16, 128, 160, device, gen)
+    x = torch.randn(300, 128, generator=gen).to(device, torch.bfloat16)
+    router_w = torch.randn(16, 128, generator=gen).to(device, torch.bfloat16)
+    ids, wts = route(x, router_w, torch.zeros(16, device=device, dtype=torch.bfloat16), 4)
+    ids[:5] = 3   # one expert gets most rows, and (below) one expert none
+    ids[ids == 9] = 8
+    ref = fp32_reference(x, ids, wts, w, 7.0)
+    out = moe_experts_grouped_mm(x, ids, wts, w, 7.0)
+    assert out.shape == x.shape and torch.isfinite(out).all()
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
 def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None:
@@ -70,6 +102,6 @@ def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None
     wts = torch.full((4, 2), 0.5, device=device)
     ref = fp32_reference(x, ids, wts, w, 7.0)
     for gemv in (False, True):
-        out = moe_experts(x, ids, wts, w, 7.0, dot_scaled=not interpreted, gemv=gemv)
+        out = moe_experts(x, ids, wts, w, 7.0, interpret=interpreted, gemv=gemv)
         assert torch.isfinite(out).all()
         assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, gemv

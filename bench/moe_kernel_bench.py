@@ -1,0 +1,167 @@
+"""MoE kernel sweep on the GPU: every kernel variant x tile config at decode and prefill sizes.
+
+One layer of gpt-oss experts (random MXFP4 codes, scales near 2^-6) at T tokens, top-4 routing
+drawn uniformly. Each variant is checked against the fp32 reference first (rel < 2e-2, at a small
+T), then timed: CUDA-graph replays (routing + kernels; median of 20 x 5 replays) where the path is
+capturable, CUDA events around eager calls otherwise (the grouped_mm prefill path).
+Prints a table per T (us, effective weight GB/s, TFLOP/s) and writes JSON to --out.
+
+    python3 -m bench.moe_kernel_bench --preset 20b --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import pathlib
+import time
+from typing import Callable
+
+import torch
+
+from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
+from gptoss_engine.kernels.moe_mxfp4 import Tiles, _tiles, moe_experts
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.moe import ExpertWeights, moe_experts_reference
+from gptoss_engine.presets import preset
+
+
+def random_experts(E: int, H: int, I: int, gen: torch.Generator) -> ExpertWeights:
+    def u8(shape: tuple[int, ...], lo: int, hi: int) -> torch.Tensor:
+        return torch.randint(lo, hi, shape, generator=gen, device="cuda", dtype=torch.uint8)
+    return ExpertWeights(
+        gate_up_bias=torch.randn(E, 2 * I, generator=gen, device="cuda").to(torch.bfloat16) * 0.02,
+        down_bias=torch.randn(E, H, generator=gen, device="cuda").to(torch.bfloat16) * 0.02,
+        gate_up_blocks=u8((E, 2 * I, H // 32, 16), 0, 256), gate_up_scales=u8((E, 2 * I, H // 32), 119, 123),
+        down_blocks=u8((E, H, I // 32, 16), 0, 256), down_scales=u8((E, H, I // 32), 119, 123))
+
+
+def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.rand(T, E, generator=gen, device="cuda").argsort(dim=1)[:, :k].contiguous()
+    wts = torch.softmax(torch.randn(T, k, generator=gen, device="cuda"), -1)
+    return ids, wts
+
+
+def time_us(fn: Callable[[], object], graph: bool) -> float:
+    fn()
+    torch.cuda.synchronize()
+    inner = 5
+    if graph:
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            fn()
+        torch.cuda.current_stream().wait_stream(s)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for _ in range(inner):
+                fn()
+        run = g.replay
+    else:
+        def run() -> None:
+            for _ in range(inner):
+                fn()
+    run()
+    times = []
+    for _ in range(20):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        run()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / inner)
+    return sorted(times)[len(times) // 2]
+
+
+def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
+    rows = T * k / E
+    out: list[tuple[str, dict]] = [("default", {})]
+    if T * k <= 32:
+        cfgs = [Tiles(16, bn, bk, 4, 3, 3, True) for bn in (32, 64) for bk in (128, 256)]
+        cfgs += [Tiles(16, 64, 128, 4, 3, 0, True)]
+    elif rows <= 64:
+        cfgs = [Tiles(bm, bn, bk, 4, 3, 3, True) for bm in ((16, 32) if rows > 16 else (16,))
+                for bn in (64, 128) for bk in (128, 256)]
+        cfgs += [Tiles(16, 64, 128, 4, 3, 0, True), Tiles(16, 64, 128, 4, 4, 0, False)]
+    else:
+        cfgs = [Tiles(128, 64, 128, 4, 3, 0, False), Tiles(256, 64, 128, 8, 3, 0, False),
+                Tiles(128, 64, 128, 4, 3, 0, True), Tiles(128, 64, 128, 4, 3, 3, True),
+                Tiles(128, 64, 128, 8, 3, 3, True), Tiles(128, 128, 64, 8, 3, 3, True),
+                Tiles(256, 64, 64, 8, 3, 3, True), Tiles(64, 64, 128, 4, 3, 3, True)]
+    default = None if T * k <= 32 else _tiles(T * k, E)
+    out += [(f"m{c.mode}{'s' if c.swap else ''} {c.bm}x{c.bn}x{c.bk} w{c.warps} st{c.stages}", dict(tiles=c))
+            for c in cfgs if c != default]
+    return out
+
+
+def call(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights, kw: dict) -> torch.Tensor:
+    if kw.get("grouped_mm"):
+        return moe_experts_grouped_mm(x, ids, wts, w, 7.0)
+    return moe_experts(x, ids, wts, w, 7.0, **kw)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="20b")
+    p.add_argument("--tokens", default="1,8,64,256,1024,8192")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    p.add_argument("--commit", default="unknown")
+    args = p.parse_args(argv)
+    cfg = ModelConfig.from_dict(preset(args.preset))
+    E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = random_experts(E, H, I, gen)
+    expert_bytes = (2 * I * H + H * I) * (0.5 + 1 / 32)
+    results: dict[str, dict[str, object]] = {}
+    bad: list[str] = []
+    for T in [int(t) for t in args.tokens.split(",")]:
+        ids, wts = routing(T, E, k, gen)
+        x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+        touched = torch.unique(ids).numel()
+        flops = 2 * T * k * 3 * H * I
+        check_T = min(T, 256)
+        ref = None
+        rows = []
+        for name, kw in variants(T, E, k):
+            t0 = time.time()
+            try:
+                # Parity on a slice (the reference dequantizes every touched expert in fp32).
+                xs, ids_s, wts_s = x[:check_T], ids[:check_T], wts[:check_T]
+                if ref is None:
+                    ref = moe_experts_reference(xs.float(), ids_s, wts_s.float(), ExpertWeights(
+                        w.gate_up_bias.float(), w.down_bias.float(), gate_up_blocks=w.gate_up_blocks,
+                        gate_up_scales=w.gate_up_scales, down_blocks=w.down_blocks, down_scales=w.down_scales), 7.0)
+                if check_T == T or not kw.get("tiles"):
+                    got = call(xs, ids_s, wts_s, w, kw).float()
+                else:
+                    got = call(x, ids, wts, w, kw)[:check_T].float()
+                rel = ((got - ref).norm() / ref.norm()).item()
+                if not rel < 2e-2:
+                    bad.append(f"T={T} {name}: rel {rel:.3g}")
+                us = time_us(lambda: call(x, ids, wts, w, kw), graph=not kw.get("grouped_mm"))
+            except Exception as e:  # noqa: BLE001 -- a config Triton cannot build: report, go on
+                print(f"T={T} {name}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            gbs = touched * expert_bytes / us / 1e3
+            rows.append({"name": name, "us": us, "rel": rel, "GB/s": gbs, "TFLOP/s": flops / us / 1e6,
+                         "compile_s": time.time() - t0})
+            print(f"T={T:5d} {name:34s} {us:9.1f} us  {gbs:6.0f} GB/s  {flops / us / 1e6:6.1f} TFLOP/s  "
+                  f"rel {rel:.1e}", flush=True)
+        rows.sort(key=lambda r: r["us"])
+        results[str(T)] = {"touched_experts": touched, "rows": rows}
+        d = next((r for r in rows if r["name"] == "default"), None)
+        print(f"== T={T}: default {d['us'] if d else float('nan'):.1f} us; best: "
+              + "; ".join(f"{r['name']} {r['us']:.1f}" for r in rows[:3]), flush=True)
+    doc = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
+           "preset": args.preset, "torch": torch.__version__, "results": results, "parity_failures": bad}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"moe_kernels_{args.preset}.json").write_text(json.dumps(doc, indent=1))
+    print("parity failures:", bad or "none")
+    for T, r in results.items():
+        best = r["rows"][:4]
+        print(f"T={T}: " + " | ".join(f"{b['name']} {b['us']:.0f}us" for b in best))
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
