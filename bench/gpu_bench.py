@@ -119,34 +119,6 @@ def profile(model: GptOssForCausalLM, kv: KVCache, graphs: Callable[[StepBatch, 
         log(f"profile {case}:\n{table[:4000]}")
 
 
-def tune_moe(config: ModelConfig, model: GptOssForCausalLM, log: Callable[[str], None]) -> dict[str, object]:
-    """Time one layer's moe_experts (routing + both kernels) per tile config at decode batch sizes."""
-    from gptoss_engine.kernels.moe_mxfp4 import _tiles, moe_experts
-    w = model.model.layers[0].mlp.experts.weights()
-    E, k = config.num_local_experts, config.num_experts_per_tok
-    configs = [(16, bn, bk, warps, st) for bn in (16, 32, 64) for bk in (128, 256) for warps in (2, 4)
-               for st in (3, 4)]
-    out: dict[str, object] = {}
-    for T in (1, 8, 64, 256):
-        x = torch.randn(T, config.hidden_size, device="cuda", dtype=torch.bfloat16)
-        ids = torch.stack([torch.randperm(E, device="cuda")[:k] for _ in range(T)])
-        wts = torch.softmax(torch.randn(T, k, device="cuda"), -1)
-        default = _tiles(T * k, E)
-        rows = []
-        for tiles in [default] + [c for c in configs if c != default]:
-            try:
-                ms = time_ms(lambda: moe_experts(x, ids, wts, w, 7.0, tiles=tiles), warmup=2, iters=20)
-            except Exception as e:  # a tile Triton cannot build (shared memory): skip it
-                log(f"tune T={T} {tiles}: {type(e).__name__}")
-                continue
-            rows.append((ms, tiles))
-        rows.sort()
-        log(f"tune moe T={T}: default {default} -> {[r for r in rows if r[1] == default][0][0] * 1e3:.1f} us; "
-            f"best {[(round(m * 1e3, 1), t) for m, t in rows[:4]]}")
-        out[str(T)] = rows[:4]
-    return out
-
-
 def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: int, output_len: int,
                       log: Callable[[str], None]) -> float:
     """Output tok/s of LLMEngine.generate on num_requests random prompts, each run to output_len tokens."""
@@ -206,7 +178,6 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
             f"eager {eager:.2f} ms")
     if profile_dir is not None:
         profile(model, kv, graphs, max_blocks, blocks, profile_dir, log)
-        (profile_dir / "tune_moe.json").write_text(json.dumps(tune_moe(config, model, log)))
     del graphs, kv
     if max_batch >= 256 and max_context >= 2048:
         r["throughput_1000_1000"] = throughput_engine(model, 256, 1000, 1000, log)

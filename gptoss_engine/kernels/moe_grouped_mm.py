@@ -9,8 +9,8 @@ both projections over the token-sorted pairs.
 
 The scratch buffer is owned by this module (one per device and shape, reused by every layer and
 step: a layer's experts are dead once its down projection has run), so a long prefill does not
-allocate per layer. It is only worth its bytes when enough rows share each expert: callers pick
-this path above PAIRS_PER_EXPERT mean rows per expert.
+allocate per layer. It is only worth its bytes when enough rows share each expert: moe_mxfp4.moe_experts
+picks this path from GROUPED_MM_MIN_ROWS mean rows per expert on sm_90.
 """
 from __future__ import annotations
 
@@ -21,8 +21,6 @@ import triton.language as tl
 
 from gptoss_engine.moe import ExpertWeights
 
-# Mean (token, expert) rows per expert above which dequantize + grouped GEMM beats the fused kernels.
-PAIRS_PER_EXPERT = 256
 _ROWS, _BK = 16, 256
 
 
@@ -43,7 +41,50 @@ def _dequant_kernel(blk_ptr, scl_ptr, out_ptr, num_rows, K, s_b, s_s, s_o,
     tl.store(o + 1, (hi * sc).to(tl.bfloat16), mask=ok)
 
 
+@triton.jit
+def _bias_swiglu_kernel(h_ptr, expert_ptr, bias_ptr, act_ptr, I, limit, alpha, s_h, s_bias, s_a,
+                        BLOCK: tl.constexpr):
+    """act[r] = swiglu(h[r] + gate_up_bias[expert[r]]) over interleaved (gate, up) columns; bf16 out."""
+    r = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < I
+    e = tl.load(expert_ptr + r).to(tl.int64)
+    row = h_ptr + r.to(tl.int64) * s_h
+    gate = tl.load(row + 2 * cols, mask=ok, other=0.0).to(tl.float32) \
+        + tl.load(bias_ptr + e * s_bias + 2 * cols, mask=ok, other=0.0).to(tl.float32)
+    up = tl.load(row + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32) \
+        + tl.load(bias_ptr + e * s_bias + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
+    gate = tl.minimum(gate, limit)
+    up = tl.minimum(tl.maximum(up, -limit), limit)
+    act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    tl.store(act_ptr + r.to(tl.int64) * s_a + cols, act.to(act_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _combine_kernel(y_ptr, row_of_pair_ptr, ids_ptr, wts_ptr, bias_ptr, out_ptr, H, s_y, s_bias, s_o,
+                    TOPK: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum_j wts[t, j] * (y[row of pair (t, j)] + down_bias[ids[t, j]]), fp32 sum."""
+    t = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = cols < H
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for j in tl.static_range(TOPK):
+        p = t * TOPK + j
+        row = tl.load(row_of_pair_ptr + p).to(tl.int64)
+        e = tl.load(ids_ptr + p).to(tl.int64)
+        wt = tl.load(wts_ptr + p).to(tl.float32)
+        y = tl.load(y_ptr + row * s_y + cols, mask=ok, other=0.0).to(tl.float32) \
+            + tl.load(bias_ptr + e * s_bias + cols, mask=ok, other=0.0).to(tl.float32)
+        acc += wt * y
+    tl.store(out_ptr + t.to(tl.int64) * s_o + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# Scratch for the dequantized experts, per (device, projection): reused by every layer and step (a
+# layer's bf16 experts are dead once its grouped GEMM has run: the stream orders the next layer's
+# dequant after it). Bounded by _SCRATCH_BYTES: models with more experts (120b) go in chunks.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
+_SCRATCH_BYTES = 1 << 31
+_ACT_BLOCK, _OUT_BLOCK = 1024, 1024
 
 
 def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, slot: int) -> torch.Tensor:
@@ -70,25 +111,45 @@ def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch
 
 def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                            w: ExpertWeights, swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
-    """x [T, H] bf16 -> [T, H]; same function as moe_mxfp4.moe_experts (packed `w`, CUDA, sm90)."""
+    """x [T, H] -> [T, H]; same function as moe_mxfp4.moe_experts (packed `w`, CUDA, sm90)."""
     T, H = x.shape
     k = topk_ids.shape[1]
-    E = w.gate_up_scales.shape[0]                                        # type: ignore[union-attr]
+    gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
+    assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
+    E, two_i = gu_s.shape[0], gu_s.shape[1]
+    I = two_i // 2
     flat = topk_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)
-    expert = flat[order]
+    order = torch.argsort(flat, stable=True)               # sorted row -> pair
+    expert = flat[order].to(torch.int32)                    # expert of each sorted row
+    row_of_pair = torch.empty_like(order)
+    row_of_pair[order] = torch.arange(order.numel(), device=x.device)
     counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    offs = torch.cumsum(counts, 0).to(torch.int32)   # no bincount: it syncs the host on CUDA
+    ends = torch.cumsum(counts, 0)   # no bincount: it syncs the host on CUDA
     xs = x.to(torch.bfloat16)[order // k]
-    gu = _dequantize(w.gate_up_blocks, w.gate_up_scales, 0)             # type: ignore[arg-type]
-    h = _grouped_mm(xs, gu.transpose(1, 2), offs)                        # [P, 2I]
-    h = h.float() + w.gate_up_bias.float()[expert]
-    gate = h[:, 0::2].clamp(max=swiglu_limit)
-    up = h[:, 1::2].clamp(min=-swiglu_limit, max=swiglu_limit)
-    act = (gate * torch.sigmoid(alpha * gate) * (up + 1)).to(torch.bfloat16)
-    d = _dequantize(w.down_blocks, w.down_scales, 1)                     # type: ignore[arg-type]
-    y = _grouped_mm(act, d.transpose(1, 2), offs).float()                # [P, H]
-    y = (y + w.down_bias.float()[expert]) * topk_weights.reshape(-1)[order].float()[:, None]
-    pair_out = torch.empty_like(y)
-    pair_out[order] = y
-    return pair_out.view(T, k, H).sum(dim=1).to(x.dtype)
+    act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
+    y = torch.empty((xs.shape[0], H), dtype=torch.bfloat16, device=x.device)
+    per_expert = (two_i * H + H * I) * 2
+    chunk = max(1, min(E, _SCRATCH_BYTES // per_expert))
+    # Rows of experts [e0, e1) are the sorted rows [ends[e0-1], ends[e1-1]): with one chunk that is
+    # every row and no host sync; with several, one .tolist() per layer (prefill runs eagerly).
+    bounds = [0] + ends.tolist() if chunk < E else None
+    for e0 in range(0, E, chunk):
+        e1 = min(E, e0 + chunk)
+        lo, hi = (bounds[e0], bounds[e1]) if bounds is not None else (0, xs.shape[0])
+        if hi == lo:
+            continue
+        offs = (ends[e0:e1] - (bounds[e0] if bounds is not None else 0)).to(torch.int32)
+        gu = _dequantize(gu_b[e0:e1], gu_s[e0:e1], 0)
+        h = _grouped_mm(xs[lo:hi], gu.transpose(1, 2), offs)                         # [rows, 2I] bf16
+        _bias_swiglu_kernel[(hi - lo, triton.cdiv(I, _ACT_BLOCK))](
+            h, expert[lo:hi], w.gate_up_bias, act[lo:hi], I, float(swiglu_limit), float(alpha),
+            h.stride(0), w.gate_up_bias.stride(0), act.stride(0), BLOCK=_ACT_BLOCK, num_warps=4)
+        d = _dequantize(d_b[e0:e1], d_s[e0:e1], 1)
+        y[lo:hi] = _grouped_mm(act[lo:hi], d.transpose(1, 2), offs)
+    out = torch.empty_like(x)
+    ids = topk_ids.reshape(-1).contiguous()
+    wts = topk_weights.reshape(-1).contiguous()
+    _combine_kernel[(T, triton.cdiv(H, _OUT_BLOCK))](
+        y, row_of_pair, ids, wts, w.down_bias, out, H, y.stride(0), w.down_bias.stride(0), out.stride(0),
+        TOPK=k, BLOCK=_OUT_BLOCK, num_warps=4)
+    return out

@@ -17,17 +17,23 @@ of weight traffic -- what makes batch-1 decode memory-bound on the touched exper
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
 
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
+from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.moe import ExpertWeights
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
 GEMV_MAX_PAIRS = 32
+# From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
+# multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels.
+GROUPED_MM_MIN_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -242,19 +248,29 @@ class Tiles:
     swap: bool = False  # weights as the left MMA operand (_expert_tile)
 
 
-def _tiles(num_pairs: int, num_experts: int) -> Tiles:
-    """Default tiles from the mean rows per expert."""
+@functools.cache
+def _is_sm90(device: torch.device) -> bool:
+    """Hopper: the inline-PTX dequant (bf16x2 mul) and torch's grouped GEMM need sm_90."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
+def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
+    """Default tiles from the mean rows per expert (CUDA-graph sweep on the H100, PERF_NOTES v5)."""
     rows_per_expert = num_pairs / num_experts
     if rows_per_expert <= 16:
-        return Tiles(16, 64, 128, 4, 4)     # decode: weight-bandwidth-bound, many n-tiles to fill the SMs
+        # decode: weight-bandwidth-bound; weights-left tiles with the PTX dequant were 15% faster (b64)
+        return Tiles(16, 64, 128, 4, 3, MODE_ASM, True) if sm90 else Tiles(16, 64, 128, 4, 4)
     if rows_per_expert <= 64:
         return Tiles(64, 64, 128, 4, 3)
-    return Tiles(128, 128, 64, 8, 3)        # prefill: compute-bound tiles
+    if rows_per_expert <= 512:
+        return Tiles(128, 64, 128, 4, 3)
+    return Tiles(256, 64, 128, 8, 3)        # long prefill: compute-bound tiles
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
-                tiles: Tiles | None = None, gemv: bool | None = None) -> torch.Tensor:
+                tiles: Tiles | None = None, gemv: bool | None = None,
+                grouped_mm: bool | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
     fp16 or fp32; on the tensor cores the activations enter as bf16).
 
@@ -263,6 +279,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     interpret=True runs the fp32 hand-dequant mode (Triton's CPU interpreter has no dot_scaled and no
     bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
     gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS.
+    grouped_mm: likewise for the prefill path (moe_grouped_mm); None picks it on sm_90 from
+    GROUPED_MM_MIN_ROWS mean rows per expert.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -290,7 +308,11 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha)
-    t = tiles or _tiles(num_pairs, E)
+    sm90 = _is_sm90(x.device)
+    if (tiles is None and grouped_mm is not False and sm90 and not interpret
+            and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
+        return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+    t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:
         t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
