@@ -130,7 +130,7 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     ends = torch.cumsum(counts, 0)   # no bincount: it syncs the host on CUDA
     xs = x.to(torch.bfloat16)[order // k]
     act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
-    y = torch.empty((xs.shape[0], H), dtype=torch.bfloat16, device=x.device)
+    y: torch.Tensor | None = None
     per_expert = (two_i * H + H * I) * 2
     chunk = max(1, min(E, _SCRATCH_BYTES // per_expert))
     # Rows of experts [e0, e1) are the sorted rows [ends[e0-1], ends[e1-1]): with one chunk that is
@@ -148,7 +148,14 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
             h, expert[lo:hi], w.gate_up_bias, act[lo:hi], I, float(swiglu_limit), float(alpha),
             h.stride(0), w.gate_up_bias.stride(0), act.stride(0), BLOCK=_ACT_BLOCK, num_warps=4)
         d = _dequantize(d_b[e0:e1], d_s[e0:e1], 1)
-        y[lo:hi] = _grouped_mm(act[lo:hi], d.transpose(1, 2), offs)
+        part = _grouped_mm(act[lo:hi], d.transpose(1, 2), offs)                      # [rows, H] bf16
+        if bounds is None:
+            y = part   # one chunk: every row, no copy
+        else:
+            if y is None:
+                y = torch.empty((xs.shape[0], H), dtype=torch.bfloat16, device=x.device)
+            y[lo:hi] = part
+    assert y is not None
     out = torch.empty_like(x)
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()

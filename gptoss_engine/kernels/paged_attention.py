@@ -30,6 +30,8 @@ import triton.language as tl
 from gptoss_engine.step_batch import StepBatch
 
 _LOG2E = 1.4426950408889634
+# Prefill tile: (query rows = tokens x GQA group, keys per loop trip, warps, stages).
+PREFILL_TILES = (128, 32, 4, 2)
 
 
 @triton.jit
@@ -204,9 +206,11 @@ def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Te
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
                     batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None,
-                    splits: int | None = None) -> torch.Tensor:
+                    splits: int | None = None,
+                    prefill_tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention.
-    `splits` overrides decode_splits' choice for a decode step (tests use it)."""
+    `splits` overrides decode_splits' choice for a decode step (tests use it); `prefill_tiles`
+    (query rows per tile, keys per trip, warps, stages) the prefill tile (the bench's sweep)."""
     if q.dim() != 3 or pool.dim() != 6:
         raise ValueError(f"q must be [T, Hq, D] and pool [blocks, layers, 2, bs, kv_heads, D]; "
                          f"got {tuple(q.shape)} and {tuple(pool.shape)}")
@@ -232,9 +236,8 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
             return out
     # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16);
     # prefill tiles 16 tokens x group rows.
-    block_q = max(1, 16 // group) if batch.max_query_len == 1 else max(1, 128 // group)
-    block_q = triton.next_power_of_2(block_q)
-    block_n = 64 if batch.max_query_len == 1 else 32
+    rows, block_n, warps, stages = (16, 64, 4, 2) if batch.max_query_len == 1 else (prefill_tiles or PREFILL_TILES)
+    block_q = triton.next_power_of_2(max(1, rows // group))
     grid = (num_seqs, triton.cdiv(batch.max_query_len, block_q), num_kv_heads)
     _paged_attn_kernel[grid](
         q, layer_pool, out, block_tables, batch.query_start_loc, batch.seq_lens, batch.positions, sinks,
@@ -243,7 +246,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
         layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
         block_tables.stride(0),
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_N=block_n,
-        SLIDING=window is not None, num_warps=4, num_stages=2)
+        SLIDING=window is not None, num_warps=warps, num_stages=stages)
     return out
 
 

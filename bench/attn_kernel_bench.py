@@ -1,0 +1,69 @@
+"""Prefill attention tile sweep on the GPU: the paged kernel over 1k and 8k prompts, full and
+sliding-window layers, per (query rows, keys per trip, warps, stages). Each config is checked
+against the current default's output first; prints us per layer and TFLOP/s (causal FLOPs).
+
+    python3 -m bench.attn_kernel_bench --out $OUT
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import torch
+
+from bench.gpu_bench import BLOCK_SIZE, time_ms, uniform_batch
+from gptoss_engine.kernels.paged_attention import PREFILL_TILES, paged_attention
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.presets import preset
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="20b")
+    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    args = p.parse_args(argv)
+    cfg = ModelConfig.from_dict(preset(args.preset))
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    configs = [PREFILL_TILES] + [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8)
+                                 for s in (2, 3) if (r, n, w, s) != PREFILL_TILES]
+    results = {}
+    bad = []
+    for tokens in (1024, 8192):
+        blocks = tokens // BLOCK_SIZE + 1
+        pool = torch.randn(blocks, 1, 2, BLOCK_SIZE, hkv, d, device="cuda", dtype=torch.bfloat16)
+        b = uniform_batch(1, 0, tokens, blocks)
+        q = torch.randn(tokens, hq, d, device="cuda", dtype=torch.bfloat16)
+        sinks = torch.randn(hq, device="cuda")
+        for window in (None, cfg.sliding_window):
+            name = f"{tokens} {'full' if window is None else 'sliding'}"
+            keys = tokens * (tokens + 1) / 2 if window is None else tokens * window
+            flops = 4 * keys * hq * d
+            ref = paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5, window)
+            rows = []
+            for cfg_t in configs:
+                try:
+                    out = paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5, window,
+                                          prefill_tiles=cfg_t)
+                    rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                    if not rel < 1e-2:
+                        bad.append(f"{name} {cfg_t}: rel {rel:.2g}")
+                    ms = time_ms(lambda: paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5,
+                                                         window, prefill_tiles=cfg_t), warmup=2, iters=10)
+                except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: report, go on
+                    print(f"{name} {cfg_t}: {type(e).__name__} {str(e)[:120]}")
+                    continue
+                rows.append((ms * 1e3, cfg_t, flops / ms / 1e9))
+            rows.sort()
+            default = next(r for r in rows if r[1] == PREFILL_TILES)
+            print(f"== {name}: default {default[0]:.0f} us ({default[2]:.0f} TFLOP/s); best "
+                  + "; ".join(f"{c} {u:.0f} us ({t:.0f} TFLOP/s)" for u, c, t in rows[:3]), flush=True)
+            results[name] = rows
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "attn_kernels.json").write_text(json.dumps({"results": results, "parity_failures": bad}))
+    print("parity failures:", bad or "none")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
