@@ -13,12 +13,18 @@ KV was hashed for prefix caching it stays findable there until it is handed out 
 Sliding-window blocks: a query at position p reads keys p-window+1..p, so once every future query
 starts at or after `next_pos`, logical blocks wholly before next_pos-window+1 are never read again
 and are freed (their table entry becomes -1). Full-attention blocks are kept for the whole sequence.
+
+Every sequence holding blocks also has a row in `BlockTables`, a numpy mirror of its SeqBlocks
+lists that this module writes through on every change: a step's [B, width] block tables are then
+one numpy gather (model_runner.py) instead of B Python lists padded and converted each step.
 """
 from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
 from dataclasses import dataclass, field
+
+import numpy as np
 
 
 class NoKVCapacity(RuntimeError):
@@ -45,6 +51,53 @@ class SeqBlocks:
     swa: list[int] = field(default_factory=list)
     num_hashed: int = 0            # leading full blocks whose KV is written and hashed
     last_hash: int | None = None   # chained hash of block num_hashed-1
+    num_swa_released: int = 0      # leading swa entries known to be -1 (commit resumes from here)
+    row: int = -1                  # its row in BlockManager.tables while it holds blocks, else -1
+
+
+class BlockTables:
+    """Block ids per logical block, one row per sequence holding blocks, -1 past its last block.
+
+    Both arrays grow (rows and columns) on demand; a released row is reset to -1 before reuse."""
+
+    def __init__(self, num_rows: int = 64, num_cols: int = 64) -> None:
+        self.full = np.full((num_rows, num_cols), -1, dtype=np.int32)
+        self.swa = np.full((num_rows, num_cols), -1, dtype=np.int32)
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    def _grow(self, num_rows: int, num_cols: int) -> None:
+        rows, cols = self.full.shape
+        new_rows, new_cols = max(rows, num_rows), max(cols, num_cols)
+        for name in ("full", "swa"):
+            old = getattr(self, name)
+            grown = np.full((new_rows, new_cols), -1, dtype=np.int32)
+            grown[:rows, :cols] = old
+            setattr(self, name, grown)
+        self._free_rows[:0] = range(new_rows - 1, rows - 1, -1)
+
+    def acquire(self) -> int:
+        if not self._free_rows:
+            self._grow(2 * self.full.shape[0], 0)
+        return self._free_rows.pop()
+
+    def write(self, blocks: SeqBlocks, start: int) -> None:
+        """Mirror blocks.full/swa[start:] into its row (taking a row if it has none)."""
+        if blocks.row < 0:
+            blocks.row = self.acquire()
+        end = len(blocks.full)
+        if end > self.full.shape[1]:
+            self._grow(0, max(end, 2 * self.full.shape[1]))
+        self.full[blocks.row, start:end] = blocks.full[start:]
+        self.swa[blocks.row, start:end] = blocks.swa[start:]
+
+    def release(self, blocks: SeqBlocks) -> None:
+        """Before its lists are emptied: give its row back, reset to -1."""
+        if blocks.row >= 0:
+            n = len(blocks.full)
+            self.full[blocks.row, :n] = -1
+            self.swa[blocks.row, :n] = -1
+            self._free_rows.append(blocks.row)
+            blocks.row = -1
 
 
 @dataclass(frozen=True)
@@ -114,6 +167,7 @@ class BlockManager:
         self._handles = itertools.count(1)
         self._staged: dict[int, StagedKV] = {}
         self._reserved: dict[int, StagedKV] = {}
+        self.tables = BlockTables()
 
     # ---- geometry ------------------------------------------------------------------------------
     def num_blocks(self, num_tokens: int) -> int:
@@ -153,12 +207,16 @@ class BlockManager:
         if not self.can_append(blocks, num_computed, num_new):
             raise NoKVCapacity(f"no free blocks for {num_new} more tokens")
         total = self.num_blocks(num_computed + num_new)
+        start = len(blocks.full)
+        if start == total:
+            return
         first = self.swa_first_needed(num_computed)
         while len(blocks.full) < total:
             blocks.full.append(self.full.allocate())
         while len(blocks.swa) < total:
             j = len(blocks.swa)
             blocks.swa.append(self.swa.allocate() if self.window is not None and j >= first else -1)
+        self.tables.write(blocks, start)
 
     def commit(self, blocks: SeqBlocks, token_ids: list[int], num_computed: int) -> None:
         """After a step wrote KV for positions < num_computed: hash the newly full blocks (only now,
@@ -172,10 +230,13 @@ class BlockManager:
                 if blocks.swa[j] >= 0:
                     self.swa.register(blocks.swa[j], h, tokens)
                 blocks.num_hashed, blocks.last_hash = j + 1, h
-        for j in range(min(self.swa_first_needed(num_computed), len(blocks.swa))):
+        stop = min(self.swa_first_needed(num_computed), len(blocks.swa))
+        for j in range(blocks.num_swa_released, stop):
             if blocks.swa[j] >= 0:
                 self.swa.release(blocks.swa[j])
                 blocks.swa[j] = -1
+                self.tables.swa[blocks.row, j] = -1
+        blocks.num_swa_released = max(blocks.num_swa_released, stop)
 
     def match_prefix(self, blocks: SeqBlocks, token_ids: list[int]) -> int:
         """Take cached blocks for the longest usable prefix of token_ids; returns the cached token count.
@@ -210,6 +271,7 @@ class BlockManager:
                     self.swa.take(block)
                     blocks.swa[j] = block
             blocks.num_hashed, blocks.last_hash = k, hashes[k - 1]
+            self.tables.write(blocks, 0)
             return k * bs
         return 0
 
@@ -219,7 +281,13 @@ class BlockManager:
         for block in blocks.swa:
             if block >= 0:
                 self.swa.release(block)
+        self._clear(blocks)
+
+    def _clear(self, blocks: SeqBlocks) -> None:
+        """The sequence holds nothing any more (its references were released or moved)."""
+        self.tables.release(blocks)
         blocks.full, blocks.swa, blocks.num_hashed, blocks.last_hash = [], [], 0, None
+        blocks.num_swa_released = 0
 
     # ---- staging (prefill side) ------------------------------------------------------------------
     def stage(self, blocks: SeqBlocks, num_tokens: int) -> StagedKV:
@@ -234,7 +302,7 @@ class BlockManager:
         staged = StagedKV(next(self._handles), num_tokens, list(blocks.full), list(swa_ids), first)
         self._staged[staged.handle] = staged
         # The references move from the sequence to the staged entry: no refcount changes.
-        blocks.full, blocks.swa, blocks.num_hashed, blocks.last_hash = [], [], 0, None
+        self._clear(blocks)
         return staged
 
     def release_staged(self, handle: int) -> bool:
@@ -276,6 +344,7 @@ class BlockManager:
         blocks.swa = [-1] * r.swa_first_logical_block + list(r.swa_block_ids)
         if self.window is None:
             blocks.swa = [-1] * len(blocks.full)
+        self.tables.write(blocks, 0)
         return r
 
     def _release_entry(self, entry: StagedKV) -> None:

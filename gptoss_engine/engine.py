@@ -202,7 +202,7 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        tokens = self.runner.run(sched.scheduled)
+        tokens = self.runner.run(sched.scheduled, self.block_manager.tables)
         outputs: list[RequestOutput] = []
         for s, tok in zip(sched.scheduled, tokens):
             seq = s.seq

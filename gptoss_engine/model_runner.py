@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from typing import Callable
 
+import numpy as np
 import torch
 
+from gptoss_engine.block_manager import BlockTables
 from gptoss_engine.checkpoint import load_model
 from gptoss_engine.config import EngineConfig
 from gptoss_engine.kv_layout import KVCache, KVLayout
@@ -76,47 +78,66 @@ class ModelRunner:
         return CudaGraphForward(self.model.forward, self.kv_cache, max_batch, -(-max_len // c.block_size),
                                 buckets=sizes, padding=c.cuda_graph_padding)
 
-    def build_batch(self, scheduled: list[ScheduledSeq]) -> StepBatch:
+    def build_batch(self, scheduled: list[ScheduledSeq], tables: BlockTables) -> StepBatch:
+        """The step's inputs, computed with numpy over all tokens at once (no per-token Python) and
+        sent to the device in one copy per dtype. `tables` holds the sequences' block rows."""
         bs = self.config.block_size
+        n = len(scheduled)
+        starts = np.empty(n, dtype=np.int64)
+        qlens = np.empty(n, dtype=np.int64)
+        rows = np.empty(n, dtype=np.intp)
         ids: list[int] = []
-        positions: list[int] = []
-        full_slots: list[int] = []
-        swa_slots: list[int] = []
-        starts = [0]
-        seq_lens: list[int] = []
-        width = max(len(s.seq.blocks.full) for s in scheduled)
-        full_tables: list[list[int]] = []
-        swa_tables: list[list[int]] = []
-        for s in scheduled:
+        width = 0
+        for i, s in enumerate(scheduled):
             seq, start = s.seq, s.seq.num_computed_tokens
-            end = start + s.num_tokens
-            full, swa = seq.blocks.full, seq.blocks.swa
-            ids += seq.token_ids[start:end]
-            positions += range(start, end)
-            full_slots += [full[p // bs] * bs + p % bs for p in range(start, end)]
-            swa_slots += [swa[p // bs] * bs + p % bs if swa[p // bs] >= 0 else -1 for p in range(start, end)]
-            starts.append(len(ids))
-            seq_lens.append(end)
-            full_tables.append(full + [-1] * (width - len(full)))
-            swa_tables.append(swa + [-1] * (width - len(swa)))
-
-        def t(x: list, dtype: torch.dtype) -> torch.Tensor:
-            return torch.tensor(x, dtype=dtype).to(self.device, non_blocking=True)
-
+            starts[i], qlens[i], rows[i] = start, s.num_tokens, seq.blocks.row
+            ids += seq.token_ids[start:start + s.num_tokens]
+            width = max(width, len(seq.blocks.full))
+        query_start_loc = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(qlens, out=query_start_loc[1:])
+        seq_lens = starts + qlens
+        # Per token: its sequence, its position, and the physical slot its K/V goes to.
+        seq_of = np.repeat(np.arange(n), qlens)
+        positions = np.arange(len(ids)) + (starts - query_start_loc[:-1])[seq_of]
+        full_tables, swa_tables = tables.full[rows, :width], tables.swa[rows, :width]
+        logical, offset = positions // bs, positions % bs
+        full_blocks = full_tables[seq_of, logical].astype(np.int64)
+        swa_blocks = swa_tables[seq_of, logical].astype(np.int64)
+        full_slots = full_blocks * bs + offset
+        swa_slots = np.where(swa_blocks >= 0, swa_blocks * bs + offset, -1)
+        input_ids, pos, fslots, sslots, logits_indices = self._to_device(
+            [np.array(ids, dtype=np.int64), positions, full_slots, swa_slots, query_start_loc[1:] - 1], torch.int64)
+        qsl, lens, ftab, stab = self._to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32)
         return StepBatch(
-            input_ids=t(ids, torch.int64), positions=t(positions, torch.int64),
-            query_start_loc=t(starts, torch.int32), seq_lens=t(seq_lens, torch.int32),
-            full_block_tables=t(full_tables, torch.int32), swa_block_tables=t(swa_tables, torch.int32),
-            full_slot_mapping=t(full_slots, torch.int64), swa_slot_mapping=t(swa_slots, torch.int64),
-            logits_indices=t([x - 1 for x in starts[1:]], torch.int64),
-            max_query_len=max(s.num_tokens for s in scheduled), max_seq_len=max(seq_lens))
+            input_ids=input_ids, positions=pos, query_start_loc=qsl, seq_lens=lens,
+            full_block_tables=ftab.view(n, width), swa_block_tables=stab.view(n, width),
+            full_slot_mapping=fslots, swa_slot_mapping=sslots, logits_indices=logits_indices,
+            max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
 
-    def run(self, scheduled: list[ScheduledSeq]) -> list[TokenOutput | None]:
+    def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
+        """1-D device tensors of `arrays`' values, from ONE host->device copy: they are packed into a
+        host buffer (pinned on CUDA, so the copy is async; PyTorch's pinned allocator keeps the
+        buffer from reuse until the copy is done) and the device copy is split into views. Each
+        piece starts 64-byte aligned: Triton specializes kernels on pointer alignment, so an
+        unaligned view would compile (and run) another variant."""
+        align = 64 // torch.empty((), dtype=dtype).element_size()
+        sizes = [int(a.size) for a in arrays]
+        offsets = [0]
+        for size in sizes:
+            offsets.append(offsets[-1] + -(-size // align) * align)
+        host = torch.empty(offsets[-1], dtype=dtype, pin_memory=self.device.type == "cuda")
+        buf = host.numpy()
+        for a, off, size in zip(arrays, offsets, sizes):
+            buf[off:off + size] = a.ravel()
+        dev = host.to(self.device, non_blocking=True)
+        return [dev[off:off + size] for off, size in zip(offsets, sizes)]
+
+    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables) -> list[TokenOutput | None]:
         """One forward over the step; a token for each sequence whose last token was computed.
 
         A replayed CUDA graph returns a view of its static output buffer, which the next replay
         overwrites: the tokens are sampled here, before this returns, never later."""
-        logits = self.forward_fn(self.build_batch(scheduled), self.kv_cache)
+        logits = self.forward_fn(self.build_batch(scheduled, tables), self.kv_cache)
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_tokens == len(s.seq.token_ids)]
         out: list[TokenOutput | None] = [None] * len(scheduled)
         if not rows:

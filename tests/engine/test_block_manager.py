@@ -87,3 +87,55 @@ def test_stage_reserve_adopt_release():
     assert full_counts(bm) == (8, 8)
     with pytest.raises(RuntimeError, match="released more often"):
         bm.full.release(0)
+
+
+def assert_tables_mirror(bm: BlockManager, live: list[SeqBlocks]) -> None:
+    """Each live sequence's table row equals its lists, -1 after them; rows are not shared."""
+    rows = [b.row for b in live if b.full]
+    assert len(set(rows)) == len(rows)
+    for b in live:
+        if not b.full:
+            assert b.row == -1
+            continue
+        n = len(b.full)
+        assert bm.tables.full[b.row, :n].tolist() == b.full and bm.tables.swa[b.row, :n].tolist() == b.swa
+        assert (bm.tables.full[b.row, n:] == -1).all() and (bm.tables.swa[b.row, n:] == -1).all()
+
+
+def test_block_tables_follow_append_commit_free_stage_adopt():
+    import random
+    rng = random.Random(0)
+    bm = BlockManager(3000, 400, block_size=4, sliding_window=6)
+    live = [SeqBlocks() for _ in range(80)]
+    tokens = [[rng.randrange(5) for _ in range(400)] for _ in live]   # few values: prefix hits happen
+    for b in live:   # more sequences than the tables' initial 64 rows hold blocks at once
+        bm.append(b, 0, 1)
+    computed = [1] * len(live)
+    for _ in range(3000):
+        i = rng.randrange(len(live))
+        b, op = live[i], rng.random()
+        if op < 0.6:   # a step: append then commit (long sequences outgrow the initial 64 columns)
+            n = rng.choice([1, 1, 7, 40])
+            if computed[i] + n <= 400 and bm.can_append(b, computed[i], n):
+                bm.append(b, computed[i], n)
+                computed[i] += n
+                bm.commit(b, tokens[i], computed[i])
+        elif op < 0.7:  # finish or preempt
+            bm.free(b)
+            computed[i] = 0
+        elif op < 0.9 and not b.full:  # admission with a prefix-cache lookup
+            computed[i] = bm.match_prefix(b, tokens[i][:rng.randrange(2, 200)])
+        elif b.full and b.swa[-1] >= 0:  # prefill-only: stage, then a hand-off adopts it into another sequence
+            staged = bm.stage(b, computed[i])
+            computed[i] = 0
+            j = rng.randrange(len(live))
+            if not live[j].full:
+                r = bm.reserve(staged.num_tokens)
+                bm.adopt(live[j], r.handle)
+                computed[j] = staged.num_tokens
+            bm.release_staged(staged.handle)
+        assert_tables_mirror(bm, live)
+    assert bm.tables.full.shape[0] > 64 and bm.tables.full.shape[1] > 64
+    for b in live:
+        bm.free(b)
+    assert full_counts(bm) == (3000, 400) and (bm.tables.full == -1).all() and (bm.tables.swa == -1).all()
