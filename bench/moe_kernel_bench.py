@@ -79,9 +79,9 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
         cfgs = [Tiles(16, bn, bk, 4, 3, 3, True) for bn in (32, 64) for bk in (128, 256)]
         cfgs += [Tiles(16, 64, 128, 4, 3, 0, True)]
     elif rows <= 64:
-        cfgs = [Tiles(bm, bn, bk, 4, 3, 3, True) for bm in ((16, 32) if rows > 16 else (16,))
-                for bn in (64, 128) for bk in (128, 256)]
-        cfgs += [Tiles(16, 64, 128, 4, 3, 0, True), Tiles(16, 64, 128, 4, 4, 0, False)]
+        bm = 16 if rows <= 16 else 32
+        cfgs = [Tiles(b, bn, bk, w, st, mode, mode == 3) for mode, b in ((0, bm if rows <= 16 else 64), (3, bm))
+                for bn in (64, 128) for bk in (128, 256) for w in (4, 8) for st in (3, 4)]
     else:
         out += [("fused default", dict(grouped_mm=False)), ("grouped_mm", dict(grouped_mm=True))]
         cfgs = [Tiles(128, 64, 128, 4, 3, 0, False), Tiles(256, 64, 128, 8, 3, 0, False),
