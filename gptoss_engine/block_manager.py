@@ -199,17 +199,19 @@ class BlockManager:
         return n_full, n_swa
 
     def can_append(self, blocks: SeqBlocks, num_computed: int, num_new: int) -> bool:
+        if self.num_blocks(num_computed + num_new) <= len(blocks.full):
+            return True  # most decode steps: the last block has room (swa entries exist as far as full ones)
         n_full, n_swa = self._needed(blocks, num_computed, num_new)
         return n_full <= len(self.full.free) and n_swa <= len(self.swa.free)
 
     def append(self, blocks: SeqBlocks, num_computed: int, num_new: int) -> None:
         """Blocks for positions num_computed .. num_computed+num_new-1 (check can_append first)."""
-        if not self.can_append(blocks, num_computed, num_new):
-            raise NoKVCapacity(f"no free blocks for {num_new} more tokens")
         total = self.num_blocks(num_computed + num_new)
         start = len(blocks.full)
-        if start == total:
+        if start >= total:
             return
+        if not self.can_append(blocks, num_computed, num_new):
+            raise NoKVCapacity(f"no free blocks for {num_new} more tokens")
         first = self.swa_first_needed(num_computed)
         while len(blocks.full) < total:
             blocks.full.append(self.full.allocate())

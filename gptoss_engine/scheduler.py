@@ -38,6 +38,8 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.waiting: list[Sequence] = []   # sorted by arrival
         self.running: list[Sequence] = []   # sorted by arrival
+        # Fixed by the pool sizes; _chunk runs for every sequence every step.
+        self._chunk_cap = block_manager.max_swa_chunk() if enable_chunked_prefill else None
 
     def add_waiting(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
@@ -62,9 +64,8 @@ class Scheduler:
 
     def _chunk(self, seq: Sequence, budget: int) -> int:
         n = seq.num_uncomputed
-        swa_cap = self.bm.max_swa_chunk()
-        if self.enable_chunked_prefill and swa_cap is not None:
-            budget = min(budget, swa_cap)
+        if self._chunk_cap is not None:
+            budget = min(budget, self._chunk_cap)
         if n <= budget:
             return n
         return budget if self.enable_chunked_prefill else 0
@@ -85,12 +86,13 @@ class Scheduler:
             if n == 0:
                 i += 1
                 continue
-            while (not self.bm.can_append(seq.blocks, seq.num_computed_tokens, n)
-                   and self.running[-1] is not seq):
+            fits = self.bm.can_append(seq.blocks, seq.num_computed_tokens, n)
+            while not fits and self.running[-1] is not seq:
                 victim = self.running.pop()
                 self._preempt(victim)
                 preempted.append(victim)
-            if self.bm.can_append(seq.blocks, seq.num_computed_tokens, n):
+                fits = self.bm.can_append(seq.blocks, seq.num_computed_tokens, n)
+            if fits:
                 self.bm.append(seq.blocks, seq.num_computed_tokens, n)
                 scheduled.append(ScheduledSeq(seq, n))
                 budget -= n
