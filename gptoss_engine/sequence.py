@@ -20,7 +20,9 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+# eq=False: sequences compare by identity, so the scheduler's list `in`/remove never compares
+# every field (token lists included) of the other sequences.
+@dataclass(eq=False)
 class Sequence:
     request_id: str
     prompt_token_ids: list[int]
