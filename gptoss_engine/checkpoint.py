@@ -102,6 +102,9 @@ def finalize_model(model: GptOssForCausalLM, device: torch.device | str) -> GptO
     left = [n for n, t in model.state_dict().items() if t.is_meta]
     if left:
         raise CheckpointError(f"tensors never loaded: {left[:5]}{' ...' if len(left) > 5 else ''}")
+    if torch.device(device).type == "cuda":
+        for layer in model.model.layers:
+            layer.self_attn.fuse_qkv()
     return model.eval()
 
 

@@ -52,6 +52,15 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     return add_rmsnorm
 
 
+@functools.cache
+def _rotary_qk() -> Callable[..., None] | None:
+    try:
+        from gptoss_engine.kernels.rotary import rotary_qk_
+    except ImportError:
+        return None
+    return rotary_qk_
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -65,13 +74,38 @@ class Attention(nn.Module):
         self.pool, self.layer_in_pool = c.pool_index(layer)
         self.window = c.window(layer)
         self.scale = c.head_dim ** -0.5
+        # On CUDA, fuse_qkv() makes q/k/v_proj views of one [q|k|v] weight: one GEMM and one
+        # rotary launch instead of three GEMMs (each with a split-K reduce at decode) and ~12 ops.
+        self.qkv_weight: torch.Tensor | None = None
+        self.qkv_bias: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def fuse_qkv(self) -> None:
+        """Concatenate q/k/v_proj into one weight and re-point the three projections at views of it
+        (no extra memory; state_dict keys unchanged)."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        rows = [0, self.q_proj.out_features, self.k_proj.out_features, self.v_proj.out_features]
+        for i, proj in enumerate((self.q_proj, self.k_proj, self.v_proj)):
+            lo, hi = sum(rows[:i + 1]), sum(rows[:i + 2])
+            proj.weight = nn.Parameter(w[lo:hi], requires_grad=False)
+            proj.bias = nn.Parameter(b[lo:hi], requires_grad=False)
+        self.qkv_weight, self.qkv_bias = w, b
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: StepBatch, kv: KVCache) -> torch.Tensor:
         t = x.shape[0]
-        q = apply_rotary(self.q_proj(x).view(t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(self.k_proj(x).view(t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).view(t, self.num_kv_heads, self.head_dim)
+        hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
+        if self.qkv_weight is not None and x.is_cuda and (rotary := _rotary_qk()) is not None:
+            qkv = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+            rotary(qkv, hq + hkv, d, cos, sin)
+            q = qkv[:, :hq * d].view(t, hq, d)
+            k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
+            v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
+        else:
+            q = apply_rotary(self.q_proj(x).view(t, hq, d), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(t, hkv, d), cos, sin)
+            v = self.v_proj(x).view(t, hkv, d)
         if self.pool == "full":
             pool, slots, tables = kv.full, batch.full_slot_mapping, batch.full_block_tables
         else:
