@@ -76,8 +76,8 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
     rows = T * k / E
     out: list[tuple[str, dict]] = [("default", {})]
     if T * k <= 32:
-        cfgs = [Tiles(16, bn, bk, 4, 3, 3, True) for bn in (32, 64) for bk in (128, 256)]
-        cfgs += [Tiles(16, 64, 128, 4, 3, 0, True)]
+        out.append(("gemv without PTX dequant", dict(gemv_asm=False)))
+        cfgs = [Tiles(16, 64, 128, 4, 3, 3, True)]
     elif rows <= 64:
         bm = 16 if rows <= 16 else 32
         cfgs = [Tiles(b, bn, bk, w, st, mode, mode == 3) for mode, b in ((0, bm if rows <= 16 else 64), (3, bm))

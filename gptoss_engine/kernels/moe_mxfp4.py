@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine.kernels.e2m1 import E2M1_ASM
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.moe import ExpertWeights
@@ -72,29 +73,6 @@ MODE_FP32: tl.constexpr = tl.constexpr(1)         # hand dequant, fp32 dot: Trit
 MODE_BF16: tl.constexpr = tl.constexpr(2)         # hand dequant to bf16 in registers, bf16 tensor-core dot
 MODE_ASM: tl.constexpr = tl.constexpr(3)          # dequant by bit placement in inline PTX (sm_90), bf16 dot
 
-# Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
-# each times its group scale. prmt spreads bytes (b0, b1) into the two 16-bit lanes; in each lane a
-# code s|e1e0|m lands as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1 value
-# (e = 0 gives the bf16 subnormal m * 2^-127); the two bf16x2 products by 2^63 and by the group's
-# 2^(s-64) restore it and apply the scale, all exact. About 3 instructions per weight instead of the
-# ~8.6 of Triton's dot_scaled upcast (PTX count, PERF_NOTES v5): decode is ALU-bound on the dequant.
-_E2M1_ASM: tl.constexpr = tl.constexpr("""
-{
-.reg .b32 y, t, u, z, c;
-mov.b32 z, 0;
-mov.b32 c, 0x5F005F00;
-prmt.b32 y, $4, z, 0x4140;
-shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $0, t, $5;
-shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $2, t, $5;
-prmt.b32 y, $4, z, 0x4342;
-shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $1, t, $6;
-shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $3, t, $6;
-}
-""")
 
 
 @triton.jit
@@ -153,7 +131,7 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
             if MODE == MODE_ASM:
                 s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
                 s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (N, BK // 32, 16)), (N, BK // 2))
-                w_lo, w_hi = tl.inline_asm_elementwise(_E2M1_ASM, "=r,=r,=r,=r,r,r,r", [b, s64],
+                w_lo, w_hi = tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [b, s64],
                                                        dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
             else:
                 sc = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)   # 2^(s-127) * 2^14
@@ -270,7 +248,7 @@ def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
                 tiles: Tiles | None = None, gemv: bool | None = None,
-                grouped_mm: bool | None = None) -> torch.Tensor:
+                grouped_mm: bool | None = None, gemv_asm: bool | None = None) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
     fp16 or fp32; on the tensor cores the activations enter as bf16).
 
@@ -280,7 +258,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
     gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS.
     grouped_mm: likewise for the prefill path (moe_grouped_mm); None picks it on sm_90 from
-    GROUPED_MM_MIN_ROWS mean rows per expert.
+    GROUPED_MM_MIN_ROWS mean rows per expert. gemv_asm: the GEMV's PTX dequant (default: on sm_90).
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -305,10 +283,10 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     num_pairs = T * k
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
     d_blk = d_blk.reshape(E, H, I // 2)
+    sm90 = _is_sm90(x.device)
     if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
-                                swiglu_limit, alpha)
-    sm90 = _is_sm90(x.device)
+                                swiglu_limit, alpha, asm=sm90 if gemv_asm is None else gemv_asm)
     if (tiles is None and grouped_mm is not False and sm90 and not interpret
             and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
