@@ -1,5 +1,6 @@
 """The whole model on CUDA (packed MXFP4 experts, Triton kernels, CUDA-graph decode) against the
-CPU float32 reference model holding the same weights: same greedy tokens, close logits."""
+CPU float32 reference model holding the same weights: close logits, the same tokens wherever the
+reference is not a near-tie, graph replays equal to eager.
 from __future__ import annotations
 
 import pytest
@@ -35,8 +36,11 @@ def packed_cuda_copy(cpu_model: GptOssForCausalLM) -> GptOssForCausalLM:
 
 
 def greedy(model: GptOssForCausalLM, config: ModelConfig, prompt_len: int, steps: int, device: str,
-           forward=None) -> tuple[list[list[int]], torch.Tensor]:
-    """Two sequences: prefill `prompt_len` tokens, then `steps` greedy decode steps."""
+           forward=None, forced: list[list[int]] | None = None) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Two sequences: prefill `prompt_len` tokens, then `steps` greedy decode steps. With `forced`
+    (another run's tokens), each step is fed those instead of its own argmax (teacher forcing), so
+    one near-tie cannot send the rest of the sequence down another path. Returns the per-step
+    argmax tokens and float32 CPU logits."""
     max_blocks = -(-(prompt_len + steps + 1) // BLOCK_SIZE)
     kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, model.lm_head.weight.dtype), 2 * max_blocks,
                           2 * max_blocks, device)
@@ -44,14 +48,14 @@ def greedy(model: GptOssForCausalLM, config: ModelConfig, prompt_len: int, steps
     gen = torch.Generator().manual_seed(0)
     batch = uniform_batch(2, 0, prompt_len, max_blocks, device)
     batch.input_ids = torch.randint(0, 1000, batch.input_ids.shape, generator=gen).to(device)
-    logits = forward(batch, kv)
-    first_logits = logits.float().cpu()
-    tokens = [logits.argmax(-1).tolist()]
+    logits = [forward(batch, kv).float().cpu()]
+    tokens = [logits[-1].argmax(-1).tolist()]
     for i in range(steps):
         b = uniform_batch(2, prompt_len + i, 1, max_blocks, device)
-        b.input_ids = torch.tensor(tokens[-1], device=device)
-        tokens.append(forward(b, kv).argmax(-1).tolist())
-    return tokens, first_logits
+        b.input_ids = torch.tensor(forced[i] if forced else tokens[-1], device=device)
+        logits.append(forward(b, kv).float().cpu())
+        tokens.append(logits[-1].argmax(-1).tolist())
+    return tokens, logits
 
 
 def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> None:
@@ -62,13 +66,22 @@ def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> Non
     cpu = random_model(config, "cpu", torch.float32, seed=1)
     gpu = packed_cuda_copy(cpu)
     ref_tokens, ref_logits = greedy(cpu, config, 150, 12, "cpu")
-    tokens, logits = greedy(gpu, config, 150, 12, "cuda")
-    rel = ((logits - ref_logits).norm() / ref_logits.norm()).item()
-    assert rel < 0.1, rel  # bf16 weights + activations through 4 layers vs float32
-    assert tokens[0] == ref_tokens[0]
+    # Teacher-forced on the reference's tokens: every step sees the same context as the reference.
+    tokens, logits = greedy(gpu, config, 150, 12, "cuda", forced=ref_tokens)
+    decided = 0
+    for step, (got, ref) in enumerate(zip(logits, ref_logits)):
+        rel = ((got - ref).norm() / ref.norm()).item()
+        assert rel < 0.1, (step, rel)  # bf16 weights + activations through 4 layers vs float32
+        top = ref.topk(2, dim=-1)
+        for s in range(2):
+            # A reference margin under ~1/16 of the logits' spread is a near-tie bf16 may flip
+            # (this model has one: 0.026 at step 1); every other step must pick the same token.
+            if top.values[s, 0] - top.values[s, 1] > ref[s].std() / 16:
+                decided += 1
+                assert tokens[step][s] == ref_tokens[step][s], (step, s)
+    assert decided >= 16   # not vacuous: 20 of the 26 (step, sequence) picks are decided here
     # Graph replays give the eager tokens (attention.write_kv dispatches to the sync-free kernel).
+    eager_tokens, _ = greedy(gpu, config, 150, 12, "cuda")
     graph_tokens, _ = greedy(gpu, config, 150, 12, "cuda",
                              forward=lambda m, kv: CudaGraphForward(m, kv, max_batch=4, max_blocks=16))
-    assert graph_tokens == tokens
-    agree = sum(a == b for ta, tb in zip(tokens, ref_tokens) for a, b in zip(ta, tb))
-    assert agree >= 0.8 * 2 * 13, (tokens, ref_tokens)
+    assert graph_tokens == eager_tokens
