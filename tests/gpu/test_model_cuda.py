@@ -1,6 +1,6 @@
 """The whole model on CUDA (packed MXFP4 experts, Triton kernels, CUDA-graph decode) against the
 CPU float32 reference model holding the same weights: close logits, the same tokens wherever the
-reference is not a near-tie, graph replays equal to eager.
+reference is not a near-tie, graph replays equal to eager."""
 from __future__ import annotations
 
 import pytest
