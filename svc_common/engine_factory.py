@@ -6,6 +6,8 @@ generate_from_kv / stats, see docs/DESIGN.md).
 """
 from __future__ import annotations
 
+import gc
+
 import dataclasses
 from typing import TYPE_CHECKING, Any
 
@@ -60,4 +62,10 @@ def build_engine(cfg: WorkerConfig, engine_yaml: EngineYaml) -> AsyncEngine:
     """Blocking (loads weights): run it in a thread."""
     from gptoss_engine.async_engine import AsyncEngine
 
-    return AsyncEngine.from_config(_engine_config(cfg, engine_yaml))
+    engine = AsyncEngine.from_config(_engine_config(cfg, engine_yaml))
+    # The daemon holds one engine for its whole life: move it (model, caches, graphs) out of the
+    # cyclic GC's generations, so the full collections the per-token objects trigger do not rescan
+    # it every time (measured ~0.6 s over a 1000-step batch-256 run, a pause on every stream).
+    gc.collect()
+    gc.freeze()
+    return engine
