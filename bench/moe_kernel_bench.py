@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", default="1,8,64,256,1024,8192")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     p.add_argument("--commit", default="unknown")
+    p.add_argument("--gemv-sweep", action="store_true", help="sweep the small-batch GEMV's tile constants")
     p.add_argument("--profile-tokens", type=int, default=0, help="kernel table of both prefill paths at this T")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -153,6 +154,27 @@ def main(argv: list[str] | None = None) -> int:
         d = next((r for r in rows if r["name"] == "default"), None)
         print(f"== T={T}: default {d['us'] if d else float('nan'):.1f} us; best: "
               + "; ".join(f"{r['name']} {r['us']:.1f}" for r in rows[:3]), flush=True)
+    if args.gemv_sweep:
+        # The small-batch GEMV's tile constants (moe_gemv module globals, read at each call).
+        from gptoss_engine.kernels import moe_gemv
+        base = (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN, moe_gemv._WARPS)
+        sweep = [base] + [(bg, bd, kg, kd, wp) for bg in (8, 16, 32) for bd in (8, 16, 32) for kg in (256, 512)
+                          for kd in (512, 1024) for wp in (2, 4) if (bg, bd, kg, kd, wp) != base]
+        res = {}
+        for T in (1, 8):
+            ids, wts = routing(T, E, k, gen)
+            x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+            rows = []
+            for c in sweep:
+                (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN,
+                 moe_gemv._WARPS) = c
+                rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
+            rows.sort()
+            print(f"gemv T={T}: base {base} {next(u for u, c in rows if c == base):.1f} us; best "
+                  + "; ".join(f"{c} {u:.1f}" for u, c in rows[:4]), flush=True)
+            res[str(T)] = rows
+        (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN, moe_gemv._WARPS) = base
+        (args.out / "gemv_sweep.json").write_text(json.dumps(res))
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile
         T = args.profile_tokens
