@@ -1,5 +1,26 @@
-"""e2m1 (MXFP4) -> bf16 dequantization in inline PTX, shared by the MoE kernels (sm_90 only: bf16x2 mul)."""
+"""e2m1 (MXFP4) decoding inside Triton kernels, shared by the MoE kernels.
+
+Two forms: `e2m1_x2e14` + `scale_x2e14` (plain Triton: fp16 bit placement, runs anywhere, the CPU
+interpreter included) and `dequant_asm` (inline PTX, sm_90 only: bf16x2 mul).
+"""
+import triton
 import triton.language as tl
+
+
+@triton.jit
+def e2m1_x2e14(nib):
+    """u8/int nibbles (0..15) -> their e2m1 values * 2^-14, fp32. A code s|e1e0|m placed as fp16
+    bits s<<15 | e<<10 | m<<9 reads 2^(e-15) * (1 + m/2) for e > 0 and m * 2^-15 for e = 0 (an fp16
+    subnormal): the e2m1 value times 2^-14 in both cases."""
+    n = nib.to(tl.int32)
+    bits = ((n & 8) << 12) | ((n & 7) << 9)
+    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def scale_x2e14(s):
+    """e8m0 scales -> 2^(s-127) * 2^14 (fp32, built from its bits): with e2m1_x2e14, the weight."""
+    return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 # Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
 # each times its group scale. prmt spreads bytes (b0, b1) into the two 16-bit lanes; in each lane a
@@ -24,3 +45,13 @@ shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80
 mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $3, t, $6;
 }
 """)
+
+
+@triton.jit
+def dequant_asm(packed, s, R: tl.constexpr, C: tl.constexpr):
+    """packed [R, C] u8 (two codes a byte) and scales s [R, C//16] u8 -> (low-nibble, high-nibble)
+    weights, each [R, C] bf16, scaled (E2M1_ASM)."""
+    s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
+    s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (R, C // 16, 16)), (R, C))
+    return tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [packed, s64],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)

@@ -12,9 +12,7 @@ fp32 FMAs; the output dimension is split over many programs so even batch 1 fill
     sum:     program (token, column block): sum of the token's k partials -> out[token]
 No sort/scatter routing layout and no atomics: topk_ids index the weights directly.
 
-e2m1 decode by bit placement: a code s|e1e0|m placed as fp16 bits s<<15 | e<<10 | m<<9 reads
-2^(e-15) * (1 + m/2) for e > 0 and m * 2^-15 for e = 0 (an fp16 subnormal), i.e. the e2m1 value
-times 2^-14 in both cases; the 2^14 goes into the group scale, exp2(s - 127 + 14).
+e2m1 decoding: kernels/e2m1.py (fp16 bit placement; inline PTX on sm_90).
 """
 from __future__ import annotations
 
@@ -22,24 +20,14 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_engine.kernels.e2m1 import E2M1_ASM
+from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 
-# e8m0 bias, less the 2^-14 of the fp16 bit placement (docstring).
-_SCALE_BIAS: tl.constexpr = tl.constexpr(127.0 - 14.0)
 # Output rows per program (gate_up: interleaved pairs, so 2*BN rows) and packed input per loop:
 # narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 180, down 180); wide
 # BK so each program keeps 8-16 KB of loads in flight (picked by a CUDA-graph sweep, PERF_NOTES v3).
 _BN_GATE_UP, _BN_DOWN, _BK_GATE_UP, _BK_DOWN, _WARPS = 16, 16, 512, 1024, 4
 # Columns per program of the k-partials sum (20b: 3 programs per token).
 _SUM_BLOCK = 1024
-
-
-@triton.jit
-def _e2m1(nib):
-    """u8 nibbles (0..15) -> their e2m1 values * 2^-14, fp32."""
-    n = nib.to(tl.int32)
-    bits = ((n & 8) << 12) | ((n & 7) << 9)
-    return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -62,15 +50,12 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
         s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
                     mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
         if ASM:
-            s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
-            s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (R, BK // 32, 16)), (R, BK // 2))
-            w_lo, w_hi = tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [w, s64],
-                                                   dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+            w_lo, w_hi = dequant_asm(w, s, R, BK // 2)
             acc += tl.sum(w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :], 1)
         else:
-            prod = _e2m1(w & 0xF) * xe[None, :] + _e2m1(w >> 4) * xo[None, :]        # [R, BK/2]
+            prod = e2m1_x2e14(w & 0xF) * xe[None, :] + e2m1_x2e14(w >> 4) * xo[None, :]        # [R, BK/2]
             part = tl.sum(tl.reshape(prod, (R, BK // 32, 16)), 2)                   # [R, BK/32] per group
-            acc += tl.sum(part * tl.exp2(s.to(tl.float32) - _SCALE_BIAS), 1)
+            acc += tl.sum(part * scale_x2e14(s), 1)
     return acc
 
 

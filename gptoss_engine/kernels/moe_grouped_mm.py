@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from gptoss_engine.kernels.e2m1 import e2m1_x2e14, scale_x2e14
 from gptoss_engine.moe import ExpertWeights
 
 _ROWS, _BK = 16, 512
@@ -35,9 +36,9 @@ def _dequant_kernel(blk_ptr, scl_ptr, out_ptr, num_rows, K, s_b, s_s, s_o,
     ok = (rows[:, None] < num_rows) & (kb[None, :] < K // 2)
     b = tl.load(blk_ptr + rows[:, None].to(tl.int64) * s_b + kb[None, :], mask=ok, other=0).to(tl.int32)
     s = tl.load(scl_ptr + rows[:, None].to(tl.int64) * s_s + kb[None, :] // 16, mask=ok, other=127).to(tl.int32)
-    sc = ((s + 14) << 23).to(tl.float32, bitcast=True)    # 2^(s-127) * 2^14 (bit placement below)
-    lo = (((b & 8) << 12) | ((b & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-    hi = (((b & 0x80) << 8) | ((b & 0x70) << 5)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+    sc = scale_x2e14(s)
+    lo = e2m1_x2e14(b & 0xF)
+    hi = e2m1_x2e14(b >> 4)
     w = tl.reshape(tl.join((lo * sc).to(tl.bfloat16), (hi * sc).to(tl.bfloat16)), (ROWS, BK))
     k = tl.program_id(1) * BK + tl.arange(0, BK)
     tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + k[None, :], w,

@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss_engine.kernels.e2m1 import E2M1_ASM
+from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.moe import ExpertWeights
@@ -70,22 +70,16 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
 
 MODE_DOT_SCALED: tl.constexpr = tl.constexpr(0)   # tl.dot_scaled(bf16, e2m1): Triton upcasts the weights
 MODE_FP32: tl.constexpr = tl.constexpr(1)         # hand dequant, fp32 dot: Triton's CPU interpreter
-MODE_BF16: tl.constexpr = tl.constexpr(2)         # hand dequant to bf16 in registers, bf16 tensor-core dot
 MODE_ASM: tl.constexpr = tl.constexpr(3)          # dequant by bit placement in inline PTX (sm_90), bf16 dot
 
 
 
 @triton.jit
-def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr, BF16: tl.constexpr):
-    """nib [R, BK//2] nibbles (one of a byte's two) with fp32 group scales sc [R, BK//32] (already
-    holding the 2^14 of the bit placement, moe_gemv's docstring) -> [R, BK//2] fp32 or bf16 weights."""
-    n = nib.to(tl.int32)
-    val = (((n & 8) << 12) | ((n & 7) << 9)).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr):
+    """nib [R, BK//2] nibbles (one of a byte's two) with group scales sc [R, BK//32] from
+    scale_x2e14 -> [R, BK//2] fp32 weights."""
     scb = tl.reshape(tl.broadcast_to(sc[:, :, None], (R, BK // 32, 16)), (R, BK // 2))
-    w = val * scb
-    if BF16:
-        w = w.to(tl.bfloat16)
-    return w
+    return e2m1_x2e14(nib) * scb
 
 
 @triton.jit
@@ -129,14 +123,11 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
             b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
                         mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
             if MODE == MODE_ASM:
-                s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
-                s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (N, BK // 32, 16)), (N, BK // 2))
-                w_lo, w_hi = tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [b, s64],
-                                                       dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+                w_lo, w_hi = dequant_asm(b, s, N, BK // 2)
             else:
-                sc = ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)   # 2^(s-127) * 2^14
-                w_lo = _dequant_half(b & 0xF, sc, N, BK, MODE == MODE_BF16)
-                w_hi = _dequant_half(b >> 4, sc, N, BK, MODE == MODE_BF16)
+                sc = scale_x2e14(s)
+                w_lo = _dequant_half(b & 0xF, sc, N, BK)
+                w_hi = _dequant_half(b >> 4, sc, N, BK)
             ke = k0 + 2 * tl.arange(0, BK // 2)
             if SWAP:
                 rt = tl.trans(a_rows)
@@ -222,7 +213,7 @@ class Tiles:
     bk: int             # input elements per K-loop trip
     warps: int
     stages: int
-    mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_BF16 (the kernel's constexprs)
+    mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_ASM (the kernel's constexprs)
     swap: bool = False  # weights as the left MMA operand (_expert_tile)
 
 

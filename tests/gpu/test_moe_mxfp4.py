@@ -44,7 +44,7 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
                 ("fp32 swap", dict(interpret=True, tiles=Tiles(16, 32, 64, 4, 1, swap=True))),
                 ("gemv", dict(gemv=True))]
     out = [("default", {}), ("gemv", dict(gemv=True)), ("gemv no asm", dict(gemv=True, gemv_asm=False))]
-    for mode in (0, 2, 3):
+    for mode in (0, 3):
         for swap in (False, True):
             out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
             if tokens > 64:
