@@ -11,6 +11,7 @@ Prints a table per T (us, effective weight GB/s, TFLOP/s) and writes JSON to --o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import pathlib
@@ -19,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from gptoss_engine import mxfp4
 from gptoss_engine.kernels.moe_mxfp4 import Tiles, _tiles, moe_experts
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.moe import ExpertWeights, moe_experts_reference
@@ -33,6 +35,13 @@ def random_experts(E: int, H: int, I: int, gen: torch.Generator) -> ExpertWeight
         down_bias=torch.randn(E, H, generator=gen, device="cuda").to(torch.bfloat16) * 0.02,
         gate_up_blocks=u8((E, 2 * I, H // 32, 16), 0, 256), gate_up_scales=u8((E, 2 * I, H // 32), 119, 123),
         down_blocks=u8((E, H, I // 32, 16), 0, 256), down_scales=u8((E, H, I // 32), 119, 123))
+
+
+def gpu_layout(w: ExpertWeights) -> ExpertWeights:
+    """Scale rows padded as finalize_model lays them out on the GPU (mxfp4.pad_scales)."""
+    return ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks,
+                         gate_up_scales=mxfp4.pad_scales(w.gate_up_scales), down_blocks=w.down_blocks,
+                         down_scales=mxfp4.pad_scales(w.down_scales))
 
 
 def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,21 +82,28 @@ def time_us(fn: Callable[[], object], graph: bool) -> float:
 
 
 def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
+    """(name, kwargs) to time at T tokens: the default, the default on unpadded scales, then the
+    grouped kernel's tiles varied one constant at a time around a base (a full grid costs minutes
+    of compilation per T)."""
     rows = T * k / E
-    out: list[tuple[str, dict]] = [("default", {})]
+    out: list[tuple[str, dict]] = [("default", {}), ("default, unpadded scales", dict(plain=True))]
     if T * k <= 32:
         out.append(("gemv without PTX dequant", dict(gemv_asm=False)))
         cfgs = [Tiles(16, 64, 128, 4, 3, 3, True)]
-    elif rows <= 64:
-        bm = 16 if rows <= 16 else 32
-        cfgs = [Tiles(b, bn, bk, w, st, mode, mode == 3) for mode, b in ((0, bm if rows <= 16 else 64), (3, bm))
-                for bn in (64, 128) for bk in (128, 256) for w in (4, 8) for st in (3, 4)]
+    elif rows <= 256:
+        bm = min(128, max(16, 1 << (int(rows) - 1).bit_length()))
+        base = Tiles(bm, 64, 128, 4, 3, 3, True)
+        cfgs = [base, Tiles(64 if rows > 16 else 16, 64, 128, 4, 3, 0, False)]
+        cfgs += [dataclasses.replace(base, bm=b) for b in (bm // 2, bm * 2) if 16 <= b <= 128]
+        cfgs += [dataclasses.replace(base, bn=n) for n in (32, 128)]
+        cfgs += [dataclasses.replace(base, bk=kk) for kk in (64, 256)]
+        cfgs += [dataclasses.replace(base, warps=8)]
+        cfgs += [dataclasses.replace(base, stages=st) for st in (2, 4, 5)]
+        if rows > 64:
+            out += [("grouped_mm", dict(grouped_mm=True))]
     else:
         out += [("fused default", dict(grouped_mm=False)), ("grouped_mm", dict(grouped_mm=True))]
-        cfgs = [Tiles(128, 64, 128, 4, 3, 0, False), Tiles(256, 64, 128, 8, 3, 0, False),
-                Tiles(128, 64, 128, 4, 3, 0, True), Tiles(128, 64, 128, 4, 3, 3, True),
-                Tiles(128, 64, 128, 8, 3, 3, True), Tiles(128, 128, 64, 8, 3, 3, True),
-                Tiles(256, 64, 64, 8, 3, 3, True), Tiles(64, 64, 128, 4, 3, 3, True)]
+        cfgs = []
     default = None if T * k <= 32 else _tiles(T * k, E, True)
     out += [(f"m{c.mode}{'s' if c.swap else ''} {c.bm}x{c.bn}x{c.bk} w{c.warps} st{c.stages}", dict(tiles=c))
             for c in cfgs if c != default]
@@ -95,6 +111,12 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
 
 
 def call(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights, kw: dict) -> torch.Tensor:
+    """kw: moe_experts' options, plus plain=True for the experts with unpadded scale rows."""
+    kw = dict(kw)
+    if kw.pop("plain", False):
+        w = ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks,
+                          gate_up_scales=w.gate_up_scales.contiguous(), down_blocks=w.down_blocks,
+                          down_scales=w.down_scales.contiguous())
     return moe_experts(x, ids, wts, w, 7.0, **kw)
 
 
@@ -102,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="20b")
     p.add_argument("--tokens", default="1,8,64,256,1024,8192")
+    p.add_argument("--tag", default="", help="suffix of the JSON file name")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     p.add_argument("--commit", default="unknown")
     p.add_argument("--gemv-sweep", action="store_true", help="sweep the small-batch GEMV's tile constants")
@@ -111,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_dict(preset(args.preset))
     E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w = random_experts(E, H, I, gen)
+    w = gpu_layout(random_experts(E, H, I, gen))
     expert_bytes = (2 * I * H + H * I) * (0.5 + 1 / 32)
     results: dict[str, dict[str, object]] = {}
     bad: list[str] = []
@@ -157,23 +180,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.gemv_sweep:
         # The small-batch GEMV's tile constants (moe_gemv module globals, read at each call).
         from gptoss_engine.kernels import moe_gemv
-        base = (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN, moe_gemv._WARPS)
-        sweep = [base] + [(bg, bd, kg, kd, wp) for bg in (8, 16, 32) for bd in (8, 16, 32) for kg in (256, 512)
-                          for kd in (512, 1024) for wp in (2, 4) if (bg, bd, kg, kd, wp) != base]
+        names = ("_BN_GATE_UP", "_BN_DOWN", "_BK_GATE_UP", "_BK_DOWN", "_WARPS", "_STAGES")
+        base = tuple(getattr(moe_gemv, n) for n in names)
+        sweep = [base] + [c for c in (base[:5] + (st,) for st in (1, 2, 4)) if c != base] + [
+            (bg, bd, kg, kd, wp, base[5]) for bg, bd, kg, kd, wp in
+            ((32, 16, 512, 1024, 4), (16, 32, 512, 1024, 4), (16, 16, 256, 512, 4), (16, 16, 1024, 1024, 4),
+             (16, 16, 512, 1024, 8), (32, 32, 256, 512, 4))]
         res = {}
         for T in (1, 8):
             ids, wts = routing(T, E, k, gen)
             x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
             rows = []
             for c in sweep:
-                (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN,
-                 moe_gemv._WARPS) = c
+                for n, v in zip(names, c):
+                    setattr(moe_gemv, n, v)
                 rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
             rows.sort()
-            print(f"gemv T={T}: base {base} {next(u for u, c in rows if c == base):.1f} us; best "
-                  + "; ".join(f"{c} {u:.1f}" for u, c in rows[:4]), flush=True)
+            print(f"gemv T={T}: base {base} {next(u for u, c in rows if c == base):.1f} us; "
+                  + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
             res[str(T)] = rows
-        (moe_gemv._BN_GATE_UP, moe_gemv._BN_DOWN, moe_gemv._BK_GATE_UP, moe_gemv._BK_DOWN, moe_gemv._WARPS) = base
+        for n, v in zip(names, base):
+            setattr(moe_gemv, n, v)
         (args.out / "gemv_sweep.json").write_text(json.dumps(res))
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile
@@ -192,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": datetime.date.today().isoformat(), "gpu": torch.cuda.get_device_name(), "commit": args.commit,
            "preset": args.preset, "torch": torch.__version__, "results": results, "parity_failures": bad}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"moe_kernels_{args.preset}.json").write_text(json.dumps(doc, indent=1))
+    (args.out / f"moe_kernels_{args.preset}{args.tag}.json").write_text(json.dumps(doc, indent=1))
     print("parity failures:", bad or "none")
     for T, r in results.items():
         best = r["rows"][:4]

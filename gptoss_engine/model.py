@@ -142,6 +142,13 @@ class Experts(nn.Module):
             self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
             self.down_proj = nn.Parameter(torch.zeros(e, i, h))
 
+    def pad_scales(self) -> None:
+        """On the GPU: replace the scale buffers by views into padded rows (mxfp4.pad_scales) so the
+        MoE kernels read them without masks; same shapes, values and state_dict keys."""
+        if self.packed:
+            self.gate_up_proj_scales = mxfp4.pad_scales(self.gate_up_proj_scales)
+            self.down_proj_scales = mxfp4.pad_scales(self.down_proj_scales)
+
     def weights(self) -> ExpertWeights:
         if self.packed:
             return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias,

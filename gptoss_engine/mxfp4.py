@@ -62,3 +62,32 @@ def packed_shapes(num_experts: int, out_features: int, in_features: int) -> tupl
         raise ValueError(f"MXFP4 needs in_features divisible by {GROUP}, got {in_features}")
     g = in_features // GROUP
     return (num_experts, out_features, g, GROUP // 2), (num_experts, out_features, g)
+
+
+# Scale rows padded to this many bytes (groups) on the GPU: every row starts 16-byte aligned and a
+# kernel reading whole K tiles (up to 1024 elements = 32 groups a trip) never needs a mask on the
+# scales -- masks per byte kept those loads synchronous (PERF_NOTES v6).
+SCALE_ROW_PAD = 32
+
+
+def pad_scales(scales: torch.Tensor) -> torch.Tensor:
+    """scales [.., out, G] -> the same values as a view into rows padded to SCALE_ROW_PAD bytes.
+    The padding holds 127 (2^0), so a kernel that reads it with zero-masked weights adds zeros."""
+    g = scales.shape[-1]
+    gp = -(-g // SCALE_ROW_PAD) * SCALE_ROW_PAD
+    if scales.stride(-1) == 1 and scales.stride(-2) == gp:
+        return scales
+    buf = torch.full((*scales.shape[:-1], gp), 127, dtype=scales.dtype, device=scales.device)
+    buf[..., :g].copy_(scales)
+    return buf[..., :g]
+
+
+def readable_groups(scales: torch.Tensor) -> int:
+    """How many groups of each scale row a kernel may read: the padded row length when `scales` is a
+    pad_scales view (checked against its storage), else the row's own length."""
+    g = scales.shape[-1]
+    row = scales.stride(-2) if scales.dim() >= 2 else g
+    if scales.stride(-1) != 1 or row < g or row % 16:
+        return g
+    last = scales.storage_offset() + sum((n - 1) * st for n, st in zip(scales.shape[:-1], scales.stride()[:-1]))
+    return row if last + row <= scales.untyped_storage().nbytes() else g

@@ -23,26 +23,30 @@ def scale_x2e14(s):
     return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
 # Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
-# each times its group scale. prmt spreads bytes (b0, b1) into the two 16-bit lanes; in each lane a
-# code s|e1e0|m lands as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1 value
-# (e = 0 gives the bf16 subnormal m * 2^-127); the two bf16x2 products by 2^63 and by the group's
-# 2^(s-64) restore it and apply the scale, all exact. About 3 instructions per weight instead of the
-# ~8.6 of Triton's dot_scaled upcast (PTX count, PERF_NOTES v5).
+# each times its group scale. prmt puts bytes (b0, b1) in the high bytes of the two 16-bit lanes; a
+# code s|e1e0|m must land as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1
+# value (e = 0 gives the bf16 subnormal m * 2^-127); the two bf16x2 products by 2^63 and by the
+# group's 2^(s-64) restore it and apply the scale, all exact. The magnitude bits and the sign bit
+# need different shifts; one lop3 computes (a | b) & mask over both shifted copies, which is right
+# because each copy is zero where the other one's bits belong (the high nibble's copy needs the low
+# nibble cleared first). 7 integer instructions per 4 weights (the decode MoE is bound by the
+# integer pipe, PERF_NOTES v6); checked bit-exact by tests/engine/test_e2m1_ptx.py.
 E2M1_ASM: tl.constexpr = tl.constexpr("""
 {
-.reg .b32 y, t, u, z, c;
+.reg .b32 y, h, a, b, z, c, m;
 mov.b32 z, 0;
 mov.b32 c, 0x5F005F00;
-prmt.b32 y, $4, z, 0x4140;
-shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $0, t, $5;
-shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $2, t, $5;
-prmt.b32 y, $4, z, 0x4342;
-shl.b32 t, y, 6;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 12; and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $1, t, $6;
-shl.b32 t, y, 2;  and.b32 t, t, 0x01C001C0; shl.b32 u, y, 8;  and.b32 u, u, 0x80008000; or.b32 t, t, u;
-mul.rn.bf16x2 t, t, c; mul.rn.bf16x2 $3, t, $6;
+mov.b32 m, 0x81C081C0;
+prmt.b32 y, $4, z, 0x1404;
+shr.b32 a, y, 2; shl.b32 b, y, 4; lop3.b32 a, a, b, m, 0xA8;
+mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $0, a, $5;
+and.b32 h, y, 0xF000F000; shr.b32 a, h, 6; lop3.b32 a, a, h, m, 0xA8;
+mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $2, a, $5;
+prmt.b32 y, $4, z, 0x3424;
+shr.b32 a, y, 2; shl.b32 b, y, 4; lop3.b32 a, a, b, m, 0xA8;
+mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $1, a, $6;
+and.b32 h, y, 0xF000F000; shr.b32 a, h, 6; lop3.b32 a, a, h, m, 0xA8;
+mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $3, a, $6;
 }
 """)
 

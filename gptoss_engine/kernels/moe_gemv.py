@@ -20,35 +20,49 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 
 # Output rows per program (gate_up: interleaved pairs, so 2*BN rows) and packed input per loop:
 # narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 180, down 180); wide
 # BK so each program keeps 8-16 KB of loads in flight (picked by a CUDA-graph sweep, PERF_NOTES v3).
 _BN_GATE_UP, _BN_DOWN, _BK_GATE_UP, _BK_DOWN, _WARPS = 16, 16, 512, 1024, 4
+# K-loop trips whose loads are in flight at once (tl.range's software pipelining): 1 = none, which
+# measured best (T=8: 250 vs 271 us at 3; T=1 flat; PERF_NOTES v6).
+_STAGES = 1
 # Columns per program of the k-partials sum (20b: 3 programs per token).
 _SUM_BLOCK = 1024
 
 
 @triton.jit
-def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr, ASM: tl.constexpr):
+def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr, ASM: tl.constexpr,
+               PAD_S: tl.constexpr, STAGES: tl.constexpr):
     """acc[r] += sum_k dequant(W[rows[r], k]) * x[k] over k in [0, K); W packed [rows, K/2] u8.
-    ASM (sm_90): moe_mxfp4's inline-PTX dequant yields the scaled weights as exact bf16 (~3
-    instructions a weight instead of ~6, and no per-group scale multiply); the GEMV is ALU-bound."""
+    ASM (sm_90): the inline-PTX dequant yields the scaled weights as exact bf16 (~3 instructions a
+    weight instead of ~6, and no per-group scale multiply).
+
+    The loop is software-pipelined (STAGES: loads of later trips in flight while this one computes);
+    Triton only does that for loads it can make asynchronous copies (>= 4 aligned contiguous bytes):
+    x is loaded contiguous and split into even/odd k in registers, and PAD_S (padded scale rows,
+    mxfp4.pad_scales) drops the per-byte mask on the scales (PERF_NOTES v6)."""
     half = tl.arange(0, BK // 2)
     groups = tl.arange(0, BK // 32)
     R: tl.constexpr = rows.shape[0]
-    for k0 in range(0, K, BK):
+    for k0 in tl.range(0, K, BK, num_stages=STAGES):
         kb = k0 // 2 + half
         k_ok = kb < K // 2
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * s_wn + kb[None, :],
                     mask=row_ok[:, None] & k_ok[None, :], other=0)
         # Low nibble = even k, high nibble = odd k (mxfp4.py).
-        xe = tl.load(x_ptr + 2 * kb, mask=k_ok, other=0.0).to(tl.float32)
-        xo = tl.load(x_ptr + 2 * kb + 1, mask=k_ok, other=0.0).to(tl.float32)
+        ks = k0 + tl.arange(0, BK)
+        xv = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
+        xe, xo = tl.split(tl.reshape(xv, (BK // 2, 2)))
         kg = k0 // 32 + groups
-        s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
-                    mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
+        if PAD_S:
+            s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :], mask=row_ok[:, None], other=0)
+        else:
+            s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
+                        mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
         if ASM:
             w_lo, w_hi = dequant_asm(w, s, R, BK // 2)
             acc += tl.sum(w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :], 1)
@@ -62,7 +76,8 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
 @triton.jit
 def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                   s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
-                  TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+                  TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
+                  PAD_S: tl.constexpr, STAGES: tl.constexpr):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -72,7 +87,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
     row_ok = rows < 2 * I
     acc = tl.zeros((2 * BN,), dtype=tl.float32)
     acc = _gemv_tile(acc, x_ptr + token.to(tl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                     rows, row_ok, H, s_bn, s_sn, BK, ASM)
+                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, STAGES)
     acc += tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, (BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -85,7 +100,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
 @triton.jit
 def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
                s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr):
+               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr, STAGES: tl.constexpr):
     # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
     # the programs (and bytes in flight) at batch 1; the k partials are summed by _sum_pairs.
     pair = tl.program_id(0)
@@ -95,7 +110,7 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
-                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM)
+                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, STAGES)
     acc *= tl.load(wts_ptr + pair).to(tl.float32)
     tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
 
@@ -122,18 +137,22 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
     bn_gu, bn_d, warps = _BN_GATE_UP, _BN_DOWN, _WARPS
+    bk_gu = min(_BK_GATE_UP, triton.next_power_of_2(H))
+    bk_d = min(_BK_DOWN, triton.next_power_of_2(I))
+    pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk_gu) * bk_gu
+    pad_d = mxfp4.readable_groups(d_scl) * 32 >= triton.cdiv(I, bk_d) * bk_d
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     inter = torch.empty((T * k, I), dtype=torch.float32, device=x.device)
     _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, BN=bn_gu, BK=min(_BK_GATE_UP, triton.next_power_of_2(H)), ASM=asm, num_warps=warps)
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, STAGES=_STAGES, num_warps=warps)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_gemv[(T * k, triton.cdiv(H, bn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), BN=bn_d, BK=min(_BK_DOWN, triton.next_power_of_2(I)), ASM=asm, num_warps=warps)
+        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, STAGES=_STAGES, num_warps=warps)
     out = torch.empty_like(x)
     _sum_pairs[(T, triton.cdiv(H, _SUM_BLOCK))](part, out, H, part.stride(0), out.stride(0),
                                                 TOPK=k, BLOCK=_SUM_BLOCK, num_warps=4)

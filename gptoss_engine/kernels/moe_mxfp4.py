@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
@@ -84,14 +85,20 @@ def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr):
 
 @triton.jit
 def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
-                 BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr):
+                 BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
+                 PAD_S: tl.constexpr):
     """[BM, N] fp32 = a [BM, K] @ one expert's packed MXFP4 weight columns `cols` (K-loop shared by
     the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales.
 
     SWAP computes the transposed product W [N, K] @ a^T [K, BM] instead: the dequantized weights are
     then the left operand, which Hopper's wgmma may take straight from registers (the right operand
     must sit in shared memory), and a few token rows fill the MMA's narrow N side instead of padding
-    its 64-row M side. Returned transposed back to [BM, N] either way."""
+    its 64-row M side. Returned transposed back to [BM, N] either way.
+
+    Every load of the loop must be one Triton can turn into an asynchronous copy (>= 4 aligned
+    contiguous bytes), or each trip waits a full memory latency for it: PAD_S (scale rows padded to
+    a 16-byte stride covering every trip, see pad_expert_scales) drops the mask that made the
+    scale loads byte-wise, and activations are loaded as contiguous rows (PERF_NOTES v6)."""
     if SWAP:
         acc = tl.zeros((N, BM), dtype=tl.float32)
     else:
@@ -99,27 +106,33 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
     for k0 in range(0, K, BK):
         kb = k0 // 2 + tl.arange(0, BK // 2)
         kg = k0 // 32 + tl.arange(0, BK // 32)
-        # Weights as [N, BK/2] (16-byte runs along the packed K of each row) and scales [N, BK/32].
-        s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
-                    mask=col_ok[:, None] & (kg[None, :] < K // 32), other=127)
+        ks = k0 + tl.arange(0, BK)
+        # Scales [N, BK/32]; the padding columns hold 127 (x1) and meet zero-masked weights.
+        if PAD_S:
+            s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :], mask=col_ok[:, None], other=127)
+        else:
+            s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
+                        mask=col_ok[:, None] & (kg[None, :] < K // 32), other=127)
+        if SWAP:
+            at = tl.load(tl.trans(a_rows) + ks[:, None], mask=tl.trans(row_ok[:, None]) & (ks[:, None] < K),
+                         other=0.0)                                             # [BK, BM]
+        else:
+            a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)  # [BM, BK]
         if MODE == MODE_DOT_SCALED:
-            ks = k0 + tl.arange(0, BK)
+            # dot_scaled takes bf16 activations only: fp32/fp16 inputs (an fp32 engine on CUDA)
+            # are rounded to bf16 here, in registers, rather than failing to compile.
             if SWAP:
                 b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
                             mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-                at = tl.load(tl.trans(a_rows) + ks[:, None], mask=tl.trans(row_ok[:, None]) & (ks[:, None] < K),
-                             other=0.0)
                 acc = tl.dot_scaled(b, s, "e2m1", at.to(tl.bfloat16), None, "bf16", acc=acc)
             else:
-                a = tl.load(a_rows + ks[None, :], mask=row_ok[:, None] & (ks[None, :] < K), other=0.0)
-                # dot_scaled takes bf16 activations only: fp32/fp16 inputs (an fp32 engine on CUDA)
-                # are rounded to bf16 here, in registers, rather than failing to compile.
                 bt = tl.load(wb + cols[None, :].to(tl.int64) * s_bn + kb[:, None],
                              mask=col_ok[None, :] & (kb[:, None] < K // 2), other=0)
                 acc = tl.dot_scaled(a.to(tl.bfloat16), None, "bf16", bt, s, "e2m1", acc=acc)
         else:
-            # Hand dequant: the low nibbles hold even k, the high nibbles odd k (mxfp4.py), so the
-            # tile is two half-K products against the even and odd activation columns (no interleave).
+            # Hand dequant: the low nibble of byte c holds k = 2c, the high nibble k = 2c + 1
+            # (mxfp4.py); joining the two halves puts each byte's pair side by side -- the
+            # adjacent-k pairs the MMA operand wants -- so the weights meet contiguous activations.
             b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
                         mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
             if MODE == MODE_ASM:
@@ -128,20 +141,19 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
                 sc = scale_x2e14(s)
                 w_lo = _dequant_half(b & 0xF, sc, N, BK)
                 w_hi = _dequant_half(b >> 4, sc, N, BK)
-            ke = k0 + 2 * tl.arange(0, BK // 2)
+            w = tl.reshape(tl.join(w_lo, w_hi), (N, BK))
             if SWAP:
-                rt = tl.trans(a_rows)
-                mt = tl.trans(row_ok[:, None]) & (ke[:, None] < K)
-                a_e = tl.load(rt + ke[:, None], mask=mt, other=0.0).to(w_lo.dtype)
-                a_o = tl.load(rt + ke[:, None] + 1, mask=mt, other=0.0).to(w_lo.dtype)
-                acc = tl.dot(w_lo, a_e, acc)
-                acc = tl.dot(w_hi, a_o, acc)
+                # Permute k the same way in both operands (the product is unchanged): the MMA's
+                # register operand gives quad lane t the byte pairs t, t+4 of every 16-k block, so
+                # in stored order each thread's bytes lay 4 apart and were loaded one by one.
+                # Reading the stored tile as (t, block, pair, nibble) makes them one contiguous run
+                # per thread -- 16-byte shared loads instead of byte loads (-26% loop instructions,
+                # PERF_NOTES v6); the activations, a few rows, take the permutation instead.
+                w = tl.reshape(tl.permute(tl.reshape(w, (N, 4, BK // 16, 2, 2)), (0, 2, 3, 1, 4)), (N, BK))
+                at = tl.reshape(tl.permute(tl.reshape(at, (4, BK // 16, 2, 2, BM)), (1, 2, 0, 3, 4)), (BK, BM))
+                acc = tl.dot(w, at.to(w.dtype), acc)
             else:
-                m = row_ok[:, None] & (ke[None, :] < K)
-                a_e = tl.load(a_rows + ke[None, :], mask=m, other=0.0).to(w_lo.dtype)
-                a_o = tl.load(a_rows + ke[None, :] + 1, mask=m, other=0.0).to(w_lo.dtype)
-                acc = tl.dot(a_e, tl.trans(w_lo), acc)
-                acc = tl.dot(a_o, tl.trans(w_hi), acc)
+                acc = tl.dot(a.to(w.dtype), tl.trans(w), acc)
     if SWAP:
         res = tl.trans(acc)
     else:
@@ -154,7 +166,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
                     num_pairs, H, I, limit, alpha,
                     s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    MODE: tl.constexpr, SWAP: tl.constexpr):
+                    MODE: tl.constexpr, SWAP: tl.constexpr, PAD_S: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -169,7 +181,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     col_ok = cols < 2 * I
     acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP)
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -184,7 +196,8 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
 def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sorted_pair_ptr, block_expert_ptr,
                  num_pairs, H, I,
                  s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
-                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr):
+                 BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
+                 PAD_S: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -197,7 +210,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
     col_ok = cols < H
     acc = _expert_tile(inter_ptr + rows[:, None].to(tl.int64) * s_it, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP)
+                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP, PAD_S)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
@@ -224,11 +237,19 @@ def _is_sm90(device: torch.device) -> bool:
 
 
 def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
-    """Default tiles from the mean rows per expert (CUDA-graph sweep on the H100, PERF_NOTES v5)."""
+    """Default tiles from the mean rows per expert (CUDA-graph sweeps on the H100, PERF_NOTES v5/v6).
+    On sm_90 every size below the grouped_mm threshold takes weights-left tiles with the PTX dequant:
+    the dequant's integer work bounds these kernels, so a tile holds each expert's rows in as few
+    row blocks as possible (every block dequantizes the weights again)."""
     rows_per_expert = num_pairs / num_experts
+    if sm90:
+        if rows_per_expert <= 16:
+            return Tiles(16, 64, 128, 4, 3, MODE_ASM, True)
+        if rows_per_expert <= 48:
+            return Tiles(32, 64, 128, 4, 3, MODE_ASM, True)
+        return Tiles(64, 64, 128, 4, 3, MODE_ASM, True)     # T=1024: 1211 us; 128-row blocks 1258
     if rows_per_expert <= 16:
-        # decode: weight-bandwidth-bound; weights-left tiles with the PTX dequant were 15% faster (b64)
-        return Tiles(16, 64, 128, 4, 3, MODE_ASM, True) if sm90 else Tiles(16, 64, 128, 4, 4)
+        return Tiles(16, 64, 128, 4, 4)
     if rows_per_expert <= 64:
         return Tiles(64, 64, 128, 4, 3)
     if rows_per_expert <= 512:
@@ -285,6 +306,9 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     if interpret:
         t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
+    # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
+    pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk) * bk
+    pad_d = mxfp4.readable_groups(d_scl) * 32 >= triton.cdiv(I, bk) * bk
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
@@ -294,7 +318,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         num_pairs, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0),
-        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, num_warps=warps, num_stages=stages)
+        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, num_warps=warps, num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     grid = (cap // bm, triton.cdiv(H, bn))
@@ -303,5 +327,5 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         num_pairs, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
-        BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, num_warps=warps, num_stages=stages)
+        BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_d, num_warps=warps, num_stages=stages)
     return pair_out.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -76,6 +76,22 @@ def test_mxfp4_layout_conversion_transposes() -> None:
     assert torch.equal(back, mxfp4.dequantize(*mxfp4.quantize(dense.transpose(1, 2))).transpose(1, 2))
 
 
+def test_mxfp4_padded_scales_keep_values_and_say_how_far_to_read() -> None:
+    """The GPU layout: scale rows padded to SCALE_ROW_PAD bytes of 2^0, same shape and values."""
+    scales = torch.randint(100, 140, (3, 5, 90), dtype=torch.uint8)
+    assert mxfp4.readable_groups(scales) == 90                       # contiguous: only its own groups
+    p = mxfp4.pad_scales(scales)
+    assert p.shape == scales.shape and torch.equal(p, scales) and p.stride() == (5 * 96, 96, 1)
+    assert mxfp4.readable_groups(p) == 96
+    assert (p.as_strided((3, 5, 96), p.stride())[..., 90:] == 127).all()   # padding reads as x1
+    assert mxfp4.pad_scales(p) is p                                   # idempotent
+    assert mxfp4.readable_groups(p[:, :, :40]) == 96                  # a narrower view of padded rows
+    assert mxfp4.readable_groups(scales[:, :, :40]) == 40             # stride 90: not 16-byte aligned
+    # A view whose last row's padding would run past the storage must not claim it.
+    tail = torch.zeros(2 * 96 + 90, dtype=torch.uint8).as_strided((3, 90), (96, 1))
+    assert mxfp4.readable_groups(tail) == 90
+
+
 def test_mxfp4_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         mxfp4.quantize(torch.zeros(2, 33))

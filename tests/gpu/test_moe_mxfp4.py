@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gptoss_engine import mxfp4
 from gptoss_engine.moe import ExpertWeights, moe_experts_reference, route
 
 pytestmark = pytest.mark.gpu
@@ -52,14 +53,25 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
     return out
 
 
+def padded(w: ExpertWeights) -> ExpertWeights:
+    """The same experts with scale rows padded as finalize_model lays them out on the GPU."""
+    gu_s, d_s = mxfp4.pad_scales(w.gate_up_scales), mxfp4.pad_scales(w.down_scales)
+    assert mxfp4.readable_groups(gu_s) % mxfp4.SCALE_ROW_PAD == 0 and torch.equal(gu_s, w.gate_up_scales)
+    return ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks, gate_up_scales=gu_s,
+                         down_blocks=w.down_blocks, down_scales=d_s)
+
+
+@pytest.mark.parametrize("pad", [False, True], ids=["plain", "padded-scales"])
 @pytest.mark.parametrize("tokens,experts,top_k,hidden,inter", SHAPES)
 def test_matches_reference(device: str, interpreted: bool, tokens: int, experts: int, top_k: int,
-                           hidden: int, inter: int) -> None:
+                           hidden: int, inter: int, pad: bool) -> None:
     from gptoss_engine.kernels.moe_mxfp4 import moe_experts
     if interpreted and tokens > 64:
         pytest.skip("too slow under the interpreter")
     gen = torch.Generator().manual_seed(tokens * 1000 + experts)
     w = random_packed_experts(experts, hidden, inter, device, gen)
+    if pad:
+        w = padded(w)
     x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
     router_w = torch.randn(experts, hidden, generator=gen).to(device, torch.bfloat16)
     ids, wts = route(x, router_w, torch.zeros(experts, device=device, dtype=torch.bfloat16), top_k)
