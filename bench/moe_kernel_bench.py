@@ -20,7 +20,6 @@ from typing import Callable
 
 import torch
 
-from gptoss_engine import mxfp4
 from gptoss_engine.kernels.moe_mxfp4 import Tiles, _tiles, moe_experts
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.moe import ExpertWeights, moe_experts_reference
@@ -35,13 +34,6 @@ def random_experts(E: int, H: int, I: int, gen: torch.Generator) -> ExpertWeight
         down_bias=torch.randn(E, H, generator=gen, device="cuda").to(torch.bfloat16) * 0.02,
         gate_up_blocks=u8((E, 2 * I, H // 32, 16), 0, 256), gate_up_scales=u8((E, 2 * I, H // 32), 119, 123),
         down_blocks=u8((E, H, I // 32, 16), 0, 256), down_scales=u8((E, H, I // 32), 119, 123))
-
-
-def gpu_layout(w: ExpertWeights) -> ExpertWeights:
-    """Scale rows padded as finalize_model lays them out on the GPU (mxfp4.pad_scales)."""
-    return ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks,
-                         gate_up_scales=mxfp4.pad_scales(w.gate_up_scales), down_blocks=w.down_blocks,
-                         down_scales=mxfp4.pad_scales(w.down_scales))
 
 
 def routing(T: int, E: int, k: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +78,8 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
     grouped kernel's tiles varied one constant at a time around a base (a full grid costs minutes
     of compilation per T)."""
     rows = T * k / E
-    out: list[tuple[str, dict]] = [("default", {}), ("default, unpadded scales", dict(plain=True))]
+    out: list[tuple[str, dict]] = [("default", {}), ("default, as loaded", dict(plain=True)),
+                                       ("default, two scale multiplies", dict(two_mul=True))]
     if T * k <= 32:
         out.append(("gemv without PTX dequant", dict(gemv_asm=False)))
         cfgs = [Tiles(16, 64, 128, 4, 3, 3, True)]
@@ -111,8 +104,11 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
 
 
 def call(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights, kw: dict) -> torch.Tensor:
-    """kw: moe_experts' options, plus plain=True for the experts with unpadded scale rows."""
+    """kw: moe_experts' options, plus plain=True for the experts as loaded (scale rows unpadded,
+    largest scale unknown: two scale multiplies)."""
     kw = dict(kw)
+    if kw.pop("two_mul", False):
+        w = dataclasses.replace(w, scale_max=None)
     if kw.pop("plain", False):
         w = ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks,
                           gate_up_scales=w.gate_up_scales.contiguous(), down_blocks=w.down_blocks,
@@ -134,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = ModelConfig.from_dict(preset(args.preset))
     E, k, H, I = cfg.num_local_experts, cfg.num_experts_per_tok, cfg.hidden_size, cfg.intermediate_size
     gen = torch.Generator(device="cuda").manual_seed(0)
-    w = gpu_layout(random_experts(E, H, I, gen))
+    w = random_experts(E, H, I, gen).kernel_layout()   # as finalize_model lays experts out on the GPU
     expert_bytes = (2 * I * H + H * I) * (0.5 + 1 / 32)
     results: dict[str, dict[str, object]] = {}
     bad: list[str] = []

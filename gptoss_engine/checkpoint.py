@@ -105,7 +105,7 @@ def finalize_model(model: GptOssForCausalLM, device: torch.device | str) -> GptO
     if torch.device(device).type == "cuda":
         for layer in model.model.layers:
             layer.self_attn.fuse_qkv()
-            layer.mlp.experts.pad_scales()
+            layer.mlp.experts.to_kernel_layout()
     return model.eval()
 
 

@@ -129,6 +129,7 @@ class Experts(nn.Module):
         super().__init__()
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.packed = packed
+        self.scale_max: int | None = None   # set by to_kernel_layout
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
         if packed:
@@ -142,18 +143,20 @@ class Experts(nn.Module):
             self.gate_up_proj = nn.Parameter(torch.zeros(e, h, 2 * i))
             self.down_proj = nn.Parameter(torch.zeros(e, i, h))
 
-    def pad_scales(self) -> None:
-        """On the GPU: replace the scale buffers by views into padded rows (mxfp4.pad_scales) so the
-        MoE kernels read them without masks; same shapes, values and state_dict keys."""
+    def to_kernel_layout(self) -> None:
+        """On the GPU: the scale buffers become views into padded rows and the largest scale is
+        recorded (ExpertWeights.kernel_layout); same shapes, values and state_dict keys."""
         if self.packed:
-            self.gate_up_proj_scales = mxfp4.pad_scales(self.gate_up_proj_scales)
-            self.down_proj_scales = mxfp4.pad_scales(self.down_proj_scales)
+            w = self.weights().kernel_layout()
+            self.gate_up_proj_scales, self.down_proj_scales = w.gate_up_scales, w.down_scales
+            self.scale_max = w.scale_max
 
     def weights(self) -> ExpertWeights:
         if self.packed:
             return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias,
                                  gate_up_blocks=self.gate_up_proj_blocks, gate_up_scales=self.gate_up_proj_scales,
-                                 down_blocks=self.down_proj_blocks, down_scales=self.down_proj_scales)
+                                 down_blocks=self.down_proj_blocks, down_scales=self.down_proj_scales,
+                                 scale_max=self.scale_max)
         return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias, gate_up=self.gate_up_proj,
                              down=self.down_proj)
 

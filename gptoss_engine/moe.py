@@ -9,6 +9,7 @@ On CUDA, when the Triton kernels import, `moe_experts` dispatches to
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Callable
@@ -30,6 +31,9 @@ class ExpertWeights:
     gate_up_scales: torch.Tensor | None = None   # [E, 2I, H/32] u8
     down_blocks: torch.Tensor | None = None      # [E, H, I/32, 16] u8
     down_scales: torch.Tensor | None = None      # [E, H, I/32] u8
+    # Largest e8m0 scale of the packed experts when known (kernel_layout records it): the GPU dequant
+    # applies scales <= 128 with one multiply instead of two (kernels/e2m1.py). None = not known.
+    scale_max: int | None = None
 
     def __post_init__(self) -> None:
         dense = self.gate_up is not None and self.down is not None
@@ -41,6 +45,15 @@ class ExpertWeights:
     @property
     def packed(self) -> bool:
         return self.gate_up is None
+
+    def kernel_layout(self) -> ExpertWeights:
+        """Packed experts as the GPU kernels read them fastest: scale rows padded
+        (mxfp4.pad_scales; same shapes and values) and scale_max recorded (one device sync)."""
+        if not self.packed:
+            return self
+        gu_s, d_s = mxfp4.pad_scales(self.gate_up_scales), mxfp4.pad_scales(self.down_scales)  # type: ignore[arg-type]
+        return dataclasses.replace(self, gate_up_scales=gu_s, down_scales=d_s,
+                                   scale_max=int(max(gu_s.max().item(), d_s.max().item())))
 
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (gate_up [H, 2I], down [I, H]) of expert e, dequantizing if packed."""

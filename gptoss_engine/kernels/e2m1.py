@@ -25,13 +25,16 @@ def scale_x2e14(s):
 # Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
 # each times its group scale. prmt puts bytes (b0, b1) in the high bytes of the two 16-bit lanes; a
 # code s|e1e0|m must land as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1
-# value (e = 0 gives the bf16 subnormal m * 2^-127); the two bf16x2 products by 2^63 and by the
-# group's 2^(s-64) restore it and apply the scale, all exact. The magnitude bits and the sign bit
-# need different shifts; one lop3 computes (a | b) & mask over both shifted copies, which is right
-# because each copy is zero where the other one's bits belong (the high nibble's copy needs the low
-# nibble cleared first). 7 integer instructions per 4 weights (the decode MoE is bound by the
-# integer pipe, PERF_NOTES v6); checked bit-exact by tests/engine/test_e2m1_ptx.py.
-E2M1_ASM: tl.constexpr = tl.constexpr("""
+# value (e = 0 gives the bf16 subnormal m * 2^-127). The magnitude bits and the sign bit need
+# different shifts; one lop3 computes (a | b) & mask over both shifted copies, which is right because
+# each copy is zero where the other one's bits belong (the high nibble's copy needs the low nibble
+# cleared first): 7 integer instructions per 4 weights, the integer pipe being what bounds the decode
+# MoE (PERF_NOTES v6). Then the scale, exactly:
+#   two multiplies, by 2^63 and by the group's 2^(s-64) (operands $5/$6): any scale s <= 191;
+#   one multiply by 2^(s-1): s <= 128 (bf16's largest power of two is 2^127) -- the weights' largest
+#   scale is recorded at load time (ExpertWeights.scale_max) to choose.
+# Both are checked bit-exact against mxfp4.dequantize by tests/engine/test_e2m1_ptx.py.
+_E2M1_PTX = """
 {
 .reg .b32 y, h, a, b, z, c, m;
 mov.b32 z, 0;
@@ -39,23 +42,34 @@ mov.b32 c, 0x5F005F00;
 mov.b32 m, 0x81C081C0;
 prmt.b32 y, $4, z, 0x1404;
 shr.b32 a, y, 2; shl.b32 b, y, 4; lop3.b32 a, a, b, m, 0xA8;
-mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $0, a, $5;
+SCALE $0, a, $5;
 and.b32 h, y, 0xF000F000; shr.b32 a, h, 6; lop3.b32 a, a, h, m, 0xA8;
-mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $2, a, $5;
+SCALE $2, a, $5;
 prmt.b32 y, $4, z, 0x3424;
 shr.b32 a, y, 2; shl.b32 b, y, 4; lop3.b32 a, a, b, m, 0xA8;
-mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $1, a, $6;
+SCALE $1, a, $6;
 and.b32 h, y, 0xF000F000; shr.b32 a, h, 6; lop3.b32 a, a, h, m, 0xA8;
-mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $3, a, $6;
+SCALE $3, a, $6;
 }
-""")
+"""
+E2M1_ASM: tl.constexpr = tl.constexpr(
+    "".join(line.replace("SCALE $", "mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $") + "\n"
+            for line in _E2M1_PTX.strip("\n").splitlines()))
+E2M1_ASM_1MUL: tl.constexpr = tl.constexpr(
+    "".join(line.replace("SCALE $", "mul.rn.bf16x2 $") + "\n"
+            for line in _E2M1_PTX.strip("\n").splitlines() if "mov.b32 c," not in line))
 
 
 @triton.jit
-def dequant_asm(packed, s, R: tl.constexpr, C: tl.constexpr):
+def dequant_asm(packed, s, R: tl.constexpr, C: tl.constexpr, ONE_MUL: tl.constexpr = False):
     """packed [R, C] u8 (two codes a byte) and scales s [R, C//16] u8 -> (low-nibble, high-nibble)
-    weights, each [R, C] bf16, scaled (E2M1_ASM)."""
-    s64 = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
-    s64 = tl.reshape(tl.broadcast_to(s64[:, :, None], (R, C // 16, 16)), (R, C))
-    return tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [packed, s64],
+    weights, each [R, C] bf16, scaled (E2M1_ASM; ONE_MUL: E2M1_ASM_1MUL, every scale <= 128)."""
+    if ONE_MUL:
+        sb = ((s.to(tl.int32) + 126) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-1)
+        sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (R, C // 16, 16)), (R, C))
+        return tl.inline_asm_elementwise(E2M1_ASM_1MUL, "=r,=r,=r,=r,r,r,r", [packed, sb],
+                                         dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+    sb = ((s.to(tl.int32) + 63) << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)   # 2^(s-64)
+    sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (R, C // 16, 16)), (R, C))
+    return tl.inline_asm_elementwise(E2M1_ASM, "=r,=r,=r,=r,r,r,r", [packed, sb],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)

@@ -36,7 +36,7 @@ _SUM_BLOCK = 1024
 
 @triton.jit
 def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr, ASM: tl.constexpr,
-               PAD_S: tl.constexpr, STAGES: tl.constexpr):
+               PAD_S: tl.constexpr, STAGES: tl.constexpr, ONE_MUL: tl.constexpr):
     """acc[r] += sum_k dequant(W[rows[r], k]) * x[k] over k in [0, K); W packed [rows, K/2] u8.
     ASM (sm_90): the inline-PTX dequant yields the scaled weights as exact bf16 (~3 instructions a
     weight instead of ~6, and no per-group scale multiply).
@@ -64,7 +64,7 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
             s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
                         mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
         if ASM:
-            w_lo, w_hi = dequant_asm(w, s, R, BK // 2)
+            w_lo, w_hi = dequant_asm(w, s, R, BK // 2, ONE_MUL)
             acc += tl.sum(w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :], 1)
         else:
             prod = e2m1_x2e14(w & 0xF) * xe[None, :] + e2m1_x2e14(w >> 4) * xo[None, :]        # [R, BK/2]
@@ -77,7 +77,7 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
 def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                   s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                   TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
-                  PAD_S: tl.constexpr, STAGES: tl.constexpr):
+                  PAD_S: tl.constexpr, STAGES: tl.constexpr, ONE_MUL: tl.constexpr):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -87,7 +87,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
     row_ok = rows < 2 * I
     acc = tl.zeros((2 * BN,), dtype=tl.float32)
     acc = _gemv_tile(acc, x_ptr + token.to(tl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, STAGES)
+                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, STAGES, ONE_MUL)
     acc += tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, (BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -100,7 +100,8 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
 @triton.jit
 def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
                s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr, STAGES: tl.constexpr):
+               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr, STAGES: tl.constexpr,
+               ONE_MUL: tl.constexpr):
     # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
     # the programs (and bytes in flight) at batch 1; the k partials are summed by _sum_pairs.
     pair = tl.program_id(0)
@@ -110,7 +111,7 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
-                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, STAGES)
+                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, STAGES, ONE_MUL)
     acc *= tl.load(wts_ptr + pair).to(tl.float32)
     tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
 
@@ -130,7 +131,7 @@ def _sum_pairs(part_ptr, out_ptr, H, s_pt, s_ot, TOPK: tl.constexpr, BLOCK: tl.c
 def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
                      d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                     swiglu_limit: float, alpha: float, asm: bool = False) -> torch.Tensor:
+                     swiglu_limit: float, alpha: float, asm: bool = False, one_mul: bool = False) -> torch.Tensor:
     """x [T, H] -> [T, H]. Expert tensors in checkpoint layout, blocks flattened to [E, out, in/2];
     shapes were checked by the caller (moe_mxfp4.moe_experts)."""
     T, H = x.shape
@@ -147,12 +148,12 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, STAGES=_STAGES, num_warps=warps)
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, STAGES=_STAGES, ONE_MUL=one_mul, num_warps=warps)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_gemv[(T * k, triton.cdiv(H, bn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, STAGES=_STAGES, num_warps=warps)
+        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, STAGES=_STAGES, ONE_MUL=one_mul, num_warps=warps)
     out = torch.empty_like(x)
     _sum_pairs[(T, triton.cdiv(H, _SUM_BLOCK))](part, out, H, part.stride(0), out.stride(0),
                                                 TOPK=k, BLOCK=_SUM_BLOCK, num_warps=4)

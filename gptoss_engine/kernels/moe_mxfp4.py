@@ -17,6 +17,7 @@ of weight traffic -- what makes batch-1 decode memory-bound on the touched exper
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -72,6 +73,7 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
 MODE_DOT_SCALED: tl.constexpr = tl.constexpr(0)   # tl.dot_scaled(bf16, e2m1): Triton upcasts the weights
 MODE_FP32: tl.constexpr = tl.constexpr(1)         # hand dequant, fp32 dot: Triton's CPU interpreter
 MODE_ASM: tl.constexpr = tl.constexpr(3)          # dequant by bit placement in inline PTX (sm_90), bf16 dot
+MODE_ASM1: tl.constexpr = tl.constexpr(4)         # ... with one scale multiply: every scale <= 128 (e2m1.py)
 
 
 
@@ -135,8 +137,8 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
             # adjacent-k pairs the MMA operand wants -- so the weights meet contiguous activations.
             b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
                         mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-            if MODE == MODE_ASM:
-                w_lo, w_hi = dequant_asm(b, s, N, BK // 2)
+            if MODE == MODE_ASM or MODE == MODE_ASM1:
+                w_lo, w_hi = dequant_asm(b, s, N, BK // 2, MODE == MODE_ASM1)
             else:
                 sc = scale_x2e14(s)
                 w_lo = _dequant_half(b & 0xF, sc, N, BK)
@@ -297,14 +299,18 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     d_blk = d_blk.reshape(E, H, I // 2)
     sm90 = _is_sm90(x.device)
     if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
+        asm = sm90 if gemv_asm is None else gemv_asm
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
-                                swiglu_limit, alpha, asm=sm90 if gemv_asm is None else gemv_asm)
+                                swiglu_limit, alpha, asm=asm,
+                                one_mul=asm and w.scale_max is not None and w.scale_max <= 128)
     if (tiles is None and grouped_mm is not False and sm90 and not interpret
             and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:
         t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
+    elif t.mode == MODE_ASM and w.scale_max is not None and w.scale_max <= 128:
+        t = dataclasses.replace(t, mode=int(MODE_ASM1))
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
     pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk) * bk

@@ -92,6 +92,18 @@ def test_mxfp4_padded_scales_keep_values_and_say_how_far_to_read() -> None:
     assert mxfp4.readable_groups(tail) == 90
 
 
+def test_expert_kernel_layout_pads_scales_and_records_the_largest() -> None:
+    from gptoss_engine.moe import ExpertWeights
+    gu_b, gu_s = mxfp4.quantize(torch.randn(2, 8, 64))
+    d_b, d_s = mxfp4.quantize(torch.randn(2, 64, 32) * 40)
+    w = ExpertWeights(torch.zeros(2, 8), torch.zeros(2, 64), gate_up_blocks=gu_b, gate_up_scales=gu_s,
+                      down_blocks=d_b, down_scales=d_s)
+    k = w.kernel_layout()
+    assert w.scale_max is None and k.scale_max == int(max(gu_s.max(), d_s.max()))
+    assert torch.equal(k.down_scales, d_s) and mxfp4.readable_groups(k.down_scales) == mxfp4.SCALE_ROW_PAD
+    assert k.gate_up_blocks is w.gate_up_blocks
+
+
 def test_mxfp4_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         mxfp4.quantize(torch.zeros(2, 33))

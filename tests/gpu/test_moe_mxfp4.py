@@ -54,11 +54,11 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
 
 
 def padded(w: ExpertWeights) -> ExpertWeights:
-    """The same experts with scale rows padded as finalize_model lays them out on the GPU."""
-    gu_s, d_s = mxfp4.pad_scales(w.gate_up_scales), mxfp4.pad_scales(w.down_scales)
-    assert mxfp4.readable_groups(gu_s) % mxfp4.SCALE_ROW_PAD == 0 and torch.equal(gu_s, w.gate_up_scales)
-    return ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks, gate_up_scales=gu_s,
-                         down_blocks=w.down_blocks, down_scales=d_s)
+    """The same experts as finalize_model lays them out on the GPU (padded scale rows, scale_max)."""
+    k = w.kernel_layout()
+    assert mxfp4.readable_groups(k.gate_up_scales) % mxfp4.SCALE_ROW_PAD == 0
+    assert torch.equal(k.gate_up_scales, w.gate_up_scales) and k.scale_max == int(w.gate_up_scales.max())
+    return k
 
 
 @pytest.mark.parametrize("pad", [False, True], ids=["plain", "padded-scales"])
@@ -82,6 +82,24 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, experts:
         assert torch.isfinite(out).all(), name
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         assert rel < 2e-2, (name, rel)
+
+
+def test_large_scales_take_the_two_multiply_dequant(device: str, interpreted: bool) -> None:
+    """Scales above 128 (2^(s-1) overflows bf16) must keep the exact two-multiply dequant."""
+    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
+    gen = torch.Generator().manual_seed(5)
+    w = random_packed_experts(8, 64, 96, device, gen)
+    w.gate_up_scales[2] = 131                       # weights up to 6 * 2^4
+    k = w.kernel_layout()
+    assert k.scale_max == 131
+    x = torch.randn(6, 64, generator=gen).to(device, torch.bfloat16) * 0.01
+    ids = torch.tensor([[2, 0], [2, 1], [3, 2], [2, 4], [5, 2], [2, 7]], device=device)
+    wts = torch.full((6, 2), 0.5, device=device)
+    ref = fp32_reference(x, ids, wts, w, 7.0)
+    for gemv in (False, True):
+        out = moe_experts(x, ids, wts, k, 7.0, interpret=interpreted, gemv=gemv)
+        assert torch.isfinite(out).all(), gemv
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, gemv
 
 
 def test_grouped_mm_path_matches_reference(device: str, interpreted: bool) -> None:
