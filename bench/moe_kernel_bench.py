@@ -73,7 +73,7 @@ def time_us(fn: Callable[[], object], graph: bool) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
+def variants(T: int, E: int, k: int, wide: bool = False) -> list[tuple[str, dict]]:
     """(name, kwargs) to time at T tokens: the default, the default on unpadded scales, then the
     grouped kernel's tiles varied one constant at a time around a base (a full grid costs minutes
     of compilation per T)."""
@@ -92,6 +92,10 @@ def variants(T: int, E: int, k: int) -> list[tuple[str, dict]]:
         cfgs += [dataclasses.replace(base, bk=kk) for kk in (64, 256)]
         cfgs += [dataclasses.replace(base, warps=8)]
         cfgs += [dataclasses.replace(base, stages=st) for st in (2, 4, 5)]
+        if wide:    # the full grid over the constants that moved the time (--wide)
+            cfgs += [dataclasses.replace(base, bn=n, bk=kk, warps=wp, stages=st) for n in (32, 64, 128)
+                     for kk in (64, 128) for wp in (4, 8) for st in (3, 4)]
+            cfgs = list(dict.fromkeys(cfgs))
         if rows > 64:
             out += [("grouped_mm", dict(grouped_mm=True))]
     else:
@@ -121,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="20b")
     p.add_argument("--tokens", default="1,8,64,256,1024,8192")
     p.add_argument("--tag", default="", help="suffix of the JSON file name")
+    p.add_argument("--wide", action="store_true", help="full tile grid for the grouped kernel at decode sizes")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     p.add_argument("--commit", default="unknown")
     p.add_argument("--gemv-sweep", action="store_true", help="sweep the small-batch GEMV's tile constants")
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         check_T = min(T, 256)
         ref = None
         rows = []
-        for name, kw in variants(T, E, k):
+        for name, kw in variants(T, E, k, args.wide):
             t0 = time.time()
             try:
                 # Parity on a slice (the reference dequantizes every touched expert in fp32).
@@ -174,29 +179,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== T={T}: default {d['us'] if d else float('nan'):.1f} us; best: "
               + "; ".join(f"{r['name']} {r['us']:.1f}" for r in rows[:3]), flush=True)
     if args.gemv_sweep:
-        # The small-batch GEMV's tile constants (moe_gemv module globals, read at each call).
+        # The small-batch GEMV's tile constants (moe_gemv._TILES_OVERRIDE, read at each call).
         from gptoss_engine.kernels import moe_gemv
-        names = ("_BN_GATE_UP", "_BN_DOWN", "_BK_GATE_UP", "_BK_DOWN", "_WARPS", "_STAGES")
-        base = tuple(getattr(moe_gemv, n) for n in names)
-        sweep = [base] + [c for c in (base[:5] + (st,) for st in (1, 2, 4)) if c != base] + [
-            (bg, bd, kg, kd, wp, base[5]) for bg, bd, kg, kd, wp in
-            ((32, 16, 512, 1024, 4), (16, 32, 512, 1024, 4), (16, 16, 256, 512, 4), (16, 16, 1024, 1024, 4),
-             (16, 16, 512, 1024, 8), (32, 32, 256, 512, 4))]
+        base = (moe_gemv._TILES_FEW, moe_gemv._TILES)
+        sweep = [(16, 16, 512, 1024, 4), (32, 16, 512, 1024, 4), (16, 32, 512, 1024, 4), (16, 16, 256, 512, 4),
+                 (16, 16, 1024, 1024, 4), (16, 16, 512, 1024, 8), (32, 32, 256, 512, 4), (32, 32, 512, 1024, 4),
+                 (8, 8, 512, 1024, 4), (8, 8, 256, 512, 4), (8, 16, 512, 1024, 4), (16, 16, 512, 512, 4)]
+        stages = moe_gemv._STAGES
         res = {}
-        for T in (1, 8):
+        for T in (1, 2, 8):
             ids, wts = routing(T, E, k, gen)
             x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
-            rows = []
-            for c in sweep:
-                for n, v in zip(names, c):
-                    setattr(moe_gemv, n, v)
+            rows = [(time_us(lambda: call(x, ids, wts, w, {}), graph=True), "default")]
+            for c in sweep + [(8, 8, 512, 1024, 4, 3)]:
+                moe_gemv._TILES_OVERRIDE, moe_gemv._STAGES = c[:5], (c[5] if len(c) > 5 else stages)
                 rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
-            rows.sort()
-            print(f"gemv T={T}: base {base} {next(u for u, c in rows if c == base):.1f} us; "
+            moe_gemv._TILES_OVERRIDE, moe_gemv._STAGES = None, stages
+            rows.sort(key=lambda r: r[0])
+            print(f"gemv T={T} (default: <= {moe_gemv._FEW_PAIRS} pairs {base[0]}, else {base[1]}): "
                   + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
             res[str(T)] = rows
-        for n, v in zip(names, base):
-            setattr(moe_gemv, n, v)
         (args.out / "gemv_sweep.json").write_text(json.dumps(res))
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile

@@ -23,10 +23,15 @@ import triton.language as tl
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 
-# Output rows per program (gate_up: interleaved pairs, so 2*BN rows) and packed input per loop:
-# narrow tiles so batch 1 still spreads over the SMs (20b b1: gate_up 4 pairs x 180, down 180); wide
-# BK so each program keeps 8-16 KB of loads in flight (picked by a CUDA-graph sweep, PERF_NOTES v3).
-_BN_GATE_UP, _BN_DOWN, _BK_GATE_UP, _BK_DOWN, _WARPS = 16, 16, 512, 1024, 4
+# (BN gate_up, BN down, BK gate_up, BK down, warps): output rows per program (gate_up: interleaved
+# pairs, so 2*BN rows) and packed input per loop trip. Up to _FEW_PAIRS pairs (batch 1-2) the
+# narrowest tiles, so the few experts still spread over every SM (20b b1: 4 x 360 programs a
+# launch); beyond, wider ones. CUDA-graph sweeps on the H100 (PERF_NOTES v6): T=1 40.1 us with
+# (8, 8, ..) vs 44.6 with the old (16, 16, 512, 1024); T=8 225.7 with (16, 16, 512, 512) vs 231.0.
+_FEW_PAIRS = 8
+_TILES_FEW = (8, 8, 512, 1024, 4)
+_TILES = (16, 16, 512, 512, 4)
+_TILES_OVERRIDE: tuple[int, int, int, int, int] | None = None   # bench/moe_kernel_bench.py --gemv-sweep
 # K-loop trips whose loads are in flight at once (tl.range's software pipelining): 1 = none, which
 # measured best (T=8: 250 vs 271 us at 3; T=1 flat; PERF_NOTES v6).
 _STAGES = 1
@@ -137,9 +142,9 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     T, H = x.shape
     k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
-    bn_gu, bn_d, warps = _BN_GATE_UP, _BN_DOWN, _WARPS
-    bk_gu = min(_BK_GATE_UP, triton.next_power_of_2(H))
-    bk_d = min(_BK_DOWN, triton.next_power_of_2(I))
+    bn_gu, bn_d, bk_gu, bk_d, warps = _TILES_OVERRIDE or (_TILES_FEW if T * k <= _FEW_PAIRS else _TILES)
+    bk_gu = min(bk_gu, triton.next_power_of_2(H))
+    bk_d = min(bk_d, triton.next_power_of_2(I))
     pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk_gu) * bk_gu
     pad_d = mxfp4.readable_groups(d_scl) * 32 >= triton.cdiv(I, bk_d) * bk_d
     ids = topk_ids.reshape(-1).contiguous()
