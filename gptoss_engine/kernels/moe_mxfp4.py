@@ -29,6 +29,7 @@ from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
+from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
@@ -50,9 +51,17 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
     """Sort (token, expert) pairs by expert, pad each expert's run to block_m. Sync-free."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     n = flat.numel()
-    dev = flat.device
     # Upper bound on padded rows: at most min(E, n) experts are non-empty, each wastes < block_m rows.
     cap = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
+    if n <= SORT_MAX_PAIRS:
+        return _Routing(*sort_by_expert(flat, num_experts, block_m, cap), block_m)
+    return _Routing(*route_torch(flat, num_experts, block_m, cap), block_m)
+
+
+def route_torch(flat: torch.Tensor, num_experts: int, block_m: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """routing.sort_by_expert's result with torch ops (~20 launches): for more pairs than it takes."""
+    n = flat.numel()
+    dev = flat.device
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev).scatter_add_(0, flat, torch.ones_like(flat))
     padded = (counts + block_m - 1) // block_m * block_m
     padded_end = torch.cumsum(padded, 0)
@@ -67,7 +76,7 @@ def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
     block_start = torch.arange(0, cap, block_m, device=dev)
     block_expert = torch.searchsorted(padded_end, block_start, right=True)
     block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
-    return _Routing(sorted_pair, block_expert, block_m)
+    return sorted_pair, block_expert
 
 
 MODE_DOT_SCALED: tl.constexpr = tl.constexpr(0)   # tl.dot_scaled(bf16, e2m1): Triton upcasts the weights

@@ -1,9 +1,15 @@
-"""Router top-k + softmax in one launch: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32).
+"""Routing kernels: router top-k + softmax, and the expert-sorted layout the grouped MoE kernel reads.
 
-Replaces torch.topk + softmax (two launches and a sort per layer at decode). One program per
-token holds its E logits in registers and takes the k largest by repeated max (ties -> lowest
-expert id, as torch.topk on CUDA gives for distinct values; equal logits are vanishingly rare),
-in descending order, then the softmax over those k.
+topk_softmax: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32) in one launch, replacing
+torch.topk + softmax (two launches and a sort per layer at decode). One program per token holds its
+E logits in registers and takes the k largest by repeated max (ties -> lowest expert id, as
+torch.topk on CUDA gives for distinct values; equal logits are vanishingly rare), in descending
+order, then the softmax over those k.
+
+sort_by_expert: the T*k (token, expert) pairs sorted by expert (stable), each expert's run padded to
+a multiple of the row block, in one launch; the torch formulation (histogram, cumsums, a radix
+argsort, scatters, searchsorted) was ~20 launches per layer, 1.4 ms of an 11 ms batch-64 step
+(profile, PERF_NOTES v6).
 """
 from __future__ import annotations
 
@@ -48,3 +54,65 @@ def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.
                                BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k),
                                num_warps=1)
     return ids, wts
+
+
+# Pairs per loop trip of the one program (its one-hot [chunk, experts] tile stays ~4K elements), and
+# the most pairs it takes: beyond (prefill-sized batches) the sequential trips would cost more than
+# torch's parallel sort, and the GEMMs dwarf either.
+_SORT_TILE = 4096
+SORT_MAX_PAIRS = 4096
+
+
+@triton.jit
+def _sort_by_expert_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
+                           BM: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_NB: tl.constexpr):
+    e = tl.arange(0, BLOCK_E)
+    # Rows per expert, padded to whole BM blocks, and where each expert's run starts.
+    counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        ex = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+        counts += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), 0)
+    padded = (counts + BM - 1) // BM * BM
+    pend = tl.cumsum(padded, 0)
+    pstart = pend - padded
+    # Padding rows hold n (kernels read them as "no pair"); then every pair goes to its row.
+    for r0 in range(0, cap, CHUNK):
+        r = r0 + tl.arange(0, CHUNK)
+        tl.store(sorted_ptr + r, tl.full((CHUNK,), n, dtype=tl.int32), mask=r < cap)
+    tl.debug_barrier()      # the scatter below overwrites rows other threads filled
+    seen = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for c0 in range(0, n, CHUNK):
+        i = c0 + tl.arange(0, CHUNK)
+        ex = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+        onehot = (ex[:, None] == e[None, :]).to(tl.int32)
+        # Stable: a pair's rank is the number of earlier pairs with its expert.
+        rank = tl.sum((tl.cumsum(onehot, 0) - 1 + seen[None, :]) * onehot, 1)
+        row = tl.sum(pstart[None, :] * onehot, 1) + rank
+        tl.store(sorted_ptr + row, i, mask=i < n)
+        seen += tl.sum(onehot, 0)
+    # Expert of each row block: how many experts' padded runs end at or before its first row.
+    real = (e < E).to(tl.int32)
+    for b0 in range(0, cap // BM, BLOCK_NB):
+        b = b0 + tl.arange(0, BLOCK_NB)
+        idx = tl.sum((pend[None, :] <= (b * BM)[:, None]).to(tl.int32) * real[None, :], 1)
+        tl.store(block_expert_ptr + b, tl.where(idx < E, idx, -1), mask=b < cap // BM)
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                   cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (t*k + j, expert topk_ids[t, j]) sorted by expert, stable, each expert's run padded to a
+    multiple of block_m: (sorted_pair [cap] int32, padding rows = T*k; block_expert [cap // block_m]
+    int32, -1 past the last run). `cap` (a multiple of block_m) bounds the padded rows; at most
+    SORT_MAX_PAIRS pairs. Sync-free and static-shaped, so CUDA graphs can capture it."""
+    flat = topk_ids.reshape(-1)
+    n = flat.numel()
+    if n > SORT_MAX_PAIRS or cap % block_m:
+        raise ValueError(f"sort_by_expert: {n} pairs (max {SORT_MAX_PAIRS}), cap {cap} for block {block_m}")
+    sorted_pair = torch.empty(cap, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=flat.device)
+    block_e = triton.next_power_of_2(num_experts)
+    _sort_by_expert_kernel[(1,)](flat.contiguous(), sorted_pair, block_expert, n, cap, num_experts,
+                                 BM=block_m, BLOCK_E=block_e, CHUNK=max(16, _SORT_TILE // block_e),
+                                 BLOCK_NB=max(16, _SORT_TILE // block_e), num_warps=8)
+    return sorted_pair, block_expert
