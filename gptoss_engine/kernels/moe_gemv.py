@@ -159,7 +159,13 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, STAGES=_STAGES, ONE_MUL=one_mul, num_warps=warps)
-    out = torch.empty_like(x)
+    return sum_pairs(part, T, k, x.dtype)
+
+
+def sum_pairs(part: torch.Tensor, T: int, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """[T*k, H] weighted per-pair outputs -> [T, H] (fp32 sum, one launch), in `dtype` (default part's)."""
+    H = part.shape[1]
+    out = torch.empty((T, H), dtype=dtype or part.dtype, device=part.device)
     _sum_pairs[(T, triton.cdiv(H, _SUM_BLOCK))](part, out, H, part.stride(0), out.stride(0),
                                                 TOPK=k, BLOCK=_SUM_BLOCK, num_warps=4)
     return out

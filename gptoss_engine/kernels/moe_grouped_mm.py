@@ -48,16 +48,18 @@ def _dequant_kernel(blk_ptr, scl_ptr, out_ptr, num_rows, K, s_b, s_s, s_o,
 @triton.jit
 def _bias_swiglu_kernel(h_ptr, expert_ptr, bias_ptr, act_ptr, I, limit, alpha, s_h, s_bias, s_a,
                         BLOCK: tl.constexpr):
-    """act[r] = swiglu(h[r] + gate_up_bias[expert[r]]) over interleaved (gate, up) columns; bf16 out."""
+    """act[r] = swiglu(h[r] + gate_up_bias[expert[r]]) over interleaved (gate, up) columns; bf16 out.
+    The interleaved pairs are loaded as one contiguous run and split in registers (stride-2 loads of
+    each half ran at half the bandwidth: 0.39 ms a layer at 8k, PERF_NOTES v6)."""
     r = tl.program_id(0)
+    c2 = tl.program_id(1) * 2 * BLOCK + tl.arange(0, 2 * BLOCK)
+    ok2 = c2 < 2 * I
+    e = tl.load(expert_ptr + r).to(tl.int64)
+    hb = tl.load(h_ptr + r.to(tl.int64) * s_h + c2, mask=ok2, other=0.0).to(tl.float32) \
+        + tl.load(bias_ptr + e * s_bias + c2, mask=ok2, other=0.0).to(tl.float32)
+    gate, up = tl.split(tl.reshape(hb, (BLOCK, 2)))
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = cols < I
-    e = tl.load(expert_ptr + r).to(tl.int64)
-    row = h_ptr + r.to(tl.int64) * s_h
-    gate = tl.load(row + 2 * cols, mask=ok, other=0.0).to(tl.float32) \
-        + tl.load(bias_ptr + e * s_bias + 2 * cols, mask=ok, other=0.0).to(tl.float32)
-    up = tl.load(row + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32) \
-        + tl.load(bias_ptr + e * s_bias + 2 * cols + 1, mask=ok, other=0.0).to(tl.float32)
     gate = tl.minimum(gate, limit)
     up = tl.minimum(tl.maximum(up, -limit), limit)
     act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)

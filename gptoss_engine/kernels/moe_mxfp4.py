@@ -27,7 +27,7 @@ import triton.language as tl
 
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
-from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
+from gptoss_engine.kernels.moe_gemv import moe_experts_gemv, sum_pairs
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights
@@ -343,4 +343,4 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
         BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_d, num_warps=warps, num_stages=stages)
-    return pair_out.view(T, k, H).sum(dim=1, dtype=torch.float32).to(x.dtype)
+    return sum_pairs(pair_out, T, k)
