@@ -67,10 +67,10 @@ class ExpertWeights:
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (topk_ids [T, k], topk_weights [T, k]): softmax over the k largest router logits.
-    On CUDA the top-k and softmax are one Triton launch (fp32 weights) instead of topk + softmax."""
+    On CUDA the router GEMM (at decode sizes), top-k and softmax are one Triton launch (fp32 weights)."""
+    if x.is_cuda and (kernels := _kernels()) is not None:
+        return kernels[1](x, weight, bias, top_k)
     logits = F.linear(x, weight, bias)
-    if logits.is_cuda and (kernels := _kernels()) is not None:
-        return kernels[1](logits, top_k)
     top_values, topk_ids = torch.topk(logits, top_k, dim=-1)
     return topk_ids, torch.softmax(top_values, dim=-1)
 
@@ -79,10 +79,10 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
 def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]]] | None:
     try:
         from gptoss_engine.kernels.moe_mxfp4 import moe_experts as kernel
-        from gptoss_engine.kernels.routing import topk_softmax
+        from gptoss_engine.kernels.routing import route as fused_route
     except ImportError:
         return None
-    return kernel, topk_softmax
+    return kernel, fused_route
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,

@@ -1,5 +1,7 @@
 """Routing kernels: router top-k + softmax, and the expert-sorted layout the grouped MoE kernel reads.
 
+route: at decode sizes the router GEMM (x @ W^T + b) is fused in front of the top-k as well.
+
 topk_softmax: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32) in one launch, replacing
 torch.topk + softmax (two launches and a sort per layer at decode). One program per token holds its
 E logits in registers and takes the k largest by repeated max (ties -> lowest expert id, as
@@ -38,6 +40,68 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
     ok = slot < TOPK
     tl.store(ids_ptr + t * TOPK + slot, ids, mask=ok)
     tl.store(wts_ptr + t * TOPK + slot, p, mask=ok)
+
+
+@triton.jit
+def _router_topk_softmax_kernel(x_ptr, w_ptr, b_ptr, ids_ptr, wts_ptr, E, H, s_xt, s_we, TOPK: tl.constexpr,
+                                BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token: router logits x @ W^T + b (fp32 sum, rounded to x's dtype as F.linear's output is),
+    then the k largest and their softmax, as _topk_softmax_kernel."""
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    e_ok = e < E
+    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        xv = tl.load(x_ptr + t.to(tl.int64) * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
+        acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+    bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    logits = (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32)
+    logits = tl.where(e_ok, logits, float("-inf"))
+    slot = tl.arange(0, BLOCK_K)
+    vals = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
+    ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
+    for j in tl.static_range(TOPK):
+        m = tl.max(logits, 0)
+        idx = tl.min(tl.where(logits == m, e, BLOCK_E), 0)
+        vals = tl.where(slot == j, m, vals)
+        ids = tl.where(slot == j, idx.to(tl.int64), ids)
+        logits = tl.where(e == idx, float("-inf"), logits)
+    p = tl.exp(vals - tl.max(vals, 0))
+    p = p / tl.sum(p, 0)
+    ok = slot < TOPK
+    tl.store(ids_ptr + t * TOPK + slot, ids, mask=ok)
+    tl.store(wts_ptr + t * TOPK + slot, p, mask=ok)
+
+
+# Up to this many tokens the router GEMM and the top-k are one launch (each program reads the whole
+# router weight: 184 KB for 20b, from L2 after the first); beyond, cuBLAS + topk_softmax. At decode
+# the cuBLAS split-K GEMM, its reduce and the top-k were three launches, ~8 us a layer (profile,
+# PERF_NOTES v6).
+ROUTER_FUSED_MAX_TOKENS = 256
+
+
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [T, H] -> (topk_ids [T, k] int64, weights [T, k] fp32): softmax over the k largest of
+    x @ weight^T + bias (weight [E, H]); the same result as F.linear + topk_softmax."""
+    T, H = x.shape
+    E = weight.shape[0]
+    if T > ROUTER_FUSED_MAX_TOKENS or weight.shape[1] != H or weight.stride(1) != 1 or x.stride(1) != 1:
+        return topk_softmax(torch.nn.functional.linear(x, weight, bias), top_k)
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
+    if T == 0:
+        return ids, wts
+    block_e = triton.next_power_of_2(E)
+    _router_topk_softmax_kernel[(T,)](
+        x, weight, bias, ids, wts, E, H, x.stride(0), weight.stride(0), TOPK=top_k, BLOCK_E=block_e,
+        BLOCK_H=min(triton.next_power_of_2(H), max(128, 32768 // block_e)), BLOCK_K=triton.next_power_of_2(top_k),
+        num_warps=8)
+    return ids, wts
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

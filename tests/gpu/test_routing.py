@@ -48,3 +48,24 @@ def test_sort_by_expert_matches_torch_route(device: str, tokens: int, experts: i
     assert torch.equal(got_rows.cpu(), want_rows.cpu())
     assert torch.equal(got_blocks.cpu(), want_blocks.cpu())
     assert (got_rows < n).sum().item() == n            # every pair placed once
+
+
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 32, 2880), (64, 32, 2880), (5, 128, 2880), (300, 32, 256),
+                                                    (3, 8, 96)])
+def test_fused_router_matches_linear_and_topk(device: str, tokens: int, experts: int, hidden: int) -> None:
+    """route(): router GEMM + top-k + softmax in one launch up to ROUTER_FUSED_MAX_TOKENS (300 takes the
+    cuBLAS path): the same k largest logits (ties may order differently) and softmax weights."""
+    from gptoss_engine.kernels.routing import route
+    gen = torch.Generator().manual_seed(tokens * 7 + experts)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+    w = (torch.randn(experts, hidden, generator=gen) * hidden ** -0.5).to(device, torch.bfloat16)
+    b = torch.randn(experts, generator=gen).to(device, torch.bfloat16)
+    ids, wts = route(x, w, b, 4)
+    logits = torch.nn.functional.linear(x, w, b).float()
+    ref_vals, _ = torch.topk(logits, 4, dim=-1)
+    got_vals = torch.gather(logits, 1, ids)
+    # The chosen experts' logits, slot by slot, are the k largest in descending order up to one bf16
+    # ulp (the fused sum rounds once like cuBLAS's, but may add in another order).
+    torch.testing.assert_close(got_vals, ref_vals, rtol=1e-2, atol=1e-2)
+    assert all(len(set(row)) == 4 for row in ids.tolist())       # k distinct experts per token
+    torch.testing.assert_close(wts, torch.softmax(ref_vals, -1), rtol=2e-2, atol=2e-2)
