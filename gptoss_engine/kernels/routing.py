@@ -76,11 +76,12 @@ def _router_topk_softmax_kernel(x_ptr, w_ptr, b_ptr, ids_ptr, wts_ptr, E, H, s_x
     tl.store(wts_ptr + t * TOPK + slot, p, mask=ok)
 
 
-# Up to this many tokens the router GEMM and the top-k are one launch (each program reads the whole
-# router weight: 184 KB for 20b, from L2 after the first); beyond, cuBLAS + topk_softmax. At decode
+# Up to this many tokens and experts the router GEMM and the top-k are one launch, one program per
+# token reading the whole router weight (20b: 184 KB); beyond, cuBLAS + topk_softmax. At 20b decode
 # the cuBLAS split-K GEMM, its reduce and the top-k were three launches, ~8 us a layer (profile,
-# PERF_NOTES v6).
+# PERF_NOTES v6); 120b's 128 experts (737 KB, one SM's loads in sequence) made batch 1 15% slower.
 ROUTER_FUSED_MAX_TOKENS = 256
+ROUTER_FUSED_MAX_EXPERTS = 32
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,7 +89,8 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     x @ weight^T + bias (weight [E, H]); the same result as F.linear + topk_softmax."""
     T, H = x.shape
     E = weight.shape[0]
-    if T > ROUTER_FUSED_MAX_TOKENS or weight.shape[1] != H or weight.stride(1) != 1 or x.stride(1) != 1:
+    if (T > ROUTER_FUSED_MAX_TOKENS or E > ROUTER_FUSED_MAX_EXPERTS or weight.shape[1] != H
+            or weight.stride(1) != 1 or x.stride(1) != 1):
         return topk_softmax(torch.nn.functional.linear(x, weight, bias), top_k)
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be in [1, {E}], got {top_k}")

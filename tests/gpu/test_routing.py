@@ -53,8 +53,9 @@ def test_sort_by_expert_matches_torch_route(device: str, tokens: int, experts: i
 @pytest.mark.parametrize("tokens,experts,hidden", [(1, 32, 2880), (64, 32, 2880), (5, 128, 2880), (300, 32, 256),
                                                     (3, 8, 96)])
 def test_fused_router_matches_linear_and_topk(device: str, tokens: int, experts: int, hidden: int) -> None:
-    """route(): router GEMM + top-k + softmax in one launch up to ROUTER_FUSED_MAX_TOKENS (300 takes the
-    cuBLAS path): the same k largest logits (ties may order differently) and softmax weights."""
+    """route(): router GEMM + top-k + softmax in one launch up to ROUTER_FUSED_MAX_TOKENS tokens and
+    ROUTER_FUSED_MAX_EXPERTS experts (300 tokens and 128 experts take the cuBLAS path): the same k
+    largest logits (ties may order differently) and softmax weights."""
     from gptoss_engine.kernels.routing import route
     gen = torch.Generator().manual_seed(tokens * 7 + experts)
     x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
