@@ -1,8 +1,10 @@
-"""Prefill attention tile sweep on the GPU: the paged kernel over 1k and 8k prompts, full and
-sliding-window layers, per (query rows, keys per trip, warps, stages). Each config is checked
-against the current default's output first; prints us per layer and TFLOP/s (causal FLOPs).
+"""Attention sweeps on the GPU. Prefill: the paged kernel over 1k and 8k prompts, full and
+sliding-window layers, per (query rows, keys per trip, warps, stages); prints us per layer and
+TFLOP/s (causal FLOPs). --decode: one decode step per batch size and context, per key-split count
+(flash-decoding; 1 = the unsplit kernel), timed in CUDA graphs; prints us and KV GB/s. Each
+config is checked against the current default's output first.
 
-    python3 -m bench.attn_kernel_bench --out $OUT
+    python3 -m bench.attn_kernel_bench --out $OUT [--decode]
 """
 from __future__ import annotations
 
@@ -18,12 +20,53 @@ from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import preset
 
 
+def decode_sweep(cfg: ModelConfig, out: pathlib.Path) -> int:
+    from bench.moe_kernel_bench import time_us
+    from gptoss_engine.kernels.paged_attention import decode_splits
+    hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    results, bad = {}, []
+    for batch in (8, 16, 64, 256):
+        for context in (1024, 2048):
+            blocks = context // BLOCK_SIZE + 2
+            pool = torch.randn(batch * blocks, 1, 2, BLOCK_SIZE, hkv, d, device="cuda", dtype=torch.bfloat16)
+            b = uniform_batch(batch, context, 1, blocks)
+            q = torch.randn(batch, hq, d, device="cuda", dtype=torch.bfloat16)
+            sinks = torch.randn(hq, device="cuda")
+            for window in (None, cfg.sliding_window):
+                name = f"b{batch} ctx{context} {'full' if window is None else 'sliding'}"
+                keys = (context + 1) if window is None else min(window, context + 1)
+                kv_bytes = batch * keys * hkv * d * 2 * 2
+                default = decode_splits(batch, hkv, window)
+                ref = paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5, window)
+                rows = []
+                for splits in (1, 2, 4, 8, 16):
+                    got = paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5, window, splits=splits)
+                    rel = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+                    if not rel < 1e-2:
+                        bad.append(f"{name} splits {splits}: rel {rel:.2g}")
+                    us = time_us(lambda: paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5,
+                                                         window, splits=splits), graph=True)
+                    rows.append((us, splits, kv_bytes / us / 1e3))
+                rows.sort()
+                print(f"== {name}: default (splits {default}) "
+                      f"{next(u for u, sp, _ in rows if sp == default):.1f} us; "
+                      + "; ".join(f"splits {sp} {u:.1f} us ({g:.0f} GB/s)" for u, sp, g in rows), flush=True)
+                results[name] = rows
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "attn_decode_splits.json").write_text(json.dumps({"results": results, "parity_failures": bad}))
+    print("parity failures:", bad or "none")
+    return 1 if bad else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="20b")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
+    p.add_argument("--decode", action="store_true", help="sweep the decode key splits instead")
     args = p.parse_args(argv)
     cfg = ModelConfig.from_dict(preset(args.preset))
+    if args.decode:
+        return decode_sweep(cfg, args.out)
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     configs = [PREFILL_TILES] + [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8)
                                  for s in (2, 3) if (r, n, w, s) != PREFILL_TILES]

@@ -176,11 +176,15 @@ def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, qstart_ptr, sinks_ptr, num
     tl.store(out_ptr + tok.to(tl.int64) * s_ot + head * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
-def decode_splits(num_seqs: int, num_kv_heads: int) -> int:
-    """Key splits per (sequence, KV head) for a decode step: enough programs to cover the SMs
-    (~256), none when the batch alone does (1 = the unsplit kernel)."""
+def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
+    """Key splits per (sequence, KV head) for a decode step (1 = the unsplit kernel): ~1024 programs,
+    none from 512 (batch 64 x 8 KV heads already streams the KV at ~2.5 TB/s), at most 4 over a
+    sliding window's few keys. CUDA-graph sweep on the H100 (bench/attn_kernel_bench.py --decode,
+    PERF_NOTES v6): batch 16 at 1k context 25.3 -> 15.6 us per full layer, batch 8 14.1 -> 11.6."""
     programs = num_seqs * num_kv_heads
-    return 1 if programs >= 128 else min(32, triton.next_power_of_2(triton.cdiv(256, programs)))
+    if programs >= 512:
+        return 1
+    return min(4 if window else 32, triton.next_power_of_2(triton.cdiv(1024, programs)))
 
 
 def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Tensor, block_tables: torch.Tensor,
@@ -231,7 +235,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
         return out
     q = q if q.stride(2) == 1 else q.contiguous()
     if batch.max_query_len == 1:
-        splits = decode_splits(num_seqs, num_kv_heads) if splits is None else splits
+        splits = decode_splits(num_seqs, num_kv_heads, window) if splits is None else splits
         if splits > 1:
             _paged_decode_split(q, layer_pool, out, block_tables, batch, sinks, scale, window, splits)
             return out
