@@ -21,11 +21,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
+def _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """Token t's fp32 logits [BLOCK_E] (-inf past E) -> its k largest (descending, ties to the lowest
+    id) and their softmax, stored as row t of ids / wts."""
     slot = tl.arange(0, BLOCK_K)
     vals = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
     ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
@@ -40,6 +39,15 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
     ok = slot < TOPK
     tl.store(ids_ptr + t * TOPK + slot, ids, mask=ok)
     tl.store(wts_ptr + t * TOPK + slot, p, mask=ok)
+
+
+@triton.jit
+def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK, BLOCK_E, BLOCK_K)
 
 
 @triton.jit
@@ -60,20 +68,7 @@ def _router_topk_softmax_kernel(x_ptr, w_ptr, b_ptr, ids_ptr, wts_ptr, E, H, s_x
     bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     logits = (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32)
     logits = tl.where(e_ok, logits, float("-inf"))
-    slot = tl.arange(0, BLOCK_K)
-    vals = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
-    ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
-    for j in tl.static_range(TOPK):
-        m = tl.max(logits, 0)
-        idx = tl.min(tl.where(logits == m, e, BLOCK_E), 0)
-        vals = tl.where(slot == j, m, vals)
-        ids = tl.where(slot == j, idx.to(tl.int64), ids)
-        logits = tl.where(e == idx, float("-inf"), logits)
-    p = tl.exp(vals - tl.max(vals, 0))
-    p = p / tl.sum(p, 0)
-    ok = slot < TOPK
-    tl.store(ids_ptr + t * TOPK + slot, ids, mask=ok)
-    tl.store(wts_ptr + t * TOPK + slot, p, mask=ok)
+    _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK, BLOCK_E, BLOCK_K)
 
 
 # Up to this many tokens and experts the router GEMM and the top-k are one launch, one program per
