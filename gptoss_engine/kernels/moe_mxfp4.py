@@ -1,12 +1,14 @@
 """MoE experts over packed MXFP4 weights: token-sorted grouped GEMM, one launch per projection.
 
 The experts stay in the checkpoint's packed form on the GPU (4.25 bits per weight, so 120b fits
-one 80 GB card) and are dequantized inside the kernel by `tl.dot_scaled` (bf16 activations x
-e2m1 weights with e8m0 scales).
+one 80 GB card; only the scale rows are padded at load, mxfp4.pad_scales) and are dequantized
+inside the kernel: on sm_90 by inline PTX (kernels/e2m1.py) into the register operand of wgmma,
+elsewhere by `tl.dot_scaled` (bf16 activations x e2m1 weights with e8m0 scales). Between 9 and
+~2k tokens this kernel runs; below, the GEMVs (moe_gemv); above, dequant + CUTLASS (moe_grouped_mm).
 
-Routing is turned into a static-shape layout with tensor ops only (no host sync, so the whole
-thing can be captured in a CUDA graph): the T*k (token, expert) pairs are sorted by expert and
-each expert's run is padded to a multiple of BLOCK_M. Program (m, n) of a launch reads the expert
+Routing is turned into a static-shape layout without a host sync (so the whole thing can be
+captured in a CUDA graph): the T*k (token, expert) pairs are sorted by expert (one launch,
+routing.sort_by_expert) and each expert's run is padded to a multiple of BLOCK_M. Program (m, n) of a launch reads the expert
 id of row block m (-1 = past the end: return at once), so an expert no token picked costs no bytes
 of weight traffic -- what makes batch-1 decode memory-bound on the touched experts only.
 
@@ -237,7 +239,7 @@ class Tiles:
     bk: int             # input elements per K-loop trip
     warps: int
     stages: int
-    mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_ASM (the kernel's constexprs)
+    mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_ASM / MODE_ASM1 (the kernel's constexprs)
     swap: bool = False  # weights as the left MMA operand (_expert_tile)
 
 
