@@ -185,16 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         sweep = [(16, 16, 512, 1024, 4), (32, 16, 512, 1024, 4), (16, 32, 512, 1024, 4), (16, 16, 256, 512, 4),
                  (16, 16, 1024, 1024, 4), (16, 16, 512, 1024, 8), (32, 32, 256, 512, 4), (32, 32, 512, 1024, 4),
                  (8, 8, 512, 1024, 4), (8, 8, 256, 512, 4), (8, 16, 512, 1024, 4), (16, 16, 512, 512, 4)]
-        stages = moe_gemv._STAGES
         res = {}
         for T in (1, 2, 8):
             ids, wts = routing(T, E, k, gen)
             x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
             rows = [(time_us(lambda: call(x, ids, wts, w, {}), graph=True), "default")]
-            for c in sweep + [(8, 8, 512, 1024, 4, 3)]:
-                moe_gemv._TILES_OVERRIDE, moe_gemv._STAGES = c[:5], (c[5] if len(c) > 5 else stages)
+            for c in sweep:
+                moe_gemv._TILES_OVERRIDE = c
                 rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
-            moe_gemv._TILES_OVERRIDE, moe_gemv._STAGES = None, stages
+            moe_gemv._TILES_OVERRIDE = None
             rows.sort(key=lambda r: r[0])
             print(f"gemv T={T} (default: <= {moe_gemv._FEW_PAIRS} pairs {base[0]}, else {base[1]}): "
                   + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)

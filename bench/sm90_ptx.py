@@ -80,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
                "inter_ptr": "*fp32", "H": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32", "s_xt": "i32",
                "s_be": "i32", "s_bn": "i32", "s_se": "i32", "s_sn": "i32", "s_bias_e": "i32", "s_it": "i32",
                "TOPK": "constexpr", "BN": "constexpr", "BK": "constexpr", "ASM": "constexpr", "PAD_S": "constexpr",
-               "STAGES": "constexpr", "ONE_MUL": "constexpr"}
-        ce = dict(TOPK=4, BN=args.bn, BK=args.bk, ASM=True, PAD_S=True, STAGES=moe_gemv._STAGES, ONE_MUL=True)
+               "ONE_MUL": "constexpr"}
+        ce = dict(TOPK=4, BN=args.bn, BK=args.bk, ASM=True, PAD_S=True, ONE_MUL=True)
     k = compile_sm90(fn, sig, ce, args.warps, args.stages)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"{args.kernel}_{args.bm}x{args.bn}x{args.bk}_m{args.mode}_w{args.warps}_s{args.stages}"

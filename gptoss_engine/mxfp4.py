@@ -91,3 +91,10 @@ def readable_groups(scales: torch.Tensor) -> int:
         return g
     last = scales.storage_offset() + sum((n - 1) * st for n, st in zip(scales.shape[:-1], scales.stride()[:-1]))
     return row if last + row <= scales.untyped_storage().nbytes() else g
+
+
+def unmasked_scale_reads(scales: torch.Tensor, k_tile: int) -> bool:
+    """True when a kernel stepping over the input dimension in tiles of `k_tile` elements may read
+    each tile's scale groups without a mask (the rows are padded far enough: pad_scales)."""
+    k = scales.shape[-1] * GROUP
+    return readable_groups(scales) * GROUP >= -(-k // k_tile) * k_tile

@@ -22,6 +22,16 @@ def scale_x2e14(s):
     """e8m0 scales -> 2^(s-127) * 2^14 (fp32, built from its bits): with e2m1_x2e14, the weight."""
     return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
+@triton.jit
+def load_scales(s_ptr, rows, row_ok, s_sn, kg, K, OTHER: tl.constexpr, PAD_S: tl.constexpr):
+    """Scale groups kg of rows -> [R, G] u8. PAD_S (mxfp4.unmasked_scale_reads): no mask along kg, so
+    the load can be an asynchronous copy; the padding holds 127 and meets zero-masked weights."""
+    ptrs = s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :]
+    if PAD_S:
+        return tl.load(ptrs, mask=row_ok[:, None], other=OTHER)
+    return tl.load(ptrs, mask=row_ok[:, None] & (kg[None, :] < K // 32), other=OTHER)
+
+
 # Four packed bytes (8 e2m1 codes) -> the 4 low-nibble and the 4 high-nibble values as bf16x2 pairs,
 # each times its group scale. prmt puts bytes (b0, b1) in the high bytes of the two 16-bit lanes; a
 # code s|e1e0|m must land as bf16 bits s<<15 | e1e0m<<6, which reads exactly 2^-126 times the e2m1

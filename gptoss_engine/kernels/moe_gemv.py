@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 
 # (BN gate_up, BN down, BK gate_up, BK down, warps): output rows per program (gate_up: interleaved
 # pairs, so 2*BN rows) and packed input per loop trip. Up to _FEW_PAIRS pairs (batch 1-2) the
@@ -32,28 +32,25 @@ _FEW_PAIRS = 8
 _TILES_FEW = (8, 8, 512, 1024, 4)
 _TILES = (16, 16, 512, 512, 4)
 _TILES_OVERRIDE: tuple[int, int, int, int, int] | None = None   # bench/moe_kernel_bench.py --gemv-sweep
-# K-loop trips whose loads are in flight at once (tl.range's software pipelining): 1 = none, which
-# measured best (T=8: 250 vs 271 us at 3; T=1 flat; PERF_NOTES v6).
-_STAGES = 1
 # Columns per program of the k-partials sum (20b: 3 programs per token).
 _SUM_BLOCK = 1024
 
 
 @triton.jit
 def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr, ASM: tl.constexpr,
-               PAD_S: tl.constexpr, STAGES: tl.constexpr, ONE_MUL: tl.constexpr):
+               PAD_S: tl.constexpr, ONE_MUL: tl.constexpr):
     """acc[r] += sum_k dequant(W[rows[r], k]) * x[k] over k in [0, K); W packed [rows, K/2] u8.
     ASM (sm_90): the inline-PTX dequant yields the scaled weights as exact bf16 (~3 instructions a
     weight instead of ~6, and no per-group scale multiply).
 
-    The loop is software-pipelined (STAGES: loads of later trips in flight while this one computes);
-    Triton only does that for loads it can make asynchronous copies (>= 4 aligned contiguous bytes):
-    x is loaded contiguous and split into even/odd k in registers, and PAD_S (padded scale rows,
-    mxfp4.pad_scales) drops the per-byte mask on the scales (PERF_NOTES v6)."""
+    x is loaded contiguous and split into even/odd k in registers. The loop is deliberately not
+    software-pipelined (num_stages=1): with padded scale rows (PAD_S) every load here could be an
+    asynchronous copy, and Triton would pipeline a plain `range` at the launch's 3 stages, which
+    measured slower (T=8: 271 vs 250 us; T=1 flat; PERF_NOTES v6)."""
     half = tl.arange(0, BK // 2)
     groups = tl.arange(0, BK // 32)
     R: tl.constexpr = rows.shape[0]
-    for k0 in tl.range(0, K, BK, num_stages=STAGES):
+    for k0 in tl.range(0, K, BK, num_stages=1):
         kb = k0 // 2 + half
         k_ok = kb < K // 2
         w = tl.load(w_ptr + rows[:, None].to(tl.int64) * s_wn + kb[None, :],
@@ -63,11 +60,7 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
         xv = tl.load(x_ptr + ks, mask=ks < K, other=0.0).to(tl.float32)
         xe, xo = tl.split(tl.reshape(xv, (BK // 2, 2)))
         kg = k0 // 32 + groups
-        if PAD_S:
-            s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :], mask=row_ok[:, None], other=0)
-        else:
-            s = tl.load(s_ptr + rows[:, None].to(tl.int64) * s_sn + kg[None, :],
-                        mask=row_ok[:, None] & (kg[None, :] < K // 32), other=0)
+        s = load_scales(s_ptr, rows, row_ok, s_sn, kg, K, 0, PAD_S)
         if ASM:
             w_lo, w_hi = dequant_asm(w, s, R, BK // 2, ONE_MUL)
             acc += tl.sum(w_lo.to(tl.float32) * xe[None, :] + w_hi.to(tl.float32) * xo[None, :], 1)
@@ -82,7 +75,7 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
 def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                   s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                   TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
-                  PAD_S: tl.constexpr, STAGES: tl.constexpr, ONE_MUL: tl.constexpr):
+                  PAD_S: tl.constexpr, ONE_MUL: tl.constexpr):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -92,7 +85,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
     row_ok = rows < 2 * I
     acc = tl.zeros((2 * BN,), dtype=tl.float32)
     acc = _gemv_tile(acc, x_ptr + token.to(tl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, STAGES, ONE_MUL)
+                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL)
     acc += tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, (BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -105,7 +98,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
 @triton.jit
 def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
                s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr, STAGES: tl.constexpr,
+               BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr,
                ONE_MUL: tl.constexpr):
     # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
     # the programs (and bytes in flight) at batch 1; the k partials are summed by _sum_pairs.
@@ -116,7 +109,7 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
-                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, STAGES, ONE_MUL)
+                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL)
     acc *= tl.load(wts_ptr + pair).to(tl.float32)
     tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
 
@@ -145,20 +138,19 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     bn_gu, bn_d, bk_gu, bk_d, warps = _TILES_OVERRIDE or (_TILES_FEW if T * k <= _FEW_PAIRS else _TILES)
     bk_gu = min(bk_gu, triton.next_power_of_2(H))
     bk_d = min(bk_d, triton.next_power_of_2(I))
-    pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk_gu) * bk_gu
-    pad_d = mxfp4.readable_groups(d_scl) * 32 >= triton.cdiv(I, bk_d) * bk_d
+    pad_gu, pad_d = mxfp4.unmasked_scale_reads(gu_scl, bk_gu), mxfp4.unmasked_scale_reads(d_scl, bk_d)
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
     inter = torch.empty((T * k, I), dtype=torch.float32, device=x.device)
     _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, STAGES=_STAGES, ONE_MUL=one_mul, num_warps=warps)
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, ONE_MUL=one_mul, num_warps=warps)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_gemv[(T * k, triton.cdiv(H, bn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, STAGES=_STAGES, ONE_MUL=one_mul, num_warps=warps)
+        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, ONE_MUL=one_mul, num_warps=warps)
     return sum_pairs(part, T, k, x.dtype)
 
 

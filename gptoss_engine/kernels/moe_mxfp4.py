@@ -8,7 +8,8 @@ elsewhere by `tl.dot_scaled` (bf16 activations x e2m1 weights with e8m0 scales).
 
 Routing is turned into a static-shape layout without a host sync (so the whole thing can be
 captured in a CUDA graph): the T*k (token, expert) pairs are sorted by expert (one launch,
-routing.sort_by_expert) and each expert's run is padded to a multiple of BLOCK_M. Program (m, n) of a launch reads the expert
+routing.sort_by_expert) and each expert's run is padded to a multiple of BLOCK_M.
+Program (m, n) of a launch reads the expert
 id of row block m (-1 = past the end: return at once), so an expert no token picked costs no bytes
 of weight traffic -- what makes batch-1 decode memory-bound on the touched experts only.
 
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv, sum_pairs
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
@@ -121,11 +122,7 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
         kg = k0 // 32 + tl.arange(0, BK // 32)
         ks = k0 + tl.arange(0, BK)
         # Scales [N, BK/32]; the padding columns hold 127 (x1) and meet zero-masked weights.
-        if PAD_S:
-            s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :], mask=col_ok[:, None], other=127)
-        else:
-            s = tl.load(ws + cols[:, None].to(tl.int64) * s_sn + kg[None, :],
-                        mask=col_ok[:, None] & (kg[None, :] < K // 32), other=127)
+        s = load_scales(ws, cols, col_ok, s_sn, kg, K, 127, PAD_S)
         if SWAP:
             at = tl.load(tl.trans(a_rows) + ks[:, None], mask=tl.trans(row_ok[:, None]) & (ks[:, None] < K),
                          other=0.0)                                             # [BK, BM]
@@ -324,8 +321,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         t = dataclasses.replace(t, mode=int(MODE_ASM1))
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
-    pad_gu = mxfp4.readable_groups(gu_scl) * 32 >= triton.cdiv(H, bk) * bk
-    pad_d = mxfp4.readable_groups(d_scl) * 32 >= triton.cdiv(I, bk) * bk
+    pad_gu, pad_d = mxfp4.unmasked_scale_reads(gu_scl, bk), mxfp4.unmasked_scale_reads(d_scl, bk)
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
