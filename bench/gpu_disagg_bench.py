@@ -63,6 +63,7 @@ class Options:
     device: str
     tokens: tuple[int, ...]
     seed: int
+    ucx_wait: str = "future"   # "future": kv_transfer.ucx_runtime (the daemons' setting); "spin": ucxx's defaults
 
     @property
     def max_len(self) -> int:
@@ -113,11 +114,27 @@ async def recv(conn: Any) -> Any:
 
 # ---- prefill process ---------------------------------------------------------------------------------
 def prefill_main(conn: Any, opts: Options) -> None:
-    asyncio.run(_prefill_serve(conn, opts))
+    try:
+        asyncio.run(_prefill_serve(conn, opts))
+    finally:
+        _ucx_stop()
+
+
+def _ucx_start(opts: Options) -> None:
+    """Both processes set ucxx up the way the daemons do (svc_common.worker), unless told to spin."""
+    from kv_transfer import ucx_runtime
+    if opts.ucx_wait == "future":
+        ucx_runtime.start()
+
+
+def _ucx_stop() -> None:
+    from kv_transfer import ucx_runtime
+    ucx_runtime.stop()
 
 
 async def _prefill_serve(conn: Any, opts: Options) -> None:
     from kv_transfer import KVTransferServer
+    _ucx_start(opts)
     engine = make_engine(opts, decode=False)
     await engine.start()
     server = KVTransferServer(engine.kv_cache)
@@ -229,6 +246,7 @@ async def bench(opts: Options, modes: list[str], warmup: int, repeats: int, log:
     child = ctx.Process(target=prefill_main, args=(child_conn, opts), name="prefill", daemon=True)
     child.start()
     try:
+        _ucx_start(opts)
         t0 = time.perf_counter()
         engine = make_engine(opts, decode=True)
         await engine.start()
@@ -287,6 +305,7 @@ async def bench(opts: Options, modes: list[str], warmup: int, repeats: int, log:
         await engine.shutdown()
         return results
     finally:
+        _ucx_stop()
         child.join(30)
         if child.is_alive():
             child.kill()
@@ -313,7 +332,8 @@ def write_results(out: pathlib.Path, doc: dict) -> None:
     with md.open("a") as f:
         for n, row in doc["results"].items():
             for mode, m in row["modes"].items():
-                f.write(f"| {doc['date']} | {doc['device']} | {doc['commit']} | {doc['preset']} | {n} | {mode} | "
+                label = mode if doc.get("ucx_wait", "future") == "future" else f"{mode}, ucx spin"
+                f.write(f"| {doc['date']} | {doc['device']} | {doc['commit']} | {doc['preset']} | {n} | {label} | "
                         f"{row['agg_ttft_ms']:.1f} | {m['ttft']:.1f} | {m['ratio_ttft']:.3f} | "
                         f"{row['agg_tok1_ms']:.1f} / {m['tok1']:.1f} | {m['ratio_tok1']:.3f} | {m['user_tok0']:.1f} | "
                         f"{m['prefill']:.1f} | {m['fetch']:.2f} | {m['nbytes'] / 2**20:.1f} | {m['fetch_gbps']:.1f} | "
@@ -334,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None)
+    p.add_argument("--ucx-wait", choices=("future", "spin"), default="future",
+                   help="how awaited ucxx requests complete: future (kv_transfer.ucx_runtime, as the daemons run) "
+                        "or spin (ucxx's defaults: the event loop busy-waits)")
     args = p.parse_args(argv)
     modes = args.modes.split(",")
     if any(m not in MODES for m in modes) or args.repeats < 1 or args.warmup < 0:
@@ -341,12 +364,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("no CUDA device")
         return 2
-    opts = Options(args.preset, args.device, tuple(int(t) for t in args.tokens.split(",")), args.seed)
+    opts = Options(args.preset, args.device, tuple(int(t) for t in args.tokens.split(",")), args.seed, args.ucx_wait)
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = asyncio.run(bench(opts, modes, args.warmup, args.repeats, log))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     doc = {"date": datetime.date.today().isoformat(), "device": device, "commit": args.commit or _commit(),
            "preset": args.preset, "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
+           "ucx_wait": args.ucx_wait,
            "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": results}
     write_results(args.out, doc)
     log(json.dumps(doc))

@@ -20,6 +20,7 @@ import secrets
 import time
 from typing import TYPE_CHECKING, Callable
 
+from kv_transfer import KVTransferClient, KVTransferServer, ucx_runtime
 from registry.etcd_settings import EtcdSettings
 from registry.record import InstanceRecord, KVLayoutInfo, LoadInfo
 from registry.registration import Registration
@@ -64,8 +65,7 @@ def _load(ctx: WorkerContext) -> LoadInfo:
 
 
 async def _start_transfer(cfg: WorkerConfig, engine: AsyncEngine) -> tuple[object | None, object | None, str]:
-    from kv_transfer import KVTransferClient, KVTransferServer
-
+    ucx_runtime.start()   # on this loop, before any ucxx use: transfers then await without spinning
     if cfg.disaggregation_mode == "prefill":
         server = KVTransferServer(engine.kv_cache, cfg.ucx_host, cfg.ucx_port)
         address = await server.start()
@@ -124,13 +124,16 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
         return await _drain(ctx, server, registration)
     finally:
         # Also reached on start-up errors: nothing may outlive the process's resources.
-        if registration is not None:
-            await registration.close()
-        if transfer_server is not None:
-            await transfer_server.close()
-        if transfer_client is not None:
-            await transfer_client.close()
-        await engine.shutdown()
+        try:
+            if registration is not None:
+                await registration.close()
+            if transfer_server is not None:
+                await transfer_server.close()
+            if transfer_client is not None:
+                await transfer_client.close()
+            await engine.shutdown()
+        finally:
+            ucx_runtime.stop()   # last: the endpoints are closed; a running notifier thread would block exit
 
 
 async def _serve_until_stopped(ctx: WorkerContext, registration: Registration, stop: asyncio.Event) -> None:

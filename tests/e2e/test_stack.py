@@ -57,6 +57,29 @@ def test_chat_stream_usage_responses_completions_health(fe):
     assert [m.id for m in c.models.list().data] == [MODEL]
 
 
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
+
+
+def test_idle_workers_do_not_busy_wait_on_their_kv_endpoints(stack, fe):
+    """After a hand-off the decode worker stays connected to the prefill worker's KV endpoint, with
+    a receive posted on it. ucxx's default request wait spins the event loop (a whole core, and the
+    GIL taken from the engine thread: kv_transfer/ucx_runtime.py); the daemons must not."""
+    r = fe.client().completions.create(model=MODEL, prompt="warm the KV endpoints up", max_tokens=2)
+    assert r.usage.completion_tokens <= 2
+    time.sleep(0.5)
+    workers = stack.live_workers("prefill_svc") + stack.live_workers("decode_svc")
+    assert len(workers) == 2
+    before = {w.proc.pid: _cpu_seconds(w.proc.pid) for w in workers}
+    t0 = time.monotonic()
+    time.sleep(3)
+    wall = time.monotonic() - t0
+    used = {pid: _cpu_seconds(pid) - cpu for pid, cpu in before.items()}
+    # Idle work is a keep-alive and a load update now and then: a few percent of one core.
+    assert all(u < 0.3 * wall for u in used.values()), f"CPU seconds over {wall:.1f} s idle: {used}"
+
 def test_seed_tool_flow_round_trips(fe):
     c = fe.client()
     messages = [{"role": "user", "content": "Hey, quick check: is everything up and running?"}]

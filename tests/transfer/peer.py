@@ -15,7 +15,7 @@ import sys
 import torch
 
 from gptoss_engine.kv_layout import KVCache, KVLayout
-from kv_transfer import KVTransferServer
+from kv_transfer import KVTransferServer, ucx_runtime
 
 TINY = KVLayout(block_size=4, num_full_layers=2, num_swa_layers=2, num_kv_heads=2, head_dim=8,
                 sliding_window=8, dtype=torch.bfloat16)
@@ -30,6 +30,7 @@ def fill_known(kv: KVCache, seed: int = 1234) -> KVCache:
 
 
 async def serve() -> None:
+    ucx_runtime.start()   # as the daemons do; this test process itself keeps ucxx's defaults
     kv = fill_known(KVCache.allocate(TINY, NUM_BLOCKS, NUM_BLOCKS, "cpu"))
     server = KVTransferServer(kv)
     released: list[list[str]] = []
@@ -58,4 +59,7 @@ async def serve() -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        ucx_runtime.stop()
