@@ -14,6 +14,7 @@ import grpc
 
 from gptoss_pb.v1 import decode_pb2_grpc, prefill_pb2_grpc
 from registry.keys import DECODE, PREFILL  # noqa: F401 - re-exported: the components we route to
+from svc_common.grpc_reconnect import CHANNEL_OPTIONS
 
 
 class WorkerDirectory(Protocol):
@@ -72,7 +73,8 @@ class Channels:
     """One aio channel per worker address, shared by all requests; TLS when given credentials
     (grpc.ssl_channel_credentials: the workers' CA, plus a client cert/key for mutual TLS)."""
 
-    _OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+    # A restarted worker comes back on the same address (systemd, fixed ports): reconnect at once.
+    _OPTIONS = [("grpc.max_receive_message_length", 64 << 20), *CHANNEL_OPTIONS]
 
     def __init__(self, credentials: grpc.ChannelCredentials | None = None) -> None:
         self._channels: dict[str, grpc.aio.Channel] = {}

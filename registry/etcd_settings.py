@@ -14,21 +14,9 @@ import aetcd
 import grpc
 
 from registry.tls_client import TlsClient
+from svc_common.grpc_reconnect import CHANNEL_OPTIONS
 
 DEFAULT_ENDPOINTS = "http://127.0.0.1:2379"
-
-# gRPC channel options of every etcd client. Why: grpc shares one subchannel per target across a
-# process's channels, and that subchannel's reconnect backoff grows to 120 s while etcd is away, so
-# a *new* client kept getting "connection refused" for ~3 s after a 10 s outage had ended (measured,
-# see tests/registry/test_registry_etcd.py). etcd restores a restarted server's leases with a fresh
-# TTL only, so a worker that reconnects later than that TTL drops out of every frontend's view.
-# A channel-local subchannel and a 1 s backoff cap make a client connect as soon as etcd listens.
-GRPC_CHANNEL_OPTIONS = {
-    "grpc.use_local_subchannel_pool": 1,
-    "grpc.initial_reconnect_backoff_ms": 100,
-    "grpc.min_reconnect_backoff_ms": 100,
-    "grpc.max_reconnect_backoff_ms": 1000,
-}
 
 
 @dataclass(frozen=True)
@@ -75,7 +63,7 @@ class EtcdSettings:
         through endpoints on failure."""
         host, port = _host_port(self.endpoints[index % len(self.endpoints)])
         kwargs = dict(host=host, port=port, username=self.username, password=self.password, timeout=self.timeout_s,
-                      options=dict(GRPC_CHANNEL_OPTIONS))
+                      options=dict(CHANNEL_OPTIONS))   # reconnect at once after an outage
         if not self.tls:
             return aetcd.Client(**kwargs)
         credentials = grpc.ssl_channel_credentials(

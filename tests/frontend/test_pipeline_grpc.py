@@ -271,3 +271,44 @@ def test_context_limit_is_the_smallest_published_by_workers_that_could_serve():
     assert pipe.context_limit(500) == 2048     # long prompt: the prefill worker takes it too
     assert pipe.context_limit(50) == 4096      # short prompt: straight to a decode worker
     assert make_pipeline(Dir(backend=[Rec(2, "b", "decode")])).context_limit(5) is None   # none published
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_worker_restarted_on_its_address_is_reached_at_once():
+    """systemd restarts a crashed worker on the same port. The frontend's channel to that address
+    kept retrying while it was down; grpc's default reconnect backoff (growing to 120 s) then kept
+    the worker unreachable for 5-8 s after it was back (measured after 20 s down). Channels uses
+    svc_common.grpc_reconnect's options: it must get through within a couple of seconds."""
+    channels = Channels()
+    server, addr = await serve(FakeDecode(), decode_pb2_grpc.add_DecodeServicer_to_server)
+    port = int(addr.rsplit(":", 1)[1])
+
+    async def generate_once(timeout: float) -> int:
+        request = decode_pb2.DecodeRequest(request_id="r", prompt_token_ids=[1, 2],
+                                           sampling=common_pb2.SamplingParams(max_tokens=2))
+        return len([r async for r in channels.decode(addr).Generate(request, timeout=timeout)])
+
+    try:
+        assert await generate_once(5) == 2
+        await server.stop(0)
+        down_until = asyncio.get_running_loop().time() + 20   # backoff by then: ~26 s from the first failure
+        while asyncio.get_running_loop().time() < down_until:   # requests keep trying the dead worker
+            with pytest.raises(grpc.aio.AioRpcError):
+                await generate_once(1)
+            await asyncio.sleep(0.5)
+        server = grpc.aio.server()
+        decode_pb2_grpc.add_DecodeServicer_to_server(FakeDecode(), server)
+        assert server.add_insecure_port(addr) == port
+        await server.start()
+        back = asyncio.get_running_loop().time()
+        while True:
+            try:
+                assert await generate_once(1) == 2
+                break
+            except grpc.aio.AioRpcError:
+                assert asyncio.get_running_loop().time() - back < 2.5, "the restarted worker stayed unreachable"
+                await asyncio.sleep(0.05)
+    finally:
+        await server.stop(0)
+        await channels.close()
