@@ -1,0 +1,123 @@
+"""Host time of one engine step at large batch, with the model's forward stubbed out (CPU).
+
+    python -m bench.host_step_bench [--batch 256] [--prompt 1000] [--output 1000] [--out bench/results]
+
+On the GPU a decode step's host work (scheduling, building the batch, the sampler's Python side,
+the engine's per-token bookkeeping) is not overlapped with the GPU: every millisecond here is a
+millisecond of the 1000/1000 step (~25 ms at b256 on the H100). This measures that host work
+alone: LLMEngine.generate over `--batch` requests, the forward replaced by a constant logits tensor
+(a 1,024-token vocabulary, so the sampler's device work is small too); prefix caching on, as in
+gpu_bench's 1000/1000 run. Reports milliseconds
+per step, split by wrapping the engine's own methods, and appends a row to <out>/host_step.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
+                              cwd=pathlib.Path(__file__).parent).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measure(batch: int, prompt: int, output: int) -> dict[str, float]:
+    from gptoss_engine.config import EngineConfig
+    from gptoss_engine.engine import LLMEngine
+    from gptoss_engine.make_model import random_model
+    from gptoss_engine.model_config import ModelConfig
+    from gptoss_engine.presets import preset
+    from gptoss_engine.types import SamplingParams
+
+    bs = 16
+    model = random_model(ModelConfig.from_dict(preset("tiny")), "cpu", seed=0)
+    config = EngineConfig(model_path="random-tiny", device="cpu", block_size=bs, max_batch_size=batch,
+                          max_num_tokens=8192, max_model_len=prompt + output + bs,
+                          num_kv_blocks=batch * ((prompt + output) // bs + 2), num_swa_blocks=batch * 12 + 600)
+    engine = LLMEngine(config, model=model)
+    logits = torch.zeros(batch, 1024)
+    logits[:, 7] = 1.0
+    engine.runner.forward_fn = lambda step, kv: logits[:step.logits_indices.numel()]
+    t = {"schedule": 0.0, "build": 0.0, "sample": 0.0}
+    steps = {"all": 0, "decode": 0}
+    runner, scheduler = engine.runner, engine.scheduler
+
+    def timed(obj: object, name: str, key: str) -> None:
+        fn = getattr(obj, name)
+
+        def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202 - the wrapped method's own types
+            t0 = time.perf_counter()
+            out = fn(*args, **kwargs)
+            t[key] += time.perf_counter() - t0
+            return out
+        setattr(obj, name, wrapper)
+
+    timed(scheduler, "schedule", "schedule")
+    timed(runner, "build_batch", "build")
+    timed(runner, "sampler", "sample")
+    run = runner.run
+
+    def counted_run(scheduled, tables):  # noqa: ANN001, ANN202
+        steps["all"] += 1
+        steps["decode"] += all(s.num_tokens == 1 for s in scheduled)
+        return run(scheduled, tables)
+    runner.run = counted_run
+    g = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 200_000, (batch, prompt), generator=g).tolist()
+    gc.collect()
+    gc.freeze()
+    t0 = time.perf_counter()
+    results = engine.generate(prompts, SamplingParams(max_tokens=output, ignore_eos=True))
+    wall = time.perf_counter() - t0
+    if sum(len(r.token_ids) for r in results) != batch * output:
+        raise RuntimeError("the engine produced the wrong number of tokens")
+    n = steps["all"]
+    rest = wall - sum(t.values())
+    return {"steps": n, "decode_steps": steps["decode"], "wall_s": wall, "ms_per_step": wall / n * 1e3,
+            **{f"{k}_ms": v / n * 1e3 for k, v in t.items()}, "rest_ms": rest / n * 1e3}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.host_step_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--prompt", type=int, default=1000)
+    p.add_argument("--output", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=3, help="whole runs; the fastest is reported")
+    p.add_argument("--out", type=pathlib.Path, default=RESULTS)
+    p.add_argument("--commit", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    best = min((measure(args.batch, args.prompt, args.output) for _ in range(args.repeats)),
+               key=lambda r: r["ms_per_step"])
+    print(f"b{args.batch}, {args.prompt} in / {args.output} out: {best['steps']} steps ({best['decode_steps']} decode "
+          f"only), host {best['ms_per_step']:.2f} ms a step = schedule {best['schedule_ms']:.2f} + build "
+          f"{best['build_ms']:.2f} + sampler {best['sample_ms']:.2f} + engine bookkeeping {best['rest_ms']:.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    md = args.out / "host_step.md"
+    if not md.exists():
+        md.write_text("# Host time per engine step, forward stubbed (bench/host_step_bench.py)\n\n"
+                      "| date | machine | commit | batch | in/out | steps | ms/step | schedule | build | sampler "
+                      "| bookkeeping |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
+    machine = f"{platform.machine()} {platform.processor() or platform.node()}".strip()
+    with md.open("a") as f:
+        f.write(f"| {datetime.date.today().isoformat()} | {machine} | {args.commit or _commit()} | {args.batch} | "
+                f"{args.prompt}/{args.output} | {best['steps']} | {best['ms_per_step']:.2f} | {best['schedule_ms']:.2f} "
+                f"| {best['build_ms']:.2f} | {best['sample_ms']:.2f} | {best['rest_ms']:.2f} |\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
