@@ -83,16 +83,16 @@ class ModelRunner:
         sent to the device in one copy per dtype. `tables` holds the sequences' block rows."""
         bs = self.config.block_size
         n = len(scheduled)
-        starts = np.empty(n, dtype=np.int64)
-        qlens = np.empty(n, dtype=np.int64)
-        rows = np.empty(n, dtype=np.intp)
+        seqs = [s.seq for s in scheduled]
+        start_l = [seq.num_computed_tokens for seq in seqs]
+        qlen_l = [s.num_tokens for s in scheduled]
         ids: list[int] = []
-        width = 0
-        for i, s in enumerate(scheduled):
-            seq, start = s.seq, s.seq.num_computed_tokens
-            starts[i], qlens[i], rows[i] = start, s.num_tokens, seq.blocks.row
-            ids += seq.token_ids[start:start + s.num_tokens]
-            width = max(width, len(seq.blocks.full))
+        for seq, start, q in zip(seqs, start_l, qlen_l):
+            ids += seq.token_ids[start:start + q]
+        starts = np.array(start_l, dtype=np.int64)
+        qlens = np.array(qlen_l, dtype=np.int64)
+        rows = np.array([seq.blocks.row for seq in seqs], dtype=np.intp)
+        width = max(len(seq.blocks.full) for seq in seqs)
         query_start_loc = np.zeros(n + 1, dtype=np.int64)
         np.cumsum(qlens, out=query_start_loc[1:])
         seq_lens = starts + qlens

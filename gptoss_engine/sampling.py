@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from gptoss_engine.types import SamplingParams, TokenOutput
 
 
-@dataclass(frozen=True)
-class SampleRequest:
+class SampleRequest(NamedTuple):   # a tuple: one is built per sequence per step, a dataclass cost 3x
     sampling: SamplingParams
     output_index: int  # which output token of its request this draw is (0 = the first)
 
