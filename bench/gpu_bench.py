@@ -21,12 +21,12 @@ import datetime
 import gc
 import json
 import pathlib
-import subprocess
 import time
 from typing import Callable
 
 import torch
 
+from bench import provenance
 from gptoss_engine import gc_policy
 from gptoss_engine.checkpoint import finalize_model, place_tensor, tensor_specs
 from gptoss_engine.kv_layout import KVCache
@@ -282,13 +282,6 @@ def plot(path: pathlib.Path, name: str, ours: dict[str, float], peer: dict[str, 
     fig.savefig(path, dpi=110)
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True, cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="gptoss bench", description=__doc__.splitlines()[0])
@@ -312,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                       tuple(int(n) for n in args.throughput_requests.split(",")))
     peer = {} if args.no_peer or args.preset != "20b" else bench_hf_peer(args.preset, log)
     gpu = torch.cuda.get_device_name()
-    commit = args.commit or _commit()
+    commit = args.commit or provenance.commit()
     date = datetime.date.today().isoformat()
     doc = {"date": date, "gpu": gpu, "commit": commit, "preset": args.preset, "torch": torch.__version__,
            "ours": ours, "hf_peer": peer, "floors": FLOORS.get(args.preset, {}), "goals": GOALS.get(args.preset, {})}

@@ -33,7 +33,6 @@ import multiprocessing as mp
 import os
 import pathlib
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from bench import provenance
 from gptoss_engine.async_engine import AsyncEngine
 from gptoss_engine.config import EngineConfig
 from gptoss_engine.engine import LLMEngine
@@ -312,14 +312,6 @@ async def bench(opts: Options, modes: list[str], warmup: int, repeats: int, log:
             child.join()
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def write_results(out: pathlib.Path, doc: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_disagg.json").write_text(json.dumps(doc, indent=2))
@@ -368,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = asyncio.run(bench(opts, modes, args.warmup, args.repeats, log))
     device = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    doc = {"date": datetime.date.today().isoformat(), "device": device, "commit": args.commit or _commit(),
+    doc = {"date": datetime.date.today().isoformat(), "device": device, "commit": args.commit or provenance.commit(),
            "preset": args.preset, "repeats": args.repeats, "warmup": args.warmup, "torch": torch.__version__,
            "ucx_wait": args.ucx_wait,
            "ucx_env": {k: v for k, v in os.environ.items() if k.startswith("UCX_")}, "results": results}

@@ -15,22 +15,14 @@ from __future__ import annotations
 import argparse
 import datetime
 import pathlib
-import platform
-import subprocess
 import sys
 import time
 
 import torch
 
+from bench import provenance
+
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def measure(batch: int, prompt: int, output: int) -> dict[str, float]:
@@ -105,17 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"b{args.batch}, {args.prompt} in / {args.output} out: {best['steps']} steps ({best['decode_steps']} decode "
           f"only), host {best['ms_per_step']:.2f} ms a step = schedule {best['schedule_ms']:.2f} + build "
           f"{best['build_ms']:.2f} + sampler {best['sample_ms']:.2f} + engine bookkeeping {best['rest_ms']:.2f}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    md = args.out / "host_step.md"
-    if not md.exists():
-        md.write_text("# Host time per engine step, forward stubbed (bench/host_step_bench.py)\n\n"
-                      "| date | machine | commit | batch | in/out | steps | ms/step | schedule | build | sampler "
-                      "| bookkeeping |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
-    machine = f"{platform.machine()} {platform.processor() or platform.node()}".strip()
-    with md.open("a") as f:
-        f.write(f"| {datetime.date.today().isoformat()} | {machine} | {args.commit or _commit()} | {args.batch} | "
-                f"{args.prompt}/{args.output} | {best['steps']} | {best['ms_per_step']:.2f} | {best['schedule_ms']:.2f} "
-                f"| {best['build_ms']:.2f} | {best['sample_ms']:.2f} | {best['rest_ms']:.2f} |\n")
+    provenance.append_rows(
+        args.out / "host_step.md", "Host time per engine step, forward stubbed (bench/host_step_bench.py)",
+        ["date", "machine", "commit", "batch", "in/out", "steps", "ms/step", "schedule", "build", "sampler", "bookkeeping"],
+        [[datetime.date.today().isoformat(), provenance.machine(), args.commit or provenance.commit(), args.batch,
+          f"{args.prompt}/{args.output}", best["steps"], f"{best['ms_per_step']:.2f}", f"{best['schedule_ms']:.2f}",
+          f"{best['build_ms']:.2f}", f"{best['sample_ms']:.2f}", f"{best['rest_ms']:.2f}"]])
     return 0
 
 

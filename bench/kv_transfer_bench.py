@@ -13,7 +13,6 @@ import asyncio
 import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import torch
 USER_UCX_ENV = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
                         if k.startswith("UCX_") or k == "KV_TRANSFER_SAME_HOST") or "default"
 
+from bench import provenance  # noqa: E402
 from gptoss_engine.kv_layout import KVCache, KVLayout  # noqa: E402
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import preset
@@ -118,16 +118,8 @@ async def measure(layout_name: str, tokens_list: list[int], repeats: int, device
 
 
 def machine_facts() -> dict:
-    cpu = platform.processor() or "?"
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).parent).stdout.strip() or "?"
-    return {"date": datetime.date.today().isoformat(), "machine": os.uname().nodename, "cpu": cpu,
-            "commit": commit, "ucx_env": USER_UCX_ENV}
+    return {"date": datetime.date.today().isoformat(), "machine": os.uname().nodename, "cpu": provenance.cpu_model(),
+            "commit": provenance.commit(), "ucx_env": USER_UCX_ENV}
 
 
 def append_results(rows: list[dict], device: str) -> None:

@@ -16,11 +16,12 @@ import asyncio
 import datetime
 import json
 import pathlib
-import platform
 import resource
 import subprocess
 import sys
 import time
+
+from bench import provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 CASES = ("none", "spin", "future")
@@ -71,14 +72,6 @@ def _child(case: str, steps: int) -> None:
     os._exit(0)   # skip ucxx teardown: the listener and endpoint are still open by design
 
 
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=pathlib.Path(__file__).parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.ucx_wait_bench", description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3, help="fresh processes per case (the best is reported)")
@@ -105,18 +98,12 @@ def main(argv: list[str] | None = None) -> int:
                       "idle_cpu_per_s": min(r["idle_cpu_per_s"] for r in runs)}
         print(f"{case:>6}: launch-bound thread {best['busy_ms']:7.1f} ms, process CPU {best['busy_cpu_per_s']:.2f} s/s "
               f"while it runs, {rows[case]['idle_cpu_per_s']:.2f} s/s idle", flush=True)
-    machine = f"{platform.machine()} {platform.processor() or platform.node()}".strip()
-    date, commit = datetime.date.today().isoformat(), args.commit or _commit()
-    args.out.mkdir(parents=True, exist_ok=True)
-    md = args.out / "ucx_wait.md"
-    if not md.exists():
-        md.write_text("# One pending ucxx receive vs a launch-bound thread (bench/ucx_wait_bench.py)\n\n"
-                      "| date | machine | commit | case | launch-bound thread ms | process CPU s/s busy | idle |\n"
-                      "|---|---|---|---|---|---|---|\n")
-    with md.open("a") as f:
-        for case, r in rows.items():
-            f.write(f"| {date} | {machine} | {commit} | {case} | {r['busy_ms']:.1f} | {r['busy_cpu_per_s']:.2f} "
-                    f"| {r['idle_cpu_per_s']:.2f} |\n")
+    date, machine, commit = datetime.date.today().isoformat(), provenance.machine(), args.commit or provenance.commit()
+    provenance.append_rows(
+        args.out / "ucx_wait.md", "One pending ucxx receive vs a launch-bound thread (bench/ucx_wait_bench.py)",
+        ["date", "machine", "commit", "case", "launch-bound thread ms", "process CPU s/s busy", "idle"],
+        [[date, machine, commit, case, f"{r['busy_ms']:.1f}", f"{r['busy_cpu_per_s']:.2f}", f"{r['idle_cpu_per_s']:.2f}"]
+         for case, r in rows.items()])
     return 0
 
 
