@@ -3,7 +3,15 @@
 Everything that touches the engine (and so the block manager) runs on that thread: callers queue
 commands to it and get answers through asyncio futures/queues resolved with
 loop.call_soon_threadsafe. There are no locks in the core; a stats() snapshot is republished by
-the thread after every iteration (one attribute store, so reading it from the loop is safe).
+the thread with every batch of results (one attribute store, so reading it from the loop is safe).
+
+When the thread hands results to the loop: on CUDA, while more steps follow, a step's outputs go
+out when the NEXT step's forward has been launched, so the loop streams them (gRPC, one message
+per token and request) while the device computes, instead of holding the GIL against the next
+step's scheduling and batch building (bench/serve_overhead_bench.py measures it). That delays each
+token by one step's host time (~2 ms at batch 256). The last step's results, and anything queued
+in an iteration that launched nothing, go out at once. On CPU the "launch" is the computation
+itself, so results go out at the end of every iteration instead.
 
 Who frees what:
   - generate / generate_from_kv streams: the sequence's blocks are freed when it finishes; closing
@@ -76,8 +84,11 @@ class RequestStream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: LLMEngine) -> None:
+    def __init__(self, engine: LLMEngine, publish_at_launch: bool | None = None) -> None:
+        """publish_at_launch: hand a step's results to the loop at the next step's launch (see the
+        module doc); None = on CUDA only."""
         self._engine = engine
+        self._publish_at_launch = (engine.runner.device.type == "cuda") if publish_at_launch is None else publish_at_launch
         self._commands: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -86,6 +97,7 @@ class AsyncEngine:
         self._streams: dict[str, RequestStream] = {}
         self._prefill_waiters: dict[str, asyncio.Future[PrefillResult]] = {}
         self._to_loop: list[Callable[[], None]] = []
+        self._launched = False   # this iteration's step queued a forward (and published at that point)
         self._stats = engine.stats()
 
     @classmethod
@@ -272,9 +284,11 @@ class AsyncEngine:
             except queue.Empty:
                 cmd = _noop
             stop = self._drain(cmd)
+            self._launched = False
             if not stop and self._engine.has_unfinished():
                 self._step()
-            self._publish()
+            if not (self._launched and self._engine.has_unfinished()):
+                self._publish()   # else they go out at the next step's launch (see the module doc)
         self._abort_all(EngineStopped("the engine was shut down"))
         self._publish()
 
@@ -295,7 +309,7 @@ class AsyncEngine:
 
     def _step(self) -> None:
         try:
-            outputs = self._engine.step()
+            outputs = self._engine.step(on_launched=self._on_launched if self._publish_at_launch else None)
         except Exception as e:  # noqa: BLE001 - fail the requests, keep serving
             log.exception("engine step failed")
             self._abort_all(e)
@@ -331,6 +345,10 @@ class AsyncEngine:
             fut = self._prefill_waiters.pop(request_id, None)
             if fut is not None:
                 self._later(lambda f=fut: f.done() or f.set_exception(error))
+
+    def _on_launched(self) -> None:
+        self._launched = True
+        self._publish()
 
     def _publish(self) -> None:
         self._stats = self._engine.stats()

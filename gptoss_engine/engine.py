@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 from typing import Sequence as Seq
 
 from gptoss_engine.block_manager import BlockManager, StagedKV
@@ -198,11 +199,13 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, on_launched: Callable[[], None] | None = None) -> list[RequestOutput]:
+        """One scheduled forward and its bookkeeping. on_launched: see ModelRunner.run (not called
+        when nothing was scheduled)."""
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
-        tokens = self.runner.run(sched.scheduled, self.block_manager.tables)
+        tokens = self.runner.run(sched.scheduled, self.block_manager.tables, on_launched)
         outputs: list[RequestOutput] = []
         for s, tok in zip(sched.scheduled, tokens):
             seq = s.seq

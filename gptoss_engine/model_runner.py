@@ -132,12 +132,17 @@ class ModelRunner:
         dev = host.to(self.device, non_blocking=True)
         return [dev[off:off + size] for off, size in zip(offsets, sizes)]
 
-    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables) -> list[TokenOutput | None]:
+    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables,
+            on_launched: Callable[[], None] | None = None) -> list[TokenOutput | None]:
         """One forward over the step; a token for each sequence whose last token was computed.
+        on_launched() runs once the forward is queued on the device and before the host waits for
+        it: host work placed there overlaps the device's.
 
         A replayed CUDA graph returns a view of its static output buffer, which the next replay
         overwrites: the tokens are sampled here, before this returns, never later."""
         logits = self.forward_fn(self.build_batch(scheduled, tables), self.kv_cache)
+        if on_launched is not None:
+            on_launched()
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_tokens == len(s.seq.token_ids)]
         out: list[TokenOutput | None] = [None] * len(scheduled)
         if not rows:

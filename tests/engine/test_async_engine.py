@@ -15,9 +15,12 @@ from gptoss_engine.types import FinishReason, InvalidRequest, SamplingParams
 PROMPT = list(range(300, 337))  # 37 tokens: 3 blocks, the last one partial
 
 
-@pytest.fixture
-async def engines(model, swa_model_dir):
-    made = [AsyncEngine(LLMEngine(EngineConfig(str(swa_model_dir), num_kv_blocks=32, num_swa_blocks=16), model=model))
+@pytest.fixture(params=[False, True], ids=["publish-at-step-end", "publish-at-launch"])
+async def engines(model, swa_model_dir, request):
+    """Both ways of handing results to the loop: at the end of each step (CPU's default) and at the
+    next step's launch (CUDA's default; forced here, where the forward runs inside the launch)."""
+    made = [AsyncEngine(LLMEngine(EngineConfig(str(swa_model_dir), num_kv_blocks=32, num_swa_blocks=16), model=model),
+                        publish_at_launch=request.param)
             for _ in range(2)]
     for e in made:
         await e.start()

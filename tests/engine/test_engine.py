@@ -141,3 +141,26 @@ def test_request_that_can_never_fit_is_refused(model, swa_model_dir):
     engine = make_engine(model, swa_model_dir, num_kv_blocks=4)
     with pytest.raises(InvalidRequest, match="KV blocks"):
         engine.add_request("r", list(range(60)), SamplingParams(max_tokens=20))
+
+
+def test_on_launched_runs_between_the_forward_and_sampling_once_per_scheduled_step(model, swa_model_dir):
+    engine = make_engine(model, swa_model_dir)
+    events: list[str] = []
+    forward, sampler = engine.runner.forward_fn, engine.runner.sampler
+
+    def logged_forward(batch, kv):
+        events.append("forward")
+        return forward(batch, kv)
+
+    def logged_sampler(logits, requests):
+        events.append("sample")
+        return sampler(logits, requests)
+    engine.runner.forward_fn, engine.runner.sampler = logged_forward, logged_sampler
+    assert engine.step(on_launched=lambda: events.append("launched")) == [] and events == []   # nothing scheduled
+    engine.add_request("r", list(range(300, 310)), SamplingParams(max_tokens=2, ignore_eos=True))
+    steps = 0
+    while engine.has_unfinished():
+        engine.step(on_launched=lambda: events.append("launched"))
+        steps += 1
+    assert events == ["forward", "launched", "sample"] * steps
+    assert_baseline(engine)
