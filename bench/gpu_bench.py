@@ -131,9 +131,9 @@ class _StepTimers:
         runner, sched = engine.runner, engine.scheduler  # type: ignore[attr-defined]
         run, schedule = runner.run, sched.schedule
 
-        def timed_run(scheduled, tables):  # noqa: ANN001, ANN202 - the wrapped method's own types
+        def timed_run(scheduled, tables, on_launched=None):  # noqa: ANN001, ANN202 - the wrapped method's own types
             t0 = time.perf_counter()
-            out = run(scheduled, tables)
+            out = run(scheduled, tables, on_launched)
             self.t["runner"] += time.perf_counter() - t0
             self.steps += 1
             self.decode_steps += all(s.num_tokens == 1 for s in scheduled)

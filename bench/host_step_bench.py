@@ -21,28 +21,16 @@ import time
 import torch
 
 from bench import provenance
+from bench.stub_engine import stub_engine
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
 def measure(batch: int, prompt: int, output: int) -> dict[str, float]:
     from gptoss_engine import gc_policy
-    from gptoss_engine.config import EngineConfig
-    from gptoss_engine.engine import LLMEngine
-    from gptoss_engine.make_model import random_model
-    from gptoss_engine.model_config import ModelConfig
-    from gptoss_engine.presets import preset
     from gptoss_engine.types import SamplingParams
 
-    bs = 16
-    model = random_model(ModelConfig.from_dict(preset("tiny")), "cpu", seed=0)
-    config = EngineConfig(model_path="random-tiny", device="cpu", block_size=bs, max_batch_size=batch,
-                          max_num_tokens=8192, max_model_len=prompt + output + bs,
-                          num_kv_blocks=batch * ((prompt + output) // bs + 2), num_swa_blocks=batch * 12 + 600)
-    engine = LLMEngine(config, model=model)
-    logits = torch.zeros(batch, 32)
-    logits[:, 7] = 1.0
-    engine.runner.forward_fn = lambda step, kv: logits[:step.logits_indices.numel()]
+    engine, _ = stub_engine(batch, prompt, output)
     t = {"schedule": 0.0, "build": 0.0, "sample": 0.0}
     steps = {"all": 0, "decode": 0}
     runner, scheduler = engine.runner, engine.scheduler
@@ -62,10 +50,10 @@ def measure(batch: int, prompt: int, output: int) -> dict[str, float]:
     timed(runner, "sampler", "sample")
     run = runner.run
 
-    def counted_run(scheduled, tables):  # noqa: ANN001, ANN202
+    def counted_run(scheduled, tables, on_launched=None):  # noqa: ANN001, ANN202
         steps["all"] += 1
         steps["decode"] += all(s.num_tokens == 1 for s in scheduled)
-        return run(scheduled, tables)
+        return run(scheduled, tables, on_launched)
     runner.run = counted_run
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200_000, (batch, prompt), generator=g).tolist()

@@ -29,26 +29,14 @@ import time
 import torch
 
 from bench import provenance
+from bench.stub_engine import stub_engine
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 PROMPT = 64
 
 
 def _engine(batch: int, output: int, gpu_ms: float, steps: list[float]):
-    from gptoss_engine.config import EngineConfig
-    from gptoss_engine.engine import LLMEngine
-    from gptoss_engine.make_model import random_model
-    from gptoss_engine.model_config import ModelConfig
-    from gptoss_engine.presets import preset
-
-    bs = 16
-    model = random_model(ModelConfig.from_dict(preset("tiny")), "cpu", seed=0)
-    config = EngineConfig(model_path="random-tiny", device="cpu", block_size=bs, max_batch_size=batch,
-                          max_num_tokens=8192, max_model_len=PROMPT + output + bs,
-                          num_kv_blocks=batch * ((PROMPT + output) // bs + 2), num_swa_blocks=batch * 12 + 600)
-    engine = LLMEngine(config, model=model)
-    logits = torch.zeros(batch, 32)
-    logits[:, 7] = 1.0
+    engine, logits = stub_engine(batch, PROMPT, output)
     done_at = [0.0]
     sample = engine.runner.sampler
 
