@@ -5,8 +5,9 @@ Why: a step at batch 256 allocates about a thousand small tracked objects (Sched
 TokenOutput, RequestOutput, lists), most of which live as long as their request. With CPython's
 default young-generation threshold of 700 a collection ran once or twice every step, and the
 surviving per-token objects made the older generations' collections grow with the run:
-bench/host_step_bench.py (CPU, forward stubbed) measured 2.04-2.21 ms of host time a step with the
-default, 1.83 with a young generation of 20,000 (5,000 and 50,000 measured the same). The engine
+with this and two smaller changes, bench/host_step_bench.py (CPU, forward stubbed) went from 2.05 to
+1.77 ms of host time a step, the sampler's share (where the collections fell) from 0.34 to 0.18
+(bench/results/host_step.md). The engine
 makes no reference cycles per step, so collecting less often holds back little memory.
 """
 from __future__ import annotations

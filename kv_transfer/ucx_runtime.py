@@ -4,8 +4,8 @@ Python-future notification; stopped before the process exits.
 Why not ucxx's defaults: with them every awaited ucxx request spins the event loop
 (`await asyncio.sleep(0)` until the request completes). A KV server always has a receive posted on
 each connected endpoint, so a prefill worker's loop spun for as long as a decode worker was
-connected, taking the GIL from the engine thread: a launch-bound thread ran 2-7x slower beside one
-pending receive (CPU measurements in docs/PERF_NOTES.md v7), the likely cause of the GPU 1k prefill
+connected, taking the GIL from the engine thread: a launch-bound thread ran 2.4x slower beside one
+pending receive (bench/results/ucx_wait.md), the likely cause of the GPU 1k prefill
 that took 155 ms in the prefill process and 51 ms alone. With Python futures, ucxx's
 notifier thread sleeps in C++ until a request completes and then resolves the awaited future on
 the loop, so an idle endpoint costs nothing.

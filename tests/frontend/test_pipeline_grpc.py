@@ -278,7 +278,7 @@ def test_context_limit_is_the_smallest_published_by_workers_that_could_serve():
 async def test_a_worker_restarted_on_its_address_is_reached_at_once():
     """systemd restarts a crashed worker on the same port. The frontend's channel to that address
     kept retrying while it was down; grpc's default reconnect backoff (growing to 120 s) then kept
-    the worker unreachable for 5-8 s after it was back (measured after 20 s down). Channels uses
+    the worker unreachable for 5.3-6.3 s after it was back (bench/results/reconnect.md). Channels uses
     svc_common.grpc_reconnect's options: it must get through within a couple of seconds."""
     channels = Channels()
     server, addr = await serve(FakeDecode(), decode_pb2_grpc.add_DecodeServicer_to_server)

@@ -117,7 +117,7 @@ async def test_etcd_outage_registration_returns_and_view_converges(etcd, etcd_se
 async def test_after_a_long_outage_workers_return_before_their_restored_lease_expires(etcd, etcd_settings):
     """etcd restores a restarted server's leases with one fresh TTL. A worker must hold a new lease
     before that runs out, or its key vanishes from every frontend's view. grpc's shared subchannel
-    used to stay in reconnect backoff for seconds after a 10 s outage (measured 3.2-3.7 s, longer
+    used to stay in reconnect backoff for seconds after a 10 s outage (1.5-7.0 s in bench/results/reconnect.md, longer
     than this TTL); svc_common.grpc_reconnect.CHANNEL_OPTIONS make a new client connect at once."""
     ttl = 3
     regs = [Registration(etcd_settings, make_record(i), ttl=ttl) for i in (1, 2)]
