@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import datetime
-import os
 import pathlib
 import sys
 import tempfile
@@ -23,11 +22,6 @@ import time
 from bench import provenance
 
 RESULTS = pathlib.Path(__file__).parent / "results"
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from gptoss_engine.make_model import write_checkpoint
     from gptoss_engine.presets import preset
-    from tests.e2e.stack import MODEL, Stack
+    from tests.e2e.stack import MODEL, Stack, cpu_seconds
 
     tmp = pathlib.Path(tempfile.mkdtemp(prefix="frontend-cpu-"))
     model_dir = write_checkpoint(tmp / "tiny", preset("tiny"), seed=0, packed=True)
@@ -60,13 +54,13 @@ def main(argv: list[str] | None = None) -> int:
 
         one(-1)   # warm up the path once
         pid = fe.proc.pid
-        c0, t0 = _cpu_seconds(pid), time.perf_counter()
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
         time.sleep(5)
-        idle = (_cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
-        c0, t0 = _cpu_seconds(pid), time.perf_counter()
+        idle = (cpu_seconds(pid) - c0) / (time.perf_counter() - t0)
+        c0, t0 = cpu_seconds(pid), time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(args.streams) as pool:
             tokens = sum(pool.map(one, range(args.streams)))
-        cpu, wall = _cpu_seconds(pid) - c0, time.perf_counter() - t0
+        cpu, wall = cpu_seconds(pid) - c0, time.perf_counter() - t0
     finally:
         stack.close()
     if tokens != args.streams * args.tokens:

@@ -22,6 +22,7 @@ def scale_x2e14(s):
     """e8m0 scales -> 2^(s-127) * 2^14 (fp32, built from its bits): with e2m1_x2e14, the weight."""
     return ((s.to(tl.int32) + 14) << 23).to(tl.float32, bitcast=True)
 
+
 @triton.jit
 def load_scales(s_ptr, rows, row_ok, s_sn, kg, K, OTHER: tl.constexpr, PAD_S: tl.constexpr):
     """Scale groups kg of rows -> [R, G] u8. PAD_S (mxfp4.unmasked_scale_reads): no mask along kg, so

@@ -111,7 +111,7 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
 
     Every load of the loop must be one Triton can turn into an asynchronous copy (>= 4 aligned
     contiguous bytes), or each trip waits a full memory latency for it: PAD_S (scale rows padded to
-    a 16-byte stride covering every trip, see pad_expert_scales) drops the mask that made the
+    a 16-byte stride covering every trip, see mxfp4.pad_scales) drops the mask that made the
     scale loads byte-wise, and activations are loaded as contiguous rows (PERF_NOTES v6)."""
     if SWAP:
         acc = tl.zeros((N, BM), dtype=tl.float32)
@@ -306,18 +306,20 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
     d_blk = d_blk.reshape(E, H, I // 2)
     sm90 = _is_sm90(x.device)
+    # The PTX dequant may apply the scales with one multiply when every scale is <= 128 (e2m1.py).
+    one_mul = w.scale_max is not None and w.scale_max <= 128
     if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
         asm = sm90 if gemv_asm is None else gemv_asm
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha, asm=asm,
-                                one_mul=asm and w.scale_max is not None and w.scale_max <= 128)
+                                one_mul=asm and one_mul)
     if (tiles is None and grouped_mm is not False and sm90 and not interpret
             and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:
         t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
-    elif t.mode == MODE_ASM and w.scale_max is not None and w.scale_max <= 128:
+    elif t.mode == MODE_ASM and one_mul:
         t = dataclasses.replace(t, mode=int(MODE_ASM1))
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.

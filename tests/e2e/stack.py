@@ -29,6 +29,12 @@ NAMESPACE = "test"      # as tests/fixtures/procs.worker_args registers the work
 MODEL = "tiny"
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process `pid` so far, all its threads (/proc)."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_until(predicate, timeout_s: float, what: str, interval_s: float = 0.1):
     """Poll `predicate` until it returns something truthy; TimeoutError naming `what` otherwise."""
     deadline = time.monotonic() + timeout_s

@@ -16,7 +16,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, ROOT, needs_engine
-from tests.e2e.stack import iter_sse, wait_until
+from tests.e2e.stack import cpu_seconds, iter_sse, wait_until
 from tests.fixtures.procs import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -58,11 +58,6 @@ def test_chat_stream_usage_responses_completions_health(fe):
 
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")   # utime + stime
-
-
 def test_idle_workers_do_not_busy_wait_on_their_kv_endpoints(stack, fe):
     """After a hand-off the decode worker stays connected to the prefill worker's KV endpoint, with
     a receive posted on it. ucxx's default request wait spins the event loop (a whole core, and the
@@ -72,11 +67,11 @@ def test_idle_workers_do_not_busy_wait_on_their_kv_endpoints(stack, fe):
     time.sleep(0.5)
     workers = stack.live_workers("prefill_svc") + stack.live_workers("decode_svc")
     assert len(workers) == 2
-    before = {w.proc.pid: _cpu_seconds(w.proc.pid) for w in workers}
+    before = {w.proc.pid: cpu_seconds(w.proc.pid) for w in workers}
     t0 = time.monotonic()
     time.sleep(3)
     wall = time.monotonic() - t0
-    used = {pid: _cpu_seconds(pid) - cpu for pid, cpu in before.items()}
+    used = {pid: cpu_seconds(pid) - cpu for pid, cpu in before.items()}
     # Idle work is a keep-alive and a load update now and then: a few percent of one core.
     assert all(u < 0.3 * wall for u in used.values()), f"CPU seconds over {wall:.1f} s idle: {used}"
 
