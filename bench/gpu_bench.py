@@ -220,7 +220,12 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
     if max_context >= 2048:
         for n in throughput_requests:
             key = "throughput_1000_1000" if n == 256 else f"throughput_1000_1000_x{n}"
-            r[key] = throughput_engine(model, n, 1000, 1000, log)
+            try:
+                r[key] = throughput_engine(model, n, 1000, 1000, log)
+            except torch.cuda.OutOfMemoryError as e:  # a larger concurrency may not fit: keep the others
+                log(f"1000/1000 with {n} requests: out of memory ({e})")
+                gc.collect()
+                torch.cuda.empty_cache()
     del model
     gc.collect()
     torch.cuda.empty_cache()
