@@ -127,7 +127,7 @@ class _StepTimers:
 
     def __init__(self, engine: object) -> None:
         self.t = {"runner": 0.0, "schedule": 0.0}
-        self.steps = self.decode_steps = 0
+        self.steps = self.decode_steps = self.max_batch = 0
         runner, sched = engine.runner, engine.scheduler  # type: ignore[attr-defined]
         run, schedule = runner.run, sched.schedule
 
@@ -137,6 +137,7 @@ class _StepTimers:
             self.t["runner"] += time.perf_counter() - t0
             self.steps += 1
             self.decode_steps += all(s.num_tokens == 1 for s in scheduled)
+            self.max_batch = max(self.max_batch, len(scheduled))
             return out
 
         def timed_schedule():  # noqa: ANN202
@@ -149,7 +150,8 @@ class _StepTimers:
 
     def report(self, wall: float) -> str:
         rest = wall - self.t["runner"] - self.t["schedule"]
-        return (f"1000/1000 time: {self.steps} steps ({self.decode_steps} decode-only); runner (build + forward"
+        return (f"1000/1000 time: {self.steps} steps ({self.decode_steps} decode-only, at most {self.max_batch} "
+                f"sequences a step); runner (build + forward"
                 f" + sample) {self.t['runner']:.1f} s, scheduler {self.t['schedule']:.1f} s, engine/generate "
                 f"bookkeeping {rest:.1f} s of {wall:.1f} s")
 
@@ -163,7 +165,12 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
     config = EngineConfig(model_path="random-weights", device="cuda", block_size=BLOCK_SIZE,
                           max_batch_size=num_requests, max_num_tokens=8192,
                           max_model_len=prompt_len + output_len + BLOCK_SIZE)
+    gc.collect()
+    torch.cuda.empty_cache()  # the KV pool is sized from free memory: cached blocks would shrink it
     engine = LLMEngine(config, model=model)
+    kv = engine.runner.kv_cache
+    log(f"1000/1000 with {num_requests} requests: KV pools {kv.num_full_blocks} full + {kv.num_swa_blocks} sliding "
+        f"blocks of {BLOCK_SIZE} tokens (full-attention room for {kv.num_full_blocks * BLOCK_SIZE} tokens)")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200000, (num_requests, prompt_len), generator=g).tolist()
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
