@@ -47,14 +47,14 @@ def measure(batch: int, prompt: int, output: int) -> dict[str, float]:
 
     timed(scheduler, "schedule", "schedule")
     timed(runner, "build_batch", "build")
-    timed(runner, "sampler", "sample")
-    run = runner.run
+    timed(runner.sampler, "launch", "sample")
+    launch = runner.launch
 
-    def counted_run(scheduled, tables, on_launched=None):  # noqa: ANN001, ANN202
+    def counted_launch(scheduled, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
         steps["all"] += 1
         steps["decode"] += all(s.num_tokens == 1 for s in scheduled)
-        return run(scheduled, tables, on_launched)
-    runner.run = counted_run
+        return launch(scheduled, *args, **kwargs)
+    runner.launch = counted_launch
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200_000, (batch, prompt), generator=g).tolist()
     gc_before = gc_policy.settle_for_serving()   # as the worker daemons and gpu_bench run

@@ -86,9 +86,12 @@ class RequestStream:
 class AsyncEngine:
     def __init__(self, engine: LLMEngine, publish_at_launch: bool | None = None) -> None:
         """publish_at_launch: hand a step's results to the loop at the next step's launch (see the
-        module doc); None = on CUDA only."""
+        module doc); None = on CUDA when the engine does not overlap its steps (with overlap
+        scheduling, step() returns a step's results after the next one is launched already)."""
         self._engine = engine
-        self._publish_at_launch = (engine.runner.device.type == "cuda") if publish_at_launch is None else publish_at_launch
+        if publish_at_launch is None:
+            publish_at_launch = engine.runner.device.type == "cuda" and not engine.overlap
+        self._publish_at_launch = publish_at_launch
         self._commands: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -32,6 +32,8 @@ class EngineConfig:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     cuda_graph_max_batch_size: int | None = None
     cuda_graph_padding: bool = True
+    # Launch step N+1 before reading back step N's tokens (engine.py); None: on for CUDA, off on CPU.
+    overlap_scheduler: bool | None = None
 
     def __post_init__(self) -> None:
         if not str(self.model_path):

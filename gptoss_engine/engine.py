@@ -2,6 +2,17 @@
 
 Not thread-safe: one thread owns it (AsyncEngine's engine thread, or a plain script via generate()).
 
+Overlap scheduling (EngineConfig.overlap_scheduler, on by default on CUDA): step() schedules and
+launches step N+1 *before* it reads back step N's tokens, so the host's scheduling, batch building
+and bookkeeping run while the device computes. A sequence that drew a token in step N takes it as
+its step-N+1 input straight from the device (a PENDING_TOKEN placeholder in its token_ids until
+the read-back overwrites it). The costs: each token reaches the caller one step later, and a
+sequence that stops on a stop/EOS token in step N has already been given one more decode row in
+step N+1, whose draw is dropped (a length limit is known in advance and costs nothing).
+Blocks: a sequence that ends (or is aborted) while step N+1 is in flight frees its blocks at once;
+they can only be handed to steps launched later, which the device runs after step N+1 (one
+stream), so N+1's KV writes into them never race with their next owner.
+
 Disaggregation hooks: a prefill-only request stops after its first token and *stages* its prompt's
 KV (blocks pinned under a handle until release_staged); reserve_kv / add_request_from_kv let a
 decode engine receive such KV into reserved blocks and continue from it.
@@ -18,9 +29,9 @@ from gptoss_engine.config import EngineConfig
 from gptoss_engine.kv_layout import KVCache, KVLayout
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.model_runner import ModelRunner
-from gptoss_engine.scheduler import Scheduler
-from gptoss_engine.sequence import Sequence
+from gptoss_engine.model_runner import LaunchedStep, ModelRunner
+from gptoss_engine.scheduler import ScheduledSeq, Scheduler
+from gptoss_engine.sequence import PENDING_TOKEN, Sequence, SeqStatus
 from gptoss_engine.types import FinishReason, InvalidRequest, RequestOutput, SamplingParams, TokenOutput
 
 
@@ -72,6 +83,8 @@ class LLMEngine:
         self._seqs: dict[str, Sequence] = {}
         self._arrival = itertools.count()
         self._prefill_results: dict[str, PrefillResult] = {}
+        self.overlap = (self.runner.device.type == "cuda") if config.overlap_scheduler is None else config.overlap_scheduler
+        self._inflight: _Inflight | None = None   # overlap: the launched step not read back yet
 
     # ---- read-only views (safe from any thread: fixed after construction) ------------------------
     @property
@@ -197,23 +210,64 @@ class LLMEngine:
 
     # ---- the loop --------------------------------------------------------------------------------
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or self._inflight is not None
 
     def step(self, on_launched: Callable[[], None] | None = None) -> list[RequestOutput]:
-        """One scheduled forward and its bookkeeping. on_launched: see ModelRunner.run (not called
-        when nothing was scheduled)."""
+        """One scheduled forward and the bookkeeping of a step's tokens: this step's, or with
+        overlap scheduling the previous step's (read back after this one is launched).
+        on_launched: see ModelRunner.launch (not called when nothing was scheduled)."""
         sched = self.scheduler.schedule()
-        if not sched.scheduled:
-            return []
-        tokens = self.runner.run(sched.scheduled, self.block_manager.tables, on_launched)
-        outputs: list[RequestOutput] = []
-        for s, tok in zip(sched.scheduled, tokens):
+        launched = self._launch(sched.scheduled, on_launched) if sched.scheduled else None
+        if not self.overlap:
+            return self._complete(launched) if launched is not None else []
+        done, self._inflight = self._inflight, launched
+        return self._complete(done) if done is not None else []
+
+    def _launch(self, scheduled: list[ScheduledSeq], on_launched: Callable[[], None] | None) -> _Inflight:
+        prev = self._inflight.step if self._inflight is not None else None
+        step = self.runner.launch(scheduled, self.block_manager.tables, prev, on_launched)
+        computed: list[int] = []
+        fill_at: dict[Sequence, int] = {}
+        for s in scheduled:
             seq = s.seq
             seq.num_computed_tokens += s.num_tokens
-            self.block_manager.commit(seq.blocks, seq.token_ids, seq.num_computed_tokens)
+            computed.append(seq.num_computed_tokens)
+            if seq not in step.row_of:
+                continue
+            seq.num_pending += 1
+            if self.overlap and self._continues(seq):
+                # The next step may compute this token before it is read back (see the module doc).
+                fill_at[seq] = len(seq.token_ids)
+                seq.token_ids.append(PENDING_TOKEN)
+        return _Inflight(step, computed, fill_at)
+
+    def _continues(self, seq: Sequence) -> bool:
+        """Whether a sequence with its draws in flight may go on unless one of them is a stop token:
+        a prefill-only request ends at its first token, a length limit is known in advance."""
+        produced = len(seq.outputs) + seq.num_pending
+        return (not seq.prefill_only and produced < seq.sampling.max_tokens
+                and seq.num_prompt_tokens + produced < self.max_model_len)
+
+    def _complete(self, inflight: _Inflight) -> list[RequestOutput]:
+        """Read a launched step's tokens back and do its bookkeeping."""
+        tokens = inflight.step.resolve()
+        outputs: list[RequestOutput] = []
+        for s, computed, tok in zip(inflight.step.scheduled, inflight.computed, tokens):
+            seq = s.seq
+            if seq.status is SeqStatus.FINISHED:
+                continue   # ended or aborted while this step was in flight: its draw is dropped
+            if seq.status is SeqStatus.RUNNING and seq.num_computed_tokens >= computed:  # (not preempted since)
+                # The step's KV is written now (its draws were waited for): hash the full blocks.
+                self.block_manager.commit(seq.blocks, seq.token_ids, computed)
             if tok is None:
                 continue
-            seq.append_output(tok)
+            seq.num_pending -= 1
+            at = inflight.fill_at.get(seq)
+            if at is None:
+                seq.append_output(tok)
+            else:
+                seq.outputs.append(tok)
+                seq.token_ids[at] = tok.token_id
             reason = seq.check_finish(self.eos_token_ids, self.max_model_len)
             if seq.prefill_only:
                 # The prompt's KV (positions < prompt length) moves to a staged entry, pinned until
@@ -261,3 +315,12 @@ class LLMEngine:
                 if rid not in results:
                     self.abort_request(rid)
         return [results[rid] for rid in ids]
+
+
+@dataclass
+class _Inflight:
+    """A launched step and what its read-back needs: each scheduled sequence's computed-token count
+    at the end of the step, and where in token_ids a PENDING_TOKEN awaits the draw."""
+    step: LaunchedStep
+    computed: list[int]
+    fill_at: dict[Sequence, int]

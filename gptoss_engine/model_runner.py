@@ -5,6 +5,7 @@ gets that much (or a fixed share of the budget, whichever is smaller) and the fu
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
@@ -15,8 +16,9 @@ from gptoss_engine.checkpoint import load_model
 from gptoss_engine.config import EngineConfig
 from gptoss_engine.kv_layout import KVCache, KVLayout
 from gptoss_engine.model import GptOssForCausalLM
-from gptoss_engine.sampling import Sampler, SampleRequest
+from gptoss_engine.sampling import SampledTokens, Sampler, SampleRequest
 from gptoss_engine.scheduler import ScheduledSeq
+from gptoss_engine.sequence import PENDING_TOKEN, Sequence
 from gptoss_engine.step_batch import StepBatch
 from gptoss_engine.types import TokenOutput
 
@@ -78,9 +80,13 @@ class ModelRunner:
         return CudaGraphForward(self.model.forward, self.kv_cache, max_batch, -(-max_len // c.block_size),
                                 buckets=sizes, padding=c.cuda_graph_padding)
 
-    def build_batch(self, scheduled: list[ScheduledSeq], tables: BlockTables) -> StepBatch:
+    def build_batch(self, scheduled: list[ScheduledSeq], tables: BlockTables,
+                    prev: LaunchedStep | None = None) -> StepBatch:
         """The step's inputs, computed with numpy over all tokens at once (no per-token Python) and
-        sent to the device in one copy per dtype. `tables` holds the sequences' block rows."""
+        sent to the device in one copy per dtype. `tables` holds the sequences' block rows.
+
+        A PENDING_TOKEN input (overlap scheduling: the token `prev`, still on the device, drew for
+        that sequence) is filled on the device from prev's draws, so nothing waits for them."""
         bs = self.config.block_size
         n = len(scheduled)
         seqs = [s.seq for s in scheduled]
@@ -105,8 +111,16 @@ class ModelRunner:
         swa_blocks = swa_tables[seq_of, logical].astype(np.int64)
         full_slots = full_blocks * bs + offset
         swa_slots = np.where(swa_blocks >= 0, swa_blocks * bs + offset, -1)
-        input_ids, pos, fslots, sslots, logits_indices = self._to_device(
-            [np.array(ids, dtype=np.int64), positions, full_slots, swa_slots, query_start_loc[1:] - 1], torch.int64)
+        ids_np = np.array(ids, dtype=np.int64)
+        pending = np.flatnonzero(ids_np == PENDING_TOKEN)
+        arrays = [ids_np, positions, full_slots, swa_slots, query_start_loc[1:] - 1]
+        if pending.size:
+            if prev is None or prev.sampled is None:
+                raise RuntimeError("a pending input token with no launched step to take it from")
+            arrays += [pending, np.array([prev.row_of[seqs[i]] for i in seq_of[pending]], dtype=np.int64)]
+        input_ids, pos, fslots, sslots, logits_indices, *fill = self._to_device(arrays, torch.int64)
+        if fill:
+            input_ids[fill[0]] = prev.sampled.token_ids[fill[1]]  # type: ignore[union-attr]
         qsl, lens, ftab, stab = self._to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32)
         return StepBatch(
             input_ids=input_ids, positions=pos, query_start_loc=qsl, seq_lens=lens,
@@ -132,24 +146,47 @@ class ModelRunner:
         dev = host.to(self.device, non_blocking=True)
         return [dev[off:off + size] for off, size in zip(offsets, sizes)]
 
-    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables,
-            on_launched: Callable[[], None] | None = None) -> list[TokenOutput | None]:
-        """One forward over the step; a token for each sequence whose last token was computed.
-        on_launched() runs once the forward is queued on the device and before the host waits for
-        it: host work placed there overlaps the device's.
+    def launch(self, scheduled: list[ScheduledSeq], tables: BlockTables, prev: LaunchedStep | None = None,
+               on_launched: Callable[[], None] | None = None) -> LaunchedStep:
+        """Queue one forward over the step and the draws for each sequence whose last token it
+        computes; nothing here waits for the device. `prev`: the launched step whose draws fill this
+        step's PENDING_TOKEN inputs. on_launched() runs once the forward is queued: host work
+        placed there overlaps the device's.
 
         A replayed CUDA graph returns a view of its static output buffer, which the next replay
-        overwrites: the tokens are sampled here, before this returns, never later."""
-        logits = self.forward_fn(self.build_batch(scheduled, tables), self.kv_cache)
+        overwrites: the draws are queued here, before the next forward, never later."""
+        logits = self.forward_fn(self.build_batch(scheduled, tables, prev), self.kv_cache)
         if on_launched is not None:
             on_launched()
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_tokens == len(s.seq.token_ids)]
-        out: list[TokenOutput | None] = [None] * len(scheduled)
         if not rows:
-            return out
+            return LaunchedStep(scheduled, rows, None, {})
         picked = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
-        tokens = self.sampler(picked, [SampleRequest(scheduled[i].seq.sampling, len(scheduled[i].seq.outputs))
-                                       for i in rows])
-        for i, tok in zip(rows, tokens):
-            out[i] = tok
+        # output_index counts the draws still in flight for the sequence (overlap scheduling).
+        sampled = self.sampler.launch(picked, [SampleRequest(scheduled[i].seq.sampling,
+                                                             len(scheduled[i].seq.outputs) + scheduled[i].seq.num_pending)
+                                               for i in rows])
+        return LaunchedStep(scheduled, rows, sampled, {scheduled[i].seq: n for n, i in enumerate(rows)})
+
+    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables,
+            on_launched: Callable[[], None] | None = None) -> list[TokenOutput | None]:
+        """launch() and wait: a token for each sequence whose last token was computed."""
+        return self.launch(scheduled, tables, None, on_launched).resolve()
+
+
+@dataclass
+class LaunchedStep:
+    """A step queued on the device: its sequences, and the draws of those that produce a token."""
+    scheduled: list[ScheduledSeq]
+    rows: list[int]                    # indices into scheduled that draw a token
+    sampled: SampledTokens | None
+    row_of: dict[Sequence, int]        # sequence -> its draw's index in sampled.token_ids
+
+    def resolve(self) -> list[TokenOutput | None]:
+        """Wait for the draws (this step's work only) and return a token per scheduled sequence
+        (None where it drew none)."""
+        out: list[TokenOutput | None] = [None] * len(self.scheduled)
+        if self.sampled is not None:
+            for i, tok in zip(self.rows, self.sampled.resolve()):
+                out[i] = tok
         return out

@@ -63,7 +63,12 @@ class Sampler:
         return list(s.stop_token_ids) + ([] if s.ignore_eos else list(self.eos_token_ids))
 
     def __call__(self, logits: torch.Tensor, requests: list[SampleRequest]) -> list[TokenOutput]:
-        """logits [B, vocab] float32, one row per request -> one token per request."""
+        """logits [B, vocab] float32, one row per request -> one token per request (waits for them)."""
+        return self.launch(logits, requests).resolve()
+
+    def launch(self, logits: torch.Tensor, requests: list[SampleRequest]) -> "SampledTokens":
+        """Queue the draws on logits' device and their copy to the host; nothing here waits for
+        the device. The result's token_ids stay readable on the device (the next step's inputs)."""
         if logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(requests)} requests")
         masked = logits
@@ -82,18 +87,54 @@ class Sampler:
                 token_ids[row] = torch.argmax(probs / noise)
         want = [row for row, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
         if not want:
-            return [TokenOutput(t) for t in token_ids.tolist()]
+            return SampledTokens(token_ids, _HostCopy([token_ids]), requests, want)
         rows = torch.tensor(want, device=logits.device)
         logp = torch.log_softmax(logits[rows], dim=-1)
         chosen = logp.gather(1, token_ids[rows, None])[:, 0]
         k = max(r.sampling.top_logprobs for r in requests)
-        top = torch.topk(logp, k) if k else None
-        ids = token_ids.tolist()
-        chosen_l = chosen.tolist()
-        top_v, top_i = (top.values.tolist(), top.indices.tolist()) if top is not None else ([], [])
-        out = [TokenOutput(t) for t in ids]
-        for n, row in enumerate(want):
+        extra = [chosen] + (list(torch.topk(logp, k)) if k else [])
+        return SampledTokens(token_ids, _HostCopy([token_ids, *extra]), requests, want)
+
+
+class _HostCopy:
+    """Device tensors copied to the host without blocking the host: on CUDA into pinned memory
+    behind an event, so waiting for them waits for this step's work only, not for work queued on
+    the stream afterwards (the next step's forward, with overlap scheduling)."""
+
+    def __init__(self, tensors: list[torch.Tensor]) -> None:
+        self._event: torch.cuda.Event | None = None
+        if tensors[0].device.type == "cuda":
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for h, t in zip(self._host, tensors):
+                h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensors   # nothing writes them after the draw
+
+    def wait(self) -> list[torch.Tensor]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host
+
+
+class SampledTokens:
+    """One step's draws: token_ids on the device now, TokenOutputs once resolve() has waited."""
+
+    def __init__(self, token_ids: torch.Tensor, host: _HostCopy, requests: list[SampleRequest],
+                 logprob_rows: list[int]) -> None:
+        self.token_ids = token_ids   # [B] int64 on the device
+        self._host, self._requests, self._want = host, requests, logprob_rows
+
+    def resolve(self) -> list[TokenOutput]:
+        host = self._host.wait()
+        out = [TokenOutput(t) for t in host[0].tolist()]
+        if not self._want:
+            return out
+        chosen_l = host[1].tolist()
+        top_v, top_i = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else ([], [])
+        for n, row in enumerate(self._want):
             out[row].logprob = chosen_l[n]
-            kr = requests[row].sampling.top_logprobs
+            kr = self._requests[row].sampling.top_logprobs
             out[row].top_logprobs = list(zip(top_i[n][:kr], top_v[n][:kr])) if kr else []
         return out

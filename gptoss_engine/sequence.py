@@ -14,6 +14,12 @@ from gptoss_engine.block_manager import SeqBlocks
 from gptoss_engine.types import FinishReason, SamplingParams, TokenOutput
 
 
+# Overlap scheduling: the input a sequence's next step takes from the token its previous step is
+# still drawing on the device (model_runner.build_batch fills it there; the engine overwrites it
+# here once the draw is read back). Never a vocabulary id.
+PENDING_TOKEN = -1
+
+
 class SeqStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
@@ -36,6 +42,7 @@ class Sequence:
     blocks: SeqBlocks = field(default_factory=SeqBlocks)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: FinishReason | None = None
+    num_pending: int = 0               # draws launched on the device and not read back yet
 
     def __post_init__(self) -> None:
         if not self.token_ids:
@@ -61,6 +68,8 @@ class Sequence:
         if len(self.outputs) > s.min_tokens and (
                 last in s.stop_token_ids or (not s.ignore_eos and last in eos_token_ids)):
             return FinishReason.STOP
-        if len(self.outputs) >= s.max_tokens or len(self.token_ids) >= max_model_len:
+        # Counted from the outputs, not token_ids: with overlap scheduling token_ids may already end
+        # in the next step's PENDING_TOKEN.
+        if len(self.outputs) >= s.max_tokens or self.num_prompt_tokens + len(self.outputs) >= max_model_len:
             return FinishReason.LENGTH
         return None

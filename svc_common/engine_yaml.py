@@ -29,6 +29,7 @@ class EngineYaml:
     cuda_graph_batch_sizes: tuple[int, ...] | None = None
     cuda_graph_max_batch_size: int | None = None
     cuda_graph_padding: bool | None = None
+    overlap_scheduler: bool | None = None            # not disable_overlap_scheduler
     ignored_keys: tuple[str, ...] = ()               # known but not applicable (warned about once)
 
 
@@ -90,6 +91,7 @@ _APPLIED: dict[str, tuple[str | None, Callable[[str, Any], Any]]] = {
     "cuda_graph_config.batch_sizes": ("cuda_graph_batch_sizes", _batch_sizes),
     "cuda_graph_config.max_batch_size": ("cuda_graph_max_batch_size", _pos_int),
     "cuda_graph_config.enable_padding": ("cuda_graph_padding", _bool),
+    "disable_overlap_scheduler": ("overlap_scheduler", lambda key, v: not _bool(key, v)),
     "tensor_parallel_size": (None, _single_gpu),
     "moe_expert_parallel_size": (None, _single_gpu),
     "cache_transceiver_config.backend": (None, _ucx_backend),
@@ -99,7 +101,6 @@ _APPLIED: dict[str, tuple[str | None, Callable[[str, Any], Any]]] = {
 # TensorRT-LLM knobs that have no meaning for this engine.
 _NOT_APPLICABLE = (
     "enable_attention_dp",
-    "disable_overlap_scheduler",
     "moe_config.backend",
     "cache_transceiver_config.max_tokens_in_buffer",
     "print_iter_log",

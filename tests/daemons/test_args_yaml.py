@@ -78,12 +78,19 @@ def test_seed_yaml_applies_and_names_the_inapplicable(tmp_path):
     y = load_engine_yaml(path)
     assert y.max_num_tokens == 16384 and y.enable_chunked_prefill is True
     assert y.free_gpu_memory_fraction == 0.8 and y.cuda_graph_max_batch_size == 32
-    assert set(y.ignored_keys) == {"enable_attention_dp", "disable_overlap_scheduler", "trust_remote_code",
-                                   "moe_config.backend"}
+    assert y.overlap_scheduler is False   # disable_overlap_scheduler: true, as the seeds' prefill workers
+    assert parse_engine_yaml({"disable_overlap_scheduler": False}).overlap_scheduler is True
+    assert parse_engine_yaml({}).overlap_scheduler is None   # the engine's default: on for CUDA
+    assert set(y.ignored_keys) == {"enable_attention_dp", "trust_remote_code", "moe_config.backend"}
     # Flags override the YAML.
     cfg = parse_worker_args(["--model-path", "/m", "--max-num-tokens", "20000"], "t", "prefill")
     over = engine_overrides(cfg, y)
     assert over["max_num_tokens"] == 20000 and over["free_gpu_memory_fraction"] == 0.8
+    # Overlap scheduling: off on prefill workers unless the YAML turns it on; decode: the engine's default.
+    decode = parse_worker_args(["--model-path", "/m"], "t", "decode")
+    assert "overlap_scheduler" not in engine_overrides(decode, parse_engine_yaml({}))
+    assert engine_overrides(cfg, parse_engine_yaml({}))["overlap_scheduler"] is False
+    assert engine_overrides(cfg, parse_engine_yaml({"disable_overlap_scheduler": False}))["overlap_scheduler"] is True
 
 
 def test_unknown_yaml_key_lists_known_keys():

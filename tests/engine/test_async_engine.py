@@ -15,12 +15,16 @@ from gptoss_engine.types import FinishReason, InvalidRequest, SamplingParams
 PROMPT = list(range(300, 337))  # 37 tokens: 3 blocks, the last one partial
 
 
-@pytest.fixture(params=[False, True], ids=["publish-at-step-end", "publish-at-launch"])
+@pytest.fixture(params=[(False, False), (False, True), (True, None)],
+                ids=["publish-at-step-end", "publish-at-launch", "overlap-scheduler"])
 async def engines(model, swa_model_dir, request):
-    """Both ways of handing results to the loop: at the end of each step (CPU's default) and at the
-    next step's launch (CUDA's default; forced here, where the forward runs inside the launch)."""
-    made = [AsyncEngine(LLMEngine(EngineConfig(str(swa_model_dir), num_kv_blocks=32, num_swa_blocks=16), model=model),
-                        publish_at_launch=request.param)
+    """The ways of handing results to the loop: at the end of each step (CPU's default), at the next
+    step's launch (forced here, where the forward runs inside the launch), and with the engine's
+    overlap scheduler (CUDA's default: step() returns a step's results after the next launch)."""
+    overlap, publish_at_launch = request.param
+    made = [AsyncEngine(LLMEngine(EngineConfig(str(swa_model_dir), num_kv_blocks=32, num_swa_blocks=16,
+                                               overlap_scheduler=overlap), model=model),
+                        publish_at_launch=publish_at_launch)
             for _ in range(2)]
     for e in made:
         await e.start()

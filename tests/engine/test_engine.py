@@ -16,9 +16,21 @@ GREEDY = SamplingParams(max_tokens=10, ignore_eos=True)
 PROMPTS = [list(range(100, 141)), list(range(500, 513)), list(range(900, 905)), list(range(1000, 1033))]
 
 
+_MODE = {"overlap": False}
+
+
+@pytest.fixture(autouse=True, params=[False, True], ids=["sync", "overlap"])
+def overlap(request, monkeypatch) -> bool:
+    """Every test runs with and without the overlap scheduler (CUDA's default, off on CPU): the
+    outputs must not change."""
+    monkeypatch.setitem(_MODE, "overlap", request.param)
+    return request.param
+
+
 def make_engine(model: GptOssForCausalLM, path: pathlib.Path, **kw) -> LLMEngine:
     kw.setdefault("num_kv_blocks", 64)
     kw.setdefault("num_swa_blocks", 32)
+    kw.setdefault("overlap_scheduler", _MODE["overlap"])
     return LLMEngine(EngineConfig(str(path), **kw), model=model)
 
 
@@ -152,15 +164,71 @@ def test_on_launched_runs_between_the_forward_and_sampling_once_per_scheduled_st
         events.append("forward")
         return forward(batch, kv)
 
-    def logged_sampler(logits, requests):
+    def logged_launch(logits, requests):
         events.append("sample")
-        return sampler(logits, requests)
-    engine.runner.forward_fn, engine.runner.sampler = logged_forward, logged_sampler
+        return launch(logits, requests)
+    launch = sampler.launch
+    engine.runner.forward_fn, sampler.launch = logged_forward, logged_launch
     assert engine.step(on_launched=lambda: events.append("launched")) == [] and events == []   # nothing scheduled
     engine.add_request("r", list(range(300, 310)), SamplingParams(max_tokens=2, ignore_eos=True))
     steps = 0
     while engine.has_unfinished():
         engine.step(on_launched=lambda: events.append("launched"))
         steps += 1
-    assert events == ["forward", "launched", "sample"] * steps
+    # Prefill, one decode; with overlap one more step only reads the last tokens back.
+    launches = steps - engine.overlap
+    assert launches == 2 and events == ["forward", "launched", "sample"] * launches
+    assert_baseline(engine)
+
+
+def test_context_limit_ends_at_the_same_token(model, swa_model_dir, reference):
+    engine = make_engine(model, swa_model_dir, max_model_len=48)
+    r = engine.generate([PROMPTS[0]], SamplingParams(max_tokens=100, ignore_eos=True))[0]
+    assert r.finish_reason is FinishReason.LENGTH and r.token_ids == reference[0][:48 - len(PROMPTS[0])]
+    assert_baseline(engine)
+
+
+def test_overlap_launches_the_next_step_before_reading_tokens_back(model, swa_model_dir, reference, overlap):
+    """With overlap, step N+1 is queued before step N's draws are waited for, and its decode inputs
+    are the pending placeholders, filled on the device from step N's draws."""
+    engine = make_engine(model, swa_model_dir)
+    events: list[str] = []
+    pending_inputs = []
+    launch, build = engine.runner.launch, engine.runner.build_batch
+
+    def logged_launch(scheduled, *args, **kwargs):
+        step = launch(scheduled, *args, **kwargs)
+        n = events.count("launch")
+        events.append("launch")
+        resolve = step.resolve
+        step.resolve = lambda: events.append(f"resolve {n}") or resolve()
+        return step
+
+    def logged_build(scheduled, tables, prev=None):
+        pending_inputs.append(sum(s.seq.token_ids[-1] == -1 for s in scheduled))
+        return build(scheduled, tables, prev)
+    engine.runner.launch, engine.runner.build_batch = logged_launch, logged_build
+    assert [r.token_ids for r in engine.generate(PROMPTS[:2], GREEDY)] == reference[:2]
+    if overlap:
+        assert events[:3] == ["launch", "launch", "resolve 0"]
+        assert pending_inputs[1:] == [2] * (len(pending_inputs) - 1)   # every decode input came from the device
+    else:
+        assert events[:3] == ["launch", "resolve 0", "launch"] and not any(pending_inputs)
+    assert_baseline(engine)
+
+
+def test_abort_while_a_step_is_in_flight(model, swa_model_dir, reference):
+    engine = make_engine(model, swa_model_dir)
+    engine.add_request("a", PROMPTS[0], GREEDY)
+    engine.add_request("b", PROMPTS[1], GREEDY)
+    got: dict[str, list[int]] = {"a": [], "b": []}
+    for _ in range(3):
+        for out in engine.step():
+            got[out.request_id] += [t.token_id for t in out.tokens]
+    assert engine.abort_request("a").finish_reason is FinishReason.ABORT
+    while engine.has_unfinished():
+        for out in engine.step():
+            got[out.request_id] += [t.token_id for t in out.tokens]
+    assert got["b"] == reference[1]
+    assert got["a"] == reference[0][:len(got["a"])] and len(got["a"]) < GREEDY.max_tokens
     assert_baseline(engine)

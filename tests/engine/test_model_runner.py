@@ -39,8 +39,8 @@ def test_build_batch_matches_per_token_reference(model, swa_model_dir):
     built = []
     orig = engine.runner.build_batch
 
-    def spy(scheduled, tables):
-        batch = orig(scheduled, tables)
+    def spy(scheduled, tables, prev=None):
+        batch = orig(scheduled, tables, prev)
         built.append((reference_batch(scheduled, bs), batch))
         return batch
 
