@@ -166,7 +166,8 @@ class _StepTimers:
 
 
 def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: int, output_len: int,
-                      log: Callable[[str], None], overlap: bool = True) -> float:
+                      log: Callable[[str], None], overlap: bool = True, *, results_dir: pathlib.Path = RESULTS,
+                      commit: str = "unknown", preset_name: str = "?") -> float:
     """Output tok/s of LLMEngine.generate on num_requests random prompts, each run to output_len
     tokens; overlap: the engine's overlap scheduler (on by default on CUDA)."""
     from gptoss_engine.config import EngineConfig
@@ -196,6 +197,11 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
     produced = sum(len(r.token_ids) for r in results)
     if produced != num_requests * output_len:
         raise RuntimeError(f"engine produced {produced} tokens, expected {num_requests * output_len}")
+    provenance.append_rows(
+        results_dir / "throughput.md", "1000/1000 through LLMEngine by concurrency (bench/gpu_bench.py)",
+        ["date", "GPU", "commit", "preset", "requests", "overlap scheduler", "output tok/s", "steps", "wall s"],
+        [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, preset_name, num_requests,
+          "on" if overlap else "off", f"{produced / wall:.0f}", timed.steps, f"{wall:.1f}"]])
     log(f"1000/1000 through LLMEngine (overlap {'on' if overlap else 'off'}): {num_requests} requests x {prompt_len} in / {output_len} out in "
         f"{wall:.1f} s -> {produced / wall:.0f} output tok/s ({(produced + num_requests * prompt_len) / wall:.0f} "
         f"total tok/s)")
@@ -206,7 +212,8 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
 
 def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str], None],
                profile_dir: pathlib.Path | None = None, throughput_requests: tuple[int, ...] = (1024,),
-               overlap_modes: tuple[bool, ...] = (True,)) -> dict[str, float]:
+               overlap_modes: tuple[bool, ...] = (True,), out: pathlib.Path = RESULTS,
+               commit: str = "unknown") -> dict[str, float]:
     from gptoss_engine.kernels.cuda_graphs import CudaGraphForward  # needs Triton: imported only on the GPU path
     config = ModelConfig.from_dict(preset(name))
     t0 = time.time()
@@ -240,7 +247,8 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
             for overlap in overlap_modes:
                 key = f"throughput_1000_1000_x{n}" + ("" if overlap else "_no_overlap")
                 try:
-                    r[key] = throughput_engine(model, n, 1000, 1000, log, overlap)
+                    r[key] = throughput_engine(model, n, 1000, 1000, log, overlap, results_dir=out,
+                                               commit=commit, preset_name=name)
                 except torch.cuda.OutOfMemoryError as e:  # a larger concurrency may not fit: keep the others
                     log(f"1000/1000 with {n} requests: out of memory ({e})")
                     gc.collect()
@@ -335,7 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     log = lambda s: print(s, flush=True)  # noqa: E731
     ours = bench_ours(args.preset, args.max_batch, args.max_context, log, args.profile,
                       tuple(int(n) for n in args.throughput_requests.split(",")),
-                      {"on": (True,), "off": (False,), "both": (True, False)}[args.overlap])
+                      {"on": (True,), "off": (False,), "both": (True, False)}[args.overlap],
+                      args.out, args.commit or provenance.commit())
     peer = {} if args.no_peer or args.preset != "20b" else bench_hf_peer(args.preset, log)
     gpu = torch.cuda.get_device_name()
     commit = args.commit or provenance.commit()
@@ -347,7 +356,7 @@ def main(argv: list[str] | None = None) -> int:
     md = args.out / "gpu.md"
     if not md.exists():
         md.write_text("| date | GPU | commit | preset | prefill 1k | prefill 8k | decode b1 | b8 | b64 | b256 "
-                      "| 1000/1000 (LLMEngine) | HF decode b1 | HF prefill 8k |\n|" + "---|" * 13 + "\n")
+                      "| 1000/1000 (LLMEngine, @requests; 256 where none) | HF decode b1 | HF prefill 8k |\n|" + "---|" * 13 + "\n")
     f = lambda k, d=ours: f"{d[k]:.0f}" if k in d else "-"  # noqa: E731
     n = ours.get("throughput_1000_1000_requests")
     tput_at = f" @{n:.0f}" if n else ""
