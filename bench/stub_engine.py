@@ -9,9 +9,9 @@ import torch
 BLOCK_SIZE = 16
 
 
-def stub_engine(batch: int, prompt: int, output: int):
+def stub_engine(batch: int, prompt: int, output: int, overlap: bool = False):
     """-> (LLMEngine sized for `batch` requests of prompt + output tokens, the logits tensor its
-    stub forward returns slices of)."""
+    stub forward returns slices of). overlap: the engine's overlap scheduler (CUDA's default)."""
     from gptoss_engine.config import EngineConfig
     from gptoss_engine.engine import LLMEngine
     from gptoss_engine.make_model import random_model
@@ -22,7 +22,8 @@ def stub_engine(batch: int, prompt: int, output: int):
     model = random_model(ModelConfig.from_dict(preset("tiny")), "cpu", seed=0)
     config = EngineConfig(model_path="random-tiny", device="cpu", block_size=bs, max_batch_size=batch,
                           max_num_tokens=8192, max_model_len=prompt + output + bs,
-                          num_kv_blocks=batch * ((prompt + output) // bs + 2), num_swa_blocks=batch * 12 + 600)
+                          num_kv_blocks=batch * ((prompt + output) // bs + 2), num_swa_blocks=batch * 12 + 600,
+                          overlap_scheduler=overlap)
     engine = LLMEngine(config, model=model)
     logits = torch.zeros(batch, 32)
     logits[:, 7] = 1.0

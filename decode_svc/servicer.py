@@ -76,6 +76,7 @@ class DecodeServicer(decode_pb2_grpc.DecodeServicer):
         try:
             async with contextlib.aclosing(stream):
                 async for out in stream:
+                    out = stream.merge_ready(out)   # tokens that piled up while the last write waited
                     completion += len(out.tokens)
                     finish = out.finish_reason
                     yield self._message(out, len(prompt), completion)

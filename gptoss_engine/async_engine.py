@@ -53,6 +53,7 @@ class RequestStream:
         self.request_id = request_id
         self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._done = False
+        self._error: BaseException | None = None   # met by merge_ready, raised by the next __anext__
 
     def _push(self, item: RequestOutput | BaseException) -> None:
         self._queue.put_nowait(item)
@@ -63,6 +64,9 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         if self._done:
             raise StopAsyncIteration
+        if self._error is not None:
+            self._done = True
+            raise self._error
         item = await self._queue.get()
         if isinstance(item, BaseException):
             self._done = True
@@ -70,6 +74,24 @@ class RequestStream:
         if item.finish_reason is not None:
             self._done = True
         return item
+
+    def merge_ready(self, out: RequestOutput) -> RequestOutput:
+        """`out` joined with the outputs already queued behind it, as one output. A consumer that
+        falls behind the engine (a slow gRPC reader) then sends fewer, larger messages instead of
+        an ever longer backlog of one-token ones."""
+        tokens, last = list(out.tokens), out
+        while last.finish_reason is None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, BaseException):
+                self._error = item
+                break
+            tokens += item.tokens
+            last = item
+        if last is out:
+            return out
+        if last.finish_reason is not None:
+            self._done = True
+        return RequestOutput(out.request_id, tokens, last.finish_reason, last.num_prompt_tokens, last.num_cached_tokens)
 
     async def aclose(self) -> None:
         """Abort the request unless it finished; returns once its blocks are freed."""

@@ -194,3 +194,4 @@ async def test_request_id_on_every_log_line_of_the_request(stack, baseline):
         logged = {e["event"] for e in w.log_events() if e.get("request_id") == rid}
         assert events <= logged, (w.module, logged)
         assert all(e.get("component") for e in w.log_events())   # JSON (structlog) by default
+

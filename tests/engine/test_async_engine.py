@@ -162,3 +162,32 @@ async def test_shutdown_ends_streams(model, swa_model_dir):
     await engine.shutdown()
     tokens, reason = await asyncio.wait_for(collect(stream), 5)
     assert reason is FinishReason.ABORT
+
+
+async def test_merge_ready_joins_what_a_slow_reader_left_queued(engines, model, swa_model_dir):
+    engine = engines[0]
+    s = SamplingParams(max_tokens=12, ignore_eos=True)
+    stream = engine.generate("m", PROMPT, s)
+    first = await stream.__anext__()
+    await at_baseline(engine)          # the request ran to the end while nobody read
+    merged = stream.merge_ready(first)
+    ref = LLMEngine(EngineConfig(str(swa_model_dir), num_kv_blocks=32, num_swa_blocks=16), model=model)
+    assert [t.token_id for t in merged.tokens] == ref.generate([PROMPT], s)[0].token_ids
+    assert merged.finish_reason is FinishReason.LENGTH and merged.num_prompt_tokens == len(PROMPT)
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()
+    # Nothing queued behind it: the output comes back as it was.
+    stream = engine.generate("m2", PROMPT, SamplingParams(max_tokens=1))
+    out = await stream.__anext__()
+    assert stream.merge_ready(out) is out and out.finish_reason is FinishReason.LENGTH
+
+
+async def test_merge_ready_stops_before_an_error(engines):
+    stream = engines[0].generate("e", PROMPT, SamplingParams(max_tokens=50, ignore_eos=True))
+    first = await stream.__anext__()
+    stream._push(RuntimeError("engine failed"))   # as the engine thread reports a failed step
+    merged = stream.merge_ready(first)
+    assert merged.finish_reason is None
+    with pytest.raises(RuntimeError, match="engine failed"):
+        await stream.__anext__()
+    await stream.aclose()
