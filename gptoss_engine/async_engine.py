@@ -132,6 +132,10 @@ class AsyncEngine:
 
     # ---- read-only views -----------------------------------------------------------------------
     @property
+    def overlap_scheduler(self) -> bool:
+        return self._engine.overlap
+
+    @property
     def kv_cache(self) -> KVCache:
         return self._engine.kv_cache
 

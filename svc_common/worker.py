@@ -119,7 +119,7 @@ async def run_worker(cfg: WorkerConfig, engine_yaml: EngineYaml, make_services: 
 
         sd_notify.ready(f"serving {cfg.served_model_name} ({cfg.disaggregation_mode}) on port {server.port}")
         log.info("ready", grpc_port=server.port, ucx_address=ucx_address, instance_id=f"{ctx.instance_id:016x}",
-                 mode=cfg.disaggregation_mode, model=cfg.served_model_name)
+                 mode=cfg.disaggregation_mode, model=cfg.served_model_name, overlap_scheduler=engine.overlap_scheduler)
         await _serve_until_stopped(ctx, registration, stop)
         return await _drain(ctx, server, registration)
     finally:

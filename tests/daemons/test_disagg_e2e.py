@@ -25,10 +25,15 @@ PROMPTS = {"short": list(range(1, 8)), "blocks": list(range(100, 140)), "window"
 
 
 @pytest.fixture(scope="module")
-def stack(module_daemons, etcd_module, tiny_model_dir):
+def stack(module_daemons, etcd_module, tiny_model_dir, tmp_path_factory):
+    """The decode worker runs the overlap scheduler (the engine's default on CUDA, turned on here by
+    the seeds' YAML key); the aggregated and prefill workers run without it (CPU's default)."""
     start = module_daemons.start
+    overlap_yaml = tmp_path_factory.mktemp("decode-yaml") / "decode.yaml"
+    overlap_yaml.write_text("disable_overlap_scheduler: false\n")
     p = start("prefill_svc", worker_args(tiny_model_dir, etcd_module.endpoint, "prefill"), wait=False)
-    d = start("decode_svc", worker_args(tiny_model_dir, etcd_module.endpoint, "decode"), wait=False)
+    d = start("decode_svc", worker_args(tiny_model_dir, etcd_module.endpoint, "decode",
+                                        "--extra-engine-args", str(overlap_yaml)), wait=False)
     a = start("decode_svc", worker_args(tiny_model_dir, etcd_module.endpoint, "aggregated"), wait=False)
     for w in (p, d, a):
         w.wait_ready()
@@ -60,6 +65,9 @@ async def test_disagg_equals_aggregated_and_engine_alone(stack, baseline, engine
         assert (await decode(d.address, prompt, sampling))[0] == alone, f"{name}: decode worker without kv"
     received = [e for e in d.log_events() if e.get("event") == "kv received"]
     assert received and all(e["checksum_verified"] for e in received)
+    ready = {w.module + "/" + e["mode"]: e["overlap_scheduler"]
+             for w in (p, d, a) for e in w.log_events() if e.get("event") == "ready"}
+    assert ready == {"prefill_svc/prefill": False, "decode_svc/decode": True, "decode_svc/aggregated": False}
 
 
 async def _refused(p_addr: str, d_addr: str, tamper, code: grpc.StatusCode, words: str) -> None:
