@@ -6,6 +6,7 @@
 # with CUDA graphs, and TP=1 / TP2+EP2 in float32 eager (the exact check). Each run writes
 # OUT_DIR/<name>.json (rank 0's line from gptoss_engine.parallel.check) and <name>.log;
 # gptoss_engine.parallel.compare then prints and writes the comparison (OUT_DIR/compare.json).
+# RUN_TIMEOUT_S (default 150) bounds each run; NCCL_DEBUG=INFO in the environment is passed on.
 set -u
 model=$1 out=$2
 shift 2
@@ -23,9 +24,11 @@ for spec in "${layouts[@]}"; do
   IFS=, read -r -a extra <<<"$flags"
   echo "== $name: $nproc process(es) ${extra[*]}"
   start=$(date +%s)
-  timeout 240 python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
+  timeout -k 5 "${RUN_TIMEOUT_S:-150}" python3 -m torch.distributed.run --standalone --nproc-per-node "$nproc" \
     -m gptoss_engine.parallel.check "${common[@]}" "${extra[@]}" >"$out/$name.out" 2>"$out/$name.log"
   echo "   exit $? after $(( $(date +%s) - start )) s"
+  # A rank that outlived torchrun (timeout) would hold its GPU memory and fail every later run.
+  pkill -9 -f "[g]ptoss_engine.parallel.check" && sleep 2
   grep '^{' "$out/$name.out" | tail -1 >"$out/$name.json"
 done
 python3 -m gptoss_engine.parallel.compare "$out"
