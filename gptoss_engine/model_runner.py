@@ -168,11 +168,6 @@ class ModelRunner:
                                                for i in rows])
         return LaunchedStep(scheduled, rows, sampled, {scheduled[i].seq: n for n, i in enumerate(rows)})
 
-    def run(self, scheduled: list[ScheduledSeq], tables: BlockTables,
-            on_launched: Callable[[], None] | None = None) -> list[TokenOutput | None]:
-        """launch() and wait: a token for each sequence whose last token was computed."""
-        return self.launch(scheduled, tables, None, on_launched).resolve()
-
 
 @dataclass
 class LaunchedStep:

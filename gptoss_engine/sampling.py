@@ -87,23 +87,28 @@ class Sampler:
                 token_ids[row] = torch.argmax(probs / noise)
         want = [row for row, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
         if not want:
-            return SampledTokens(token_ids, _HostCopy([token_ids]), requests, want)
+            return SampledTokens(token_ids, [token_ids], requests, want)
         rows = torch.tensor(want, device=logits.device)
         logp = torch.log_softmax(logits[rows], dim=-1)
         chosen = logp.gather(1, token_ids[rows, None])[:, 0]
         k = max(r.sampling.top_logprobs for r in requests)
         extra = [chosen] + (list(torch.topk(logp, k)) if k else [])
-        return SampledTokens(token_ids, _HostCopy([token_ids, *extra]), requests, want)
+        return SampledTokens(token_ids, [token_ids, *extra], requests, want)
 
 
-class _HostCopy:
-    """Device tensors copied to the host without blocking the host: on CUDA into pinned memory
-    behind an event, so waiting for them waits for this step's work only, not for work queued on
-    the stream afterwards (the next step's forward, with overlap scheduling)."""
+class SampledTokens:
+    """One step's draws: token_ids on the device now, TokenOutputs once resolve() has waited.
 
-    def __init__(self, tensors: list[torch.Tensor]) -> None:
+    The draws (and logprobs) are copied to the host without blocking it: on CUDA into pinned memory
+    behind an event, so resolve() waits for this step's work only, not for work queued on the
+    stream afterwards (the next step's forward, with overlap scheduling)."""
+
+    def __init__(self, token_ids: torch.Tensor, tensors: list[torch.Tensor], requests: list[SampleRequest],
+                 logprob_rows: list[int]) -> None:
+        self.token_ids = token_ids   # [B] int64 on the device
+        self._requests, self._want = requests, logprob_rows
         self._event: torch.cuda.Event | None = None
-        if tensors[0].device.type == "cuda":
+        if token_ids.device.type == "cuda":
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
             for h, t in zip(self._host, tensors):
                 h.copy_(t, non_blocking=True)
@@ -112,22 +117,10 @@ class _HostCopy:
         else:
             self._host = tensors   # nothing writes them after the draw
 
-    def wait(self) -> list[torch.Tensor]:
+    def resolve(self) -> list[TokenOutput]:
         if self._event is not None:
             self._event.synchronize()
-        return self._host
-
-
-class SampledTokens:
-    """One step's draws: token_ids on the device now, TokenOutputs once resolve() has waited."""
-
-    def __init__(self, token_ids: torch.Tensor, host: _HostCopy, requests: list[SampleRequest],
-                 logprob_rows: list[int]) -> None:
-        self.token_ids = token_ids   # [B] int64 on the device
-        self._host, self._requests, self._want = host, requests, logprob_rows
-
-    def resolve(self) -> list[TokenOutput]:
-        host = self._host.wait()
+        host = self._host
         out = [TokenOutput(t) for t in host[0].tolist()]
         if not self._want:
             return out

@@ -29,11 +29,12 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
         "cuda_graph_batch_sizes": y.cuda_graph_batch_sizes,
         "cuda_graph_max_batch_size": y.cuda_graph_max_batch_size,
         "cuda_graph_padding": y.cuda_graph_padding,
+        "overlap_scheduler": y.overlap_scheduler,
+    }
+    if merged["overlap_scheduler"] is None and cfg.disaggregation_mode == "prefill":
         # A prefill worker's requests end at their first token: overlap would hold each one back a
         # step behind the next prompt's forward (TensorRT-LLM's prefill configs disable it too).
-        "overlap_scheduler": (y.overlap_scheduler if y.overlap_scheduler is not None
-                              else False if cfg.disaggregation_mode == "prefill" else None),
-    }
+        merged["overlap_scheduler"] = False
     return {k: v for k, v in merged.items() if v is not None}
 
 

@@ -42,11 +42,6 @@ def main(argv: list[str] | None = None) -> None:
     groups = init_parallel(a.attention_tp or world, a.moe_ep, a.device, backend=a.backend,
                            ranks_per_gpu=a.ranks_per_gpu)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, None: None}[a.dtype]
-    # NCCL allocates its buffers at a group's first collective: take them now, before the engine
-    # sizes its KV cache from the free memory (else that collective runs out of memory).
-    for group in (groups.attention, groups.moe):
-        if group is not None:
-            torch.distributed.all_reduce(torch.zeros(1, device=groups.device), group=group)
     model = load_parallel_model(a.model, groups, dtype)
     engine = LLMEngine(EngineConfig(model_path=a.model, device=str(groups.device), dtype=a.dtype,
                                     max_batch_size=a.batch, max_num_tokens=max(8192, a.batch * a.prompt_len),

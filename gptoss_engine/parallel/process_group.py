@@ -55,7 +55,14 @@ def init_parallel(attention_tp_size: int, moe_ep_size: int, device: str = "cpu",
         dist.init_process_group(backend or backend_for(dev), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if dev.type == "cuda" else None)
-    return build_groups(topology, dev)
+    groups = build_groups(topology, dev)
+    if dist.get_backend() == "nccl":
+        # NCCL allocates its buffers at a group's first collective: take them now, before an engine
+        # sizes its KV cache from the free memory (else that collective runs out of memory).
+        for group in (groups.attention, groups.moe):
+            if group is not None:
+                dist.all_reduce(torch.zeros(1, device=dev), group=group)
+    return groups
 
 
 def build_groups(topology: Topology, device: torch.device) -> ParallelGroups:
