@@ -14,6 +14,8 @@ picks this path from GROUPED_MM_MIN_ROWS mean rows per expert on sm_90.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -86,28 +88,104 @@ def _combine_kernel(y_ptr, row_of_pair_ptr, ids_ptr, wts_ptr, bias_ptr, out_ptr,
 
 
 # Scratch for the dequantized experts, per (device, projection): reused by every layer and step (a
-# layer's bf16 experts are dead once its grouped GEMM has run: the stream orders the next layer's
-# dequant after it). Bounded by _SCRATCH_BYTES: models with more experts (120b) go in chunks.
+# layer's bf16 experts are dead once its grouped GEMM has run). Bounded by _SCRATCH_BYTES: models with
+# more experts (120b) go in chunks. Who may write it when: the stream that ran the last GEMM reading
+# it orders the next inline dequant after that GEMM; a prefetch (below) runs on a side stream that
+# first waits for everything the caller's stream has queued, which includes that GEMM.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
 _SCRATCH_BYTES = 1 << 31
 _ACT_BLOCK, _OUT_BLOCK = 1024, 1024
 
 
-def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, slot: int) -> torch.Tensor:
-    """Packed [E, N, K/32, 16] / [E, N, K/32] -> bf16 [E, N, K] in this module's scratch `slot`."""
+def _scratch_view(device: torch.device, slot: int, shape: tuple[int, int, int]) -> torch.Tensor:
+    """This module's bf16 scratch `slot`, as [E, N, K]; allocated once (on the caller's stream)."""
+    n = shape[0] * shape[1] * shape[2]
+    buf = _scratch.get((device, slot))
+    if buf is None or buf.numel() < n:
+        buf = torch.empty(n, dtype=torch.bfloat16, device=device)
+        _scratch[(device, slot)] = buf
+    return buf[:n].view(shape)
+
+
+def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Packed [E, N, K/32, 16] / [E, N, K/32] -> bf16 `out` [E, N, K] on the current stream."""
     E, N, G = scales.shape
     K = G * 32
-    key = (blocks.device, slot)
-    buf = _scratch.get(key)
-    if buf is None or buf.numel() < E * N * K:
-        buf = torch.empty(E * N * K, dtype=torch.bfloat16, device=blocks.device)
-        _scratch[key] = buf
-    out = buf[:E * N * K].view(E * N, K)
+    o2 = out.view(E * N, K)
     b2 = blocks.reshape(E * N, K // 2)
     s2 = scales.reshape(E * N, G)
     _dequant_kernel[(triton.cdiv(E * N, _ROWS), triton.cdiv(K, _BK))](
-        b2, s2, out, E * N, K, b2.stride(0), s2.stride(0), out.stride(0), ROWS=_ROWS, BK=_BK, num_warps=4)
-    return out.view(E, N, K)
+        b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, num_warps=4)
+    return out
+
+
+def _chunk(w: ExpertWeights, hidden: int) -> int:
+    """Experts per scratch fill: all of them when the layer's bf16 experts fit _SCRATCH_BYTES."""
+    E, two_i = w.gate_up_scales.shape[0], w.gate_up_scales.shape[1]  # type: ignore[union-attr]
+    per_expert = (two_i * hidden + hidden * (two_i // 2)) * 2
+    return max(1, min(E, _SCRATCH_BYTES // per_expert))
+
+
+def _views(w: ExpertWeights, e1: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scratch views for experts [0, e1) of `w`'s shapes: (gate_up [e1, 2I, H], down [e1, H, I])."""
+    gu_s, d_s = w.gate_up_scales, w.down_scales
+    assert gu_s is not None and d_s is not None
+    return (_scratch_view(gu_s.device, 0, (e1, gu_s.shape[1], gu_s.shape[2] * 32)),
+            _scratch_view(d_s.device, 1, (e1, d_s.shape[1], d_s.shape[2] * 32)))
+
+
+@dataclass
+class _Prefetch:
+    """A dequantization of experts [0, e1) of the layer whose gate_up blocks start at `key`, queued
+    on the side stream; `done` is recorded after it."""
+    key: int
+    e1: int
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    done: torch.cuda.Event
+
+
+_prefetched: dict[torch.device, _Prefetch] = {}
+_side: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def prefetch(w: ExpertWeights) -> None:
+    """Start dequantizing `w`'s first chunk of experts into the scratch on a side stream, so that it
+    runs beside the attention that precedes this layer's MoE (the dequant streams memory; attention
+    at prefill sizes keeps the tensor cores busy and leaves an SM room for more blocks).
+    moe_experts_grouped_mm for the same `w` then waits for it instead of dequantizing inline.
+    Not while a CUDA graph is being captured (prefill runs eagerly; a graph would need the side
+    stream forked from the capture)."""
+    gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
+    assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
+    if torch.cuda.is_current_stream_capturing():
+        return
+    device = gu_b.device
+    # A prefetch nobody used (its layer took another path) still owns the scratch until it is done:
+    # order this stream after it before the views below may reallocate the scratch.
+    _wait_prefetch(device)
+    main = torch.cuda.current_stream(device)
+    side = _side.get(device)
+    if side is None:
+        side = _side[device] = torch.cuda.Stream(device)
+    e1 = _chunk(w, gu_s.shape[2] * 32)
+    gu, d = _views(w, e1)                  # allocated on the caller's stream
+    side.wait_stream(main)                 # the last GEMM that read the scratch is queued on main
+    with torch.cuda.stream(side):
+        _dequantize(gu_b[:e1], gu_s[:e1], gu)
+        _dequantize(d_b[:e1], d_s[:e1], d)
+        done = torch.cuda.Event()
+        done.record(side)
+    _prefetched[device] = _Prefetch(gu_b.data_ptr(), e1, gu, d, done)
+
+
+def _wait_prefetch(device: torch.device) -> _Prefetch | None:
+    """Take this device's pending prefetch, if any, ordering the caller's stream after it (whatever
+    layer it was for: its writes to the scratch must land before anything else touches it)."""
+    p = _prefetched.pop(device, None)
+    if p is not None:
+        torch.cuda.current_stream(device).wait_event(p.done)
+    return p
 
 
 def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
@@ -134,8 +212,8 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     xs = x.to(torch.bfloat16)[order // k]
     act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
     y: torch.Tensor | None = None
-    per_expert = (two_i * H + H * I) * 2
-    chunk = max(1, min(E, _SCRATCH_BYTES // per_expert))
+    chunk = _chunk(w, H)
+    prefetched = _wait_prefetch(x.device)
     # Rows of experts [e0, e1) are the sorted rows [ends[e0-1], ends[e1-1]): with one chunk that is
     # every row and no host sync; with several, one .tolist() per layer (prefill runs eagerly).
     bounds = [0] + ends.tolist() if chunk < E else None
@@ -145,12 +223,16 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
         if hi == lo:
             continue
         offs = (ends[e0:e1] - (bounds[e0] if bounds is not None else 0)).to(torch.int32)
-        gu = _dequantize(gu_b[e0:e1], gu_s[e0:e1], 0)
+        if e0 == 0 and prefetched is not None and prefetched.key == gu_b.data_ptr() and prefetched.e1 == e1:
+            gu, d = prefetched.gate_up, prefetched.down
+        else:
+            gu, d = _views(w, e1 - e0)
+            _dequantize(gu_b[e0:e1], gu_s[e0:e1], gu)
+            _dequantize(d_b[e0:e1], d_s[e0:e1], d)
         h = _grouped_mm(xs[lo:hi], gu.transpose(1, 2), offs)                         # [rows, 2I] bf16
         _bias_swiglu_kernel[(hi - lo, triton.cdiv(I, _ACT_BLOCK))](
             h, expert[lo:hi], w.gate_up_bias, act[lo:hi], I, float(swiglu_limit), float(alpha),
             h.stride(0), w.gate_up_bias.stride(0), act.stride(0), BLOCK=_ACT_BLOCK, num_warps=4)
-        d = _dequantize(d_b[e0:e1], d_s[e0:e1], 1)
         part = _grouped_mm(act[lo:hi], d.transpose(1, 2), offs)                      # [rows, H] bf16
         if bounds is None:
             y = part   # one chunk: every row, no copy

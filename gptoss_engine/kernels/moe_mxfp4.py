@@ -31,6 +31,7 @@ import triton.language as tl
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv, sum_pairs
+from gptoss_engine.kernels import moe_grouped_mm
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights
@@ -246,6 +247,21 @@ def _is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
+def _grouped_by_default(num_pairs: int, num_experts: int, device: torch.device) -> bool:
+    """moe_experts' own choice of the prefill path (moe_grouped_mm): sm_90, enough rows per expert."""
+    return num_pairs > GEMV_MAX_PAIRS and num_pairs >= GROUPED_MM_MIN_ROWS * num_experts and _is_sm90(device)
+
+
+def prefetch_experts(w: ExpertWeights, num_tokens: int, top_k: int) -> None:
+    """This layer's MoE will run on `num_tokens` tokens: when moe_experts is going to take the
+    grouped-GEMM path, start dequantizing the experts now on a side stream (moe_grouped_mm.prefetch),
+    so that it overlaps the attention queued before the MoE. Otherwise nothing."""
+    gu_blk = w.gate_up_blocks
+    if (w.packed and gu_blk is not None and gu_blk.is_cuda
+            and _grouped_by_default(num_tokens * top_k, gu_blk.shape[0], gu_blk.device)):
+        moe_grouped_mm.prefetch(w)
+
+
 def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
     """Default tiles from the mean rows per expert (CUDA-graph sweeps on the H100, PERF_NOTES v5/v6).
     On sm_90 every size below the grouped_mm threshold takes weights-left tiles with the PTX dequant:
@@ -313,8 +329,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha, asm=asm,
                                 one_mul=asm and one_mul)
-    if (tiles is None and grouped_mm is not False and sm90 and not interpret
-            and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
+    if (tiles is None and grouped_mm is not False and not interpret
+            and (grouped_mm and sm90 or _grouped_by_default(num_pairs, E, x.device))):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:

@@ -36,12 +36,51 @@ PREFILL_TILES = (128, 128, 4, 3)
 
 
 @triton.jit
+def _attn_trip(q, m_i, l_i, acc, start, lo, hi, q_pos, window, scale_log2, head_base, table, d,
+               s_pb, s_pkv, s_ps, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+               SLIDING: tl.constexpr, MASKED: tl.constexpr):
+    """One tile of BLOCK_N keys from `start` folded into the online softmax (m_i, l_i, acc).
+    MASKED=False is for tiles every row may see whole (inside each row's causal range and window,
+    blocks present): no block-table mask, no per-element causal/window select."""
+    kpos = start + tl.arange(0, BLOCK_N)
+    if MASKED:
+        k_in = kpos < hi
+        if SLIDING:
+            k_in = k_in & (kpos >= lo)
+        blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_in, other=-1)
+        k_ok = k_in & (blk >= 0)
+        base = head_base + blk.to(tl.int64) * s_pb + (kpos % BLOCK_SIZE) * s_ps
+        k = tl.load(base[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
+        v = tl.load(base[:, None] + s_pkv + d[None, :], mask=k_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k))
+        allowed = k_ok[None, :] & (kpos[None, :] <= q_pos[:, None])
+        if SLIDING:
+            allowed = allowed & (kpos[None, :] > q_pos[:, None] - window)
+        s = tl.where(allowed, s * scale_log2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+    else:
+        blk = tl.load(table + kpos // BLOCK_SIZE)
+        base = head_base + blk.to(tl.int64) * s_pb + (kpos % BLOCK_SIZE) * s_ps
+        k = tl.load(base[:, None] + d[None, :])
+        v = tl.load(base[:, None] + s_pkv + d[None, :])
+        s = tl.dot(q, tl.trans(k))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * scale_log2)
+        p = tl.exp2(s * scale_log2 - m_new[:, None])   # one FFMA an element
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_ptr, pos_ptr, sinks_ptr,
                        scale_log2, window,
                        s_qt, s_qh, s_ot, s_oh,
                        s_pb, s_pkv, s_ps, s_ph, s_tb,
                        BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr):
+                       BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, SLIDING: tl.constexpr,
+                       SPLIT_LOOP: tl.constexpr):
     seq = tl.program_id(0)
     qtile = tl.program_id(1)
     kvh = tl.program_id(2)
@@ -62,38 +101,43 @@ def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_
     q_pos = tl.load(pos_ptr + tok, mask=row_ok, other=0).to(tl.int32)
 
     # Keys this tile can see: causal up to its last query, and the window back from its first.
-    hi = tl.minimum(tl.max(tl.where(row_ok, q_pos, 0)) + 1, seq_len)
+    max_q = tl.max(tl.where(row_ok, q_pos, 0))
+    min_q = tl.min(tl.where(row_ok, q_pos, 2147483647))
+    hi = tl.minimum(max_q + 1, seq_len)
     lo = 0
     if SLIDING:
-        lo = tl.maximum(tl.min(tl.where(row_ok, q_pos, 2147483647)) - window + 1, 0)
-    lo = lo // BLOCK_N * BLOCK_N
+        lo = tl.maximum(min_q - window + 1, 0)
+    lo_tile = lo // BLOCK_N * BLOCK_N
+    # Whole tiles in [u_lo, u_hi) are visible to every row: after the window's start for the last
+    # query, and at or before the first query's own position. Only the tiles outside that range
+    # (the diagonal, the window's trailing edge) pay for masks. A row's q_pos is its absolute
+    # position, so keys < min_q are in every row's causal range (and their blocks are present:
+    # the block manager drops only blocks wholly outside every query's window).
+    u_lo = lo_tile
+    u_hi = lo_tile
+    if SPLIT_LOOP:
+        if SLIDING:
+            u_lo = tl.maximum(tl.cdiv(tl.maximum(max_q - window + 1, 0), BLOCK_N) * BLOCK_N, lo_tile)
+        u_lo = tl.minimum(u_lo, hi)
+        u_hi = tl.minimum(tl.maximum((min_q + 1) // BLOCK_N * BLOCK_N, u_lo), hi)
+    else:
+        u_lo = hi
+        u_hi = hi
 
     m_i = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
     l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     head_base = pool_ptr + kvh * s_ph
     table = tables_ptr + seq.to(tl.int64) * s_tb
-    for start in range(lo, hi, BLOCK_N):
-        kpos = start + tl.arange(0, BLOCK_N)
-        k_in = kpos < hi
-        if SLIDING:
-            k_in = k_in & (kpos >= lo)
-        blk = tl.load(table + kpos // BLOCK_SIZE, mask=k_in, other=-1)
-        k_ok = k_in & (blk >= 0)
-        base = head_base + blk.to(tl.int64) * s_pb + (kpos % BLOCK_SIZE) * s_ps
-        k = tl.load(base[:, None] + d[None, :], mask=k_ok[:, None], other=0.0)
-        v = tl.load(base[:, None] + s_pkv + d[None, :], mask=k_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale_log2
-        allowed = k_ok[None, :] & (kpos[None, :] <= q_pos[:, None])
-        if SLIDING:
-            allowed = allowed & (kpos[None, :] > q_pos[:, None] - window)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
+    for start in range(lo_tile, u_lo, BLOCK_N):
+        m_i, l_i, acc = _attn_trip(q, m_i, l_i, acc, start, lo, hi, q_pos, window, scale_log2, head_base, table, d,
+                                   s_pb, s_pkv, s_ps, BLOCK_SIZE, BLOCK_N, SLIDING, True)
+    for start in range(u_lo, u_hi, BLOCK_N):
+        m_i, l_i, acc = _attn_trip(q, m_i, l_i, acc, start, lo, hi, q_pos, window, scale_log2, head_base, table, d,
+                                   s_pb, s_pkv, s_ps, BLOCK_SIZE, BLOCK_N, SLIDING, False)
+    for start in range(u_hi, hi, BLOCK_N):
+        m_i, l_i, acc = _attn_trip(q, m_i, l_i, acc, start, lo, hi, q_pos, window, scale_log2, head_base, table, d,
+                                   s_pb, s_pkv, s_ps, BLOCK_SIZE, BLOCK_N, SLIDING, True)
     out = acc / l_i[:, None]
     tl.store(out_ptr + tok[:, None] * s_ot + head[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=row_ok[:, None])
@@ -212,10 +256,12 @@ def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Te
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
                     batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None,
                     splits: int | None = None,
-                    prefill_tiles: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+                    prefill_tiles: tuple[int, int, int, int] | None = None,
+                    split_loop: bool = True) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention.
     `splits` overrides decode_splits' choice for a decode step (tests use it); `prefill_tiles`
-    (query rows per tile, keys per trip, warps, stages) the prefill tile (the bench's sweep)."""
+    (query rows per tile, keys per trip, warps, stages) the prefill tile (the bench's sweep);
+    `split_loop=False` masks every key tile (the kernel before the split, for the bench's comparison)."""
     if q.dim() != 3 or pool.dim() != 6:
         raise ValueError(f"q must be [T, Hq, D] and pool [blocks, layers, 2, bs, kv_heads, D]; "
                          f"got {tuple(q.shape)} and {tuple(pool.shape)}")
@@ -251,7 +297,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
         layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
         block_tables.stride(0),
         BLOCK_SIZE=block_size, GROUP=group, HEAD_DIM=head_dim, BLOCK_Q=block_q, BLOCK_N=block_n,
-        SLIDING=window is not None, num_warps=warps, num_stages=stages)
+        SLIDING=window is not None, SPLIT_LOOP=split_loop, num_warps=warps, num_stages=stages)
     return out
 
 

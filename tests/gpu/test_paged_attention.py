@@ -44,6 +44,10 @@ CASES = [
     ([0, 37], [70, 19], None),
     ([0, 150, 3], [200, 33, 1], 128),
     ([260], [1], 16),
+    # long enough for whole key tiles that every query row sees (the kernel's unmasked loop), with
+    # and without a window wider than a tile, after a prefix and from position 0
+    ([0, 150], [700, 300], None),
+    ([0, 150], [700, 300], 300),
 ]
 
 
@@ -55,7 +59,7 @@ def test_matches_reference(device: str, interpreted: bool, cached: list[int], ne
     gen = torch.Generator().manual_seed(hash((tuple(cached), tuple(new), window, block_size)) % 2**31)
     dtype = torch.float32 if interpreted else torch.bfloat16  # the interpreter has no bf16 dot
     heads, kv_heads, head_dim, layers = 16, 2, 64, 3
-    num_blocks = 64
+    num_blocks = sum(-(-(c + n) // block_size) for c, n in zip(cached, new)) + 4
     batch = make_batch(cached, new, block_size, num_blocks, window, device, gen)
     pool = torch.randn(num_blocks, layers, 2, block_size, kv_heads, head_dim, generator=gen).to(device, dtype)
     q = torch.randn(batch.positions.numel(), heads, head_dim, generator=gen).to(device, dtype)
