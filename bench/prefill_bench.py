@@ -1,13 +1,11 @@
 """Prefill A/B on the GPU: one model, the same prompts, each variant of the prefill path timed in
 turn, and a kernel table (torch.profiler, CUDA time) of the default at the longest prompt.
 
-Variants (each switches one thing off against the default):
-  default          what the engine runs
-  no prefetch      the MoE's expert dequant inline after attention, not on the side stream
-  masked attention every key tile pays the causal/window masks (the kernel before its split loop)
-Each variant's logits are checked against the default's first: bit for bit for "no prefetch"
-(the same arithmetic, launches on another stream), within 1% for "masked attention" (its softmax
-rounds the scaled scores once more), else the run fails. Appends rows to bench/results/prefill_ab.md.
+Variants (VARIANTS: each changes one thing against the default): the MoE's expert dequant inline
+after attention instead of prefetched on the side stream; the prefetch's grid and stream priority;
+every attention key tile paying the causal/window masks (the kernel before its split loop).
+Variants that compute the same bits (all but the masked attention, whose softmax rounds the scaled
+scores once more) must give the default's logits exactly, else the run fails. Appends rows to bench/results/prefill_ab.md.
 
     python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --commit <sha> --out $OUT
 """
@@ -32,20 +30,35 @@ from gptoss_engine.presets import preset
 
 @contextlib.contextmanager
 def variant(name: str) -> Iterator[None]:
-    saved = moe_grouped_mm.prefetch, paged_attention.paged_attention
-    if name == "no prefetch":
-        moe_grouped_mm.prefetch = lambda w: None
-    elif name == "masked attention":
-        paged_attention.paged_attention = functools.partial(saved[1], split_loop=False)
-    elif name != "default":
-        raise ValueError(name)
+    """The engine with one thing changed (see VARIANTS)."""
+    gm, pa = moe_grouped_mm, paged_attention
+    saved = gm.prefetch, gm.PREFETCH_PROGRAMS, gm.PREFETCH_PRIORITY, pa.paged_attention
+    change = VARIANTS[name]
+    if change.get("prefetch") is False:
+        gm.prefetch = lambda w: None
+    gm.PREFETCH_PROGRAMS = change.get("programs", gm.PREFETCH_PROGRAMS)
+    gm.PREFETCH_PRIORITY = change.get("priority", gm.PREFETCH_PRIORITY)
+    if change.get("split_loop") is False:
+        pa.paged_attention = functools.partial(saved[3], split_loop=False)
     try:
         yield
     finally:
-        moe_grouped_mm.prefetch, paged_attention.paged_attention = saved
+        gm.prefetch, gm.PREFETCH_PROGRAMS, gm.PREFETCH_PRIORITY, pa.paged_attention = saved
 
 
-VARIANTS = ("default", "no prefetch", "masked attention")
+# name -> what differs from the default. Every variant but "masked attention" computes the same
+# bits as the default (the prefetch variants differ only in where and when the dequant runs).
+VARIANTS: dict[str, dict[str, object]] = {
+    "default": {},
+    "no prefetch": {"prefetch": False},
+    "masked attention": {"split_loop": False},
+    "prefetch grid 132": {"programs": 132},
+    "prefetch grid 264": {"programs": 264},
+    "prefetch high priority": {"priority": -1},
+    "prefetch grid 132 high priority": {"programs": 132, "priority": -1},
+    "prefetch grid 264 high priority": {"programs": 264, "priority": -1},
+}
+EXACT = set(VARIANTS) - {"masked attention"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,16 +87,19 @@ def main(argv: list[str] | None = None) -> int:
                 out = model(batch, kv)
                 if first is None:
                     first = out
-                elif name == "no prefetch" and not torch.equal(out, first):
+                elif name in EXACT and not torch.equal(out, first):
                     failures.append(f"{tokens} tokens, {name}: logits differ from the default's")
-                elif (rel := ((out - first).norm() / first.norm()).item()) >= 1e-2:
-                    failures.append(f"{tokens} tokens, {name}: logits {rel:.2g} from the default's")
+                elif name not in EXACT:
+                    # Not a check: with random weights one rounding difference can flip a router
+                    # near-tie and move the last token's logits a lot (tests/gpu checks the kernel).
+                    print(f"{tokens} tokens, {name}: logits {((out - first).norm() / first.norm()).item():.2g} "
+                          "(relative) from the default's", flush=True)
                 times[name] = time_ms(lambda: model(batch, kv), iters=args.iters)
         base = times["default"]
         print(f"prefill {tokens}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s)"
                                                  for n, ms in times.items()), flush=True)
-        rows.append([datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, tokens]
-                    + [f"{times[n]:.2f}" for n in VARIANTS] + [f"{tokens / base * 1e3:.0f}"])
+        rows += [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, tokens, n,
+                  f"{ms:.2f}", f"{tokens / ms * 1e3:.0f}", f"{ms - base:+.2f}"] for n, ms in times.items()]
     from torch.profiler import ProfilerActivity, profile
     batch = uniform_batch(1, 0, max(lengths), blocks)
     model(batch, kv)
@@ -97,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     print(table, flush=True)
     provenance.append_rows(
         args.out / "prefill_ab.md", "Prefill A/B, ms per prefill (bench/prefill_bench.py; median of CUDA-event timings)",
-        ["date", "GPU", "commit", "preset", "tokens"] + list(VARIANTS) + ["default tok/s"], rows)
+        ["date", "GPU", "commit", "preset", "tokens", "variant", "ms", "tok/s", "ms vs default"], rows)
     print("parity failures:", failures or "none")
     return 1 if failures else 0
 

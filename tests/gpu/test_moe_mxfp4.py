@@ -120,6 +120,18 @@ def test_grouped_mm_path_matches_reference(device: str, interpreted: bool) -> No
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+@pytest.mark.parametrize("programs", [None, 1, 5])
+def test_grouped_mm_dequant_on_any_grid(device: str, programs: int | None) -> None:
+    """The prefill path's dequant kernel hands tiles to programs in turn: one program a tile (inline)
+    or a few looping over all of them (the prefetch's small grid) write the same exact bf16 weights."""
+    from gptoss_engine.kernels.moe_grouped_mm import _dequantize
+    gen = torch.Generator().manual_seed(17)
+    w = random_packed_experts(3, 64, 96, device, gen)        # [3, 192, 2, 16] -> 36 row tiles
+    out = torch.full((3, 192, 64), float("nan"), dtype=torch.bfloat16, device=device)
+    _dequantize(w.gate_up_blocks, w.gate_up_scales, out, programs)
+    assert torch.equal(out.float(), mxfp4.dequantize(w.gate_up_blocks, w.gate_up_scales, torch.float32))
+
+
 def test_prefetched_dequant_equals_inline(device: str, interpreted: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefill path with the experts dequantized ahead on the side stream (moe_grouped_mm.prefetch,
