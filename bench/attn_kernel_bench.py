@@ -15,7 +15,7 @@ import pathlib
 import torch
 
 from bench.gpu_bench import BLOCK_SIZE, time_ms, uniform_batch
-from gptoss_engine.kernels.paged_attention import PREFILL_TILES, paged_attention
+from gptoss_engine.kernels.paged_attention import paged_attention, prefill_tiles
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import preset
 
@@ -68,8 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode:
         return decode_sweep(cfg, args.out)
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    configs = [PREFILL_TILES] + [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8)
-                                 for s in (2, 3) if (r, n, w, s) != PREFILL_TILES]
+    configs = [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
     results = {}
     bad = []
     for tokens in (1024, 8192):
@@ -87,18 +86,18 @@ def main(argv: list[str] | None = None) -> int:
             for cfg_t in configs:
                 try:
                     out = paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5, window,
-                                          prefill_tiles=cfg_t)
+                                          tiles=cfg_t)
                     rel = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
                     if not rel < 1e-2:
                         bad.append(f"{name} {cfg_t}: rel {rel:.2g}")
                     ms = time_ms(lambda: paged_attention(q, pool, 0, b.full_block_tables, b, sinks, d ** -0.5,
-                                                         window, prefill_tiles=cfg_t), warmup=2, iters=10)
+                                                         window, tiles=cfg_t), warmup=2, iters=10)
                 except Exception as e:  # noqa: BLE001 -- a tile Triton cannot build: report, go on
                     print(f"{name} {cfg_t}: {type(e).__name__} {str(e)[:120]}")
                     continue
                 rows.append((ms * 1e3, cfg_t, flops / ms / 1e9))
             rows.sort()
-            default = next(r for r in rows if r[1] == PREFILL_TILES)
+            default = next(r for r in rows if r[1] == prefill_tiles(window, tokens))
             print(f"== {name}: default {default[0]:.0f} us ({default[2]:.0f} TFLOP/s); best "
                   + "; ".join(f"{c} {u:.0f} us ({t:.0f} TFLOP/s)" for u, c, t in rows[:3]), flush=True)
             results[name] = rows

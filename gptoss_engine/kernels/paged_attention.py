@@ -30,9 +30,17 @@ import triton.language as tl
 from gptoss_engine.step_batch import StepBatch
 
 _LOG2E = 1.4426950408889634
-# Prefill tile: (query rows = tokens x GQA group, keys per loop trip, warps, stages); from the
-# H100 sweep (bench/attn_kernel_bench.py): 8k full-window layer 2.79 -> 2.08 ms over (128, 32, 4, 2).
-PREFILL_TILES = (128, 128, 4, 3)
+
+
+def prefill_tiles(window: int | None, max_query_len: int) -> tuple[int, int, int, int]:
+    """Prefill tile: (query rows = tokens x GQA group, keys per loop trip, warps, stages). From the
+    H100 sweep with the split key loop (bench/attn_kernel_bench.py, PERF_NOTES v9): a sliding layer
+    sees ~window keys a row, so small tiles waste fewer masked keys (8k: 341 -> 190 us); a long
+    full-window prefill wants the widest key trips with 2 stages (8k: 1756 -> 1703 us), a short one
+    more tiles in flight (1k: 165 -> 95 us)."""
+    if window is not None:
+        return (64, 32, 4, 2)
+    return (128, 128, 4, 2) if max_query_len >= 4096 else (128, 64, 4, 3)
 
 
 @triton.jit
@@ -256,11 +264,11 @@ def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Te
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,
                     batch: StepBatch, sinks: torch.Tensor, scale: float, window: int | None,
                     splits: int | None = None,
-                    prefill_tiles: tuple[int, int, int, int] | None = None,
+                    tiles: tuple[int, int, int, int] | None = None,
                     split_loop: bool = True) -> torch.Tensor:
     """q [T, Hq, D] -> [T, Hq, D]; same contract as gptoss_engine.attention.paged_attention.
-    `splits` overrides decode_splits' choice for a decode step (tests use it); `prefill_tiles`
-    (query rows per tile, keys per trip, warps, stages) the prefill tile (the bench's sweep);
+    `splits` overrides decode_splits' choice for a decode step (tests use it); `tiles` overrides
+    prefill_tiles' choice (query rows per tile, keys per trip, warps, stages; the bench's sweep);
     `split_loop=False` masks every key tile (the kernel before the split, for the bench's comparison)."""
     if q.dim() != 3 or pool.dim() != 6:
         raise ValueError(f"q must be [T, Hq, D] and pool [blocks, layers, 2, bs, kv_heads, D]; "
@@ -287,7 +295,10 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
             return out
     # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16);
     # prefill tiles 16 tokens x group rows.
-    rows, block_n, warps, stages = (16, 64, 4, 2) if batch.max_query_len == 1 else (prefill_tiles or PREFILL_TILES)
+    if batch.max_query_len == 1:
+        rows, block_n, warps, stages = (16, 64, 4, 2)
+    else:
+        rows, block_n, warps, stages = tiles or prefill_tiles(window, batch.max_query_len)
     block_q = triton.next_power_of_2(max(1, rows // group))
     grid = (num_seqs, triton.cdiv(batch.max_query_len, block_q), num_kv_heads)
     _paged_attn_kernel[grid](
