@@ -130,6 +130,8 @@ class Experts(nn.Module):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.packed = packed
         self.scale_max: int | None = None   # set by to_kernel_layout
+        # (gate_up [E, 2I, H], down [E, H, I]) bf16, set by keep_bf16_copy; not in the state_dict.
+        self.bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
         self.down_proj_bias = nn.Parameter(torch.zeros(e, h))
         if packed:
@@ -151,12 +153,19 @@ class Experts(nn.Module):
             self.gate_up_proj_scales, self.down_proj_scales = w.gate_up_scales, w.down_scales
             self.scale_max = w.scale_max
 
+    def keep_bf16_copy(self) -> None:
+        """Hold a dequantized bf16 copy of the packed experts for the prefill GEMMs (see
+        EngineConfig.moe_prefill_weights); GPU only."""
+        from gptoss_engine.kernels.moe_grouped_mm import dequantized_copy
+        self.bf16_copy = dequantized_copy(self.weights())
+
     def weights(self) -> ExpertWeights:
         if self.packed:
+            dense = self.bf16_copy or (None, None)
             return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias,
                                  gate_up_blocks=self.gate_up_proj_blocks, gate_up_scales=self.gate_up_proj_scales,
                                  down_blocks=self.down_proj_blocks, down_scales=self.down_proj_scales,
-                                 scale_max=self.scale_max)
+                                 scale_max=self.scale_max, gate_up_bf16=dense[0], down_bf16=dense[1])
         return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias, gate_up=self.gate_up_proj,
                              down=self.down_proj)
 
@@ -214,6 +223,30 @@ class GptOssForCausalLM(nn.Module):
         self.packed_experts = packed_experts
         self.model = GptOssModel(config, packed_experts)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+
+    def bf16_expert_bytes(self) -> int:
+        """Bytes a bf16 copy of every layer's experts takes (keep_bf16_experts)."""
+        c = self.config
+        per_expert = 3 * c.hidden_size * c.intermediate_size   # gate_up 2I x H + down H x I
+        return c.num_hidden_layers * c.num_local_experts * per_expert * 2
+
+    @torch.no_grad()
+    def keep_bf16_experts(self) -> None:
+        """Every layer keeps a bf16 copy of its packed experts for the prefill MoE (EngineConfig.
+        moe_prefill_weights = "bf16"). Checked against the GPU's free memory first: a clear error,
+        not an out-of-memory halfway through."""
+        device = self.lm_head.weight.device
+        if not self.packed_experts or device.type != "cuda":
+            raise ValueError("bf16 expert copies are for packed MXFP4 experts on CUDA")
+        if all(layer.mlp.experts.bf16_copy is not None for layer in self.model.layers):
+            return
+        need = self.bf16_expert_bytes()
+        free, _ = torch.cuda.mem_get_info(device)
+        if need > 0.9 * free:
+            raise ValueError(f"moe_prefill_weights='bf16' needs {need / 2**30:.1f} GiB for the bf16 experts; "
+                             f"{free / 2**30:.1f} GiB of the GPU is free (use 'mxfp4')")
+        for layer in self.model.layers:
+            layer.mlp.experts.keep_bf16_copy()
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv: KVCache) -> torch.Tensor:

@@ -52,6 +52,8 @@ class ModelRunner:
         self.model = model if model is not None else load_model(config.model_path, self.device, config.torch_dtype,
                                                                 progress=False)
         self.model_config = self.model.config
+        if config.moe_prefill_weights == "bf16":
+            self.model.keep_bf16_experts()   # before the KV pool takes what is left
         self.layout = self.model_config.kv_layout(config.block_size, config.kv_torch_dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)

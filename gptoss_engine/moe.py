@@ -34,6 +34,11 @@ class ExpertWeights:
     # Largest e8m0 scale of the packed experts when known (kernel_layout records it): the GPU dequant
     # applies scales <= 128 with one multiply instead of two (kernels/e2m1.py). None = not known.
     scale_max: int | None = None
+    # Dequantized copies of the packed experts, kept only when the engine trades memory for prefill
+    # speed (EngineConfig.moe_prefill_weights = "bf16"): the prefill path's grouped GEMMs read these
+    # instead of dequantizing into scratch; decode keeps reading the packed tensors.
+    gate_up_bf16: torch.Tensor | None = None     # [E, 2I, H]
+    down_bf16: torch.Tensor | None = None        # [E, H, I]
 
     def __post_init__(self) -> None:
         dense = self.gate_up is not None and self.down is not None

@@ -30,6 +30,7 @@ def engine_overrides(cfg: WorkerConfig, y: EngineYaml) -> dict[str, Any]:
         "cuda_graph_max_batch_size": y.cuda_graph_max_batch_size,
         "cuda_graph_padding": y.cuda_graph_padding,
         "overlap_scheduler": y.overlap_scheduler,
+        "moe_prefill_weights": y.moe_prefill_weights,
     }
     if merged["overlap_scheduler"] is None and cfg.disaggregation_mode == "prefill":
         # A prefill worker's requests end at their first token: overlap would hold each one back a

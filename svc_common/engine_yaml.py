@@ -30,6 +30,7 @@ class EngineYaml:
     cuda_graph_max_batch_size: int | None = None
     cuda_graph_padding: bool | None = None
     overlap_scheduler: bool | None = None            # not disable_overlap_scheduler
+    moe_prefill_weights: str | None = None           # moe_config.prefill_weights (this engine's key)
     ignored_keys: tuple[str, ...] = ()               # known but not applicable (warned about once)
 
 
@@ -64,6 +65,13 @@ def _batch_sizes(key: str, v: Any) -> tuple[int, ...]:
     return tuple(sorted({_pos_int(key, x) for x in v}))
 
 
+def _prefill_weights(key: str, v: Any) -> str:
+    if v not in ("mxfp4", "bf16"):
+        raise ConfigError(f"engine YAML {key}: expected mxfp4 (dequantize per prefill) or bf16 (keep a bf16 copy "
+                          f"of the experts), got {v!r}")
+    return str(v)
+
+
 def _single_gpu(key: str, v: Any) -> None:
     if _pos_int(key, v) != 1:
         raise ConfigError(f"engine YAML {key}={v}: multi-GPU (tensor/expert parallel) is not supported yet")
@@ -92,6 +100,7 @@ _APPLIED: dict[str, tuple[str | None, Callable[[str, Any], Any]]] = {
     "cuda_graph_config.max_batch_size": ("cuda_graph_max_batch_size", _pos_int),
     "cuda_graph_config.enable_padding": ("cuda_graph_padding", _bool),
     "disable_overlap_scheduler": ("overlap_scheduler", lambda key, v: not _bool(key, v)),
+    "moe_config.prefill_weights": ("moe_prefill_weights", _prefill_weights),
     "tensor_parallel_size": (None, _single_gpu),
     "moe_expert_parallel_size": (None, _single_gpu),
     "cache_transceiver_config.backend": (None, _ucx_backend),

@@ -32,24 +32,19 @@ def _dequant_kernel(blk_ptr, scl_ptr, out_ptr, num_rows, K, s_b, s_s, s_o,
                     ROWS: tl.constexpr, BK: tl.constexpr):
     """out[r, k] = e2m1(blk[r, k/2] nibble) * 2^(scl[r, k/32] - 127) as bf16; even k = low nibble.
     Both nibbles of a byte are joined into adjacent columns in registers so every store is a
-    contiguous run (stride-2 stores of each half ran at a tenth of the bandwidth, PERF_NOTES v5).
-    Tiles of ROWS x BK go to programs in turn (tile t to program t mod grid): with one program per
-    tile this is the plain grid; a smaller grid keeps the kernel to a few blocks a SM, so that it can
-    run beside another stream's kernel (moe_grouped_mm.prefetch)."""
-    k_tiles = tl.cdiv(K, BK)
-    for t in range(tl.program_id(0), tl.cdiv(num_rows, ROWS) * k_tiles, tl.num_programs(0)):
-        rows = (t // k_tiles) * ROWS + tl.arange(0, ROWS)
-        kb = (t % k_tiles) * (BK // 2) + tl.arange(0, BK // 2)
-        ok = (rows[:, None] < num_rows) & (kb[None, :] < K // 2)
-        b = tl.load(blk_ptr + rows[:, None].to(tl.int64) * s_b + kb[None, :], mask=ok, other=0).to(tl.int32)
-        s = tl.load(scl_ptr + rows[:, None].to(tl.int64) * s_s + kb[None, :] // 16, mask=ok, other=127).to(tl.int32)
-        sc = scale_x2e14(s)
-        lo = e2m1_x2e14(b & 0xF)
-        hi = e2m1_x2e14(b >> 4)
-        w = tl.reshape(tl.join((lo * sc).to(tl.bfloat16), (hi * sc).to(tl.bfloat16)), (ROWS, BK))
-        k = (t % k_tiles) * BK + tl.arange(0, BK)
-        tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + k[None, :], w,
-                 mask=(rows[:, None] < num_rows) & (k[None, :] < K))
+    contiguous run (stride-2 stores of each half ran at a tenth of the bandwidth, PERF_NOTES v5)."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+    ok = (rows[:, None] < num_rows) & (kb[None, :] < K // 2)
+    b = tl.load(blk_ptr + rows[:, None].to(tl.int64) * s_b + kb[None, :], mask=ok, other=0).to(tl.int32)
+    s = tl.load(scl_ptr + rows[:, None].to(tl.int64) * s_s + kb[None, :] // 16, mask=ok, other=127).to(tl.int32)
+    sc = scale_x2e14(s)
+    lo = e2m1_x2e14(b & 0xF)
+    hi = e2m1_x2e14(b >> 4)
+    w = tl.reshape(tl.join((lo * sc).to(tl.bfloat16), (hi * sc).to(tl.bfloat16)), (ROWS, BK))
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + k[None, :], w,
+             mask=(rows[:, None] < num_rows) & (k[None, :] < K))
 
 
 @triton.jit
@@ -112,19 +107,26 @@ def _scratch_view(device: torch.device, slot: int, shape: tuple[int, int, int]) 
     return buf[:n].view(shape)
 
 
-def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor,
-                programs: int | None = None) -> torch.Tensor:
-    """Packed [E, N, K/32, 16] / [E, N, K/32] -> bf16 `out` [E, N, K] on the current stream, by
-    `programs` programs (None: one a tile)."""
+def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Packed [E, N, K/32, 16] / [E, N, K/32] -> bf16 `out` [E, N, K] on the current stream."""
     E, N, G = scales.shape
     K = G * 32
     o2 = out.view(E * N, K)
     b2 = blocks.reshape(E * N, K // 2)
     s2 = scales.reshape(E * N, G)
-    tiles = triton.cdiv(E * N, _ROWS) * triton.cdiv(K, _BK)
-    _dequant_kernel[(min(tiles, programs or tiles),)](
+    _dequant_kernel[(triton.cdiv(E * N, _ROWS), triton.cdiv(K, _BK))](
         b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, num_warps=4)
     return out
+
+
+def dequantized_copy(w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """New bf16 tensors (gate_up [E, 2I, H], down [E, H, I]) holding `w`'s packed experts exactly
+    (e2m1 x 2^k is exact in bf16): ExpertWeights.gate_up_bf16 / down_bf16."""
+    gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
+    assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
+    gu = torch.empty((gu_s.shape[0], gu_s.shape[1], gu_s.shape[2] * 32), dtype=torch.bfloat16, device=gu_b.device)
+    d = torch.empty((d_s.shape[0], d_s.shape[1], d_s.shape[2] * 32), dtype=torch.bfloat16, device=d_b.device)
+    return _dequantize(gu_b, gu_s, gu), _dequantize(d_b, d_s, d)
 
 
 def _chunk(w: ExpertWeights, hidden: int) -> int:
@@ -154,12 +156,7 @@ class _Prefetch:
 
 
 _prefetched: dict[torch.device, _Prefetch] = {}
-_side: dict[tuple[torch.device, int], torch.cuda.Stream] = {}
-# How the prefetch's dequant shares the GPU with the attention it overlaps: its grid (None: one
-# program a tile, as inline) and its stream's priority (0: the default stream's; -1: higher).
-# bench/prefill_bench.py sweeps both.
-PREFETCH_PROGRAMS: int | None = None
-PREFETCH_PRIORITY = 0
+_side: dict[torch.device, torch.cuda.Stream] = {}
 
 
 def prefetch(w: ExpertWeights) -> None:
@@ -171,22 +168,22 @@ def prefetch(w: ExpertWeights) -> None:
     stream forked from the capture)."""
     gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
     assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
-    if torch.cuda.is_current_stream_capturing():
-        return
+    if torch.cuda.is_current_stream_capturing() or w.gate_up_bf16 is not None:
+        return   # (with bf16 copies there is nothing to dequantize)
     device = gu_b.device
     # A prefetch nobody used (its layer took another path) still owns the scratch until it is done:
     # order this stream after it before the views below may reallocate the scratch.
     _wait_prefetch(device)
     main = torch.cuda.current_stream(device)
-    side = _side.get((device, PREFETCH_PRIORITY))
+    side = _side.get(device)
     if side is None:
-        side = _side[(device, PREFETCH_PRIORITY)] = torch.cuda.Stream(device, priority=PREFETCH_PRIORITY)
+        side = _side[device] = torch.cuda.Stream(device)
     e1 = _chunk(w, gu_s.shape[2] * 32)
     gu, d = _views(w, e1)                  # allocated on the caller's stream
     side.wait_stream(main)                 # the last GEMM that read the scratch is queued on main
     with torch.cuda.stream(side):
-        _dequantize(gu_b[:e1], gu_s[:e1], gu, PREFETCH_PROGRAMS)
-        _dequantize(d_b[:e1], d_s[:e1], d, PREFETCH_PROGRAMS)
+        _dequantize(gu_b[:e1], gu_s[:e1], gu)
+        _dequantize(d_b[:e1], d_s[:e1], d)
         done = torch.cuda.Event()
         done.record(side)
     _prefetched[device] = _Prefetch(gu_b.data_ptr(), e1, gu, d, done)
@@ -225,7 +222,8 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     xs = x.to(torch.bfloat16)[order // k]
     act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
     y: torch.Tensor | None = None
-    chunk = _chunk(w, H)
+    dense = w.gate_up_bf16 is not None and w.down_bf16 is not None
+    chunk = E if dense else _chunk(w, H)
     prefetched = _wait_prefetch(x.device)
     # Rows of experts [e0, e1) are the sorted rows [ends[e0-1], ends[e1-1]): with one chunk that is
     # every row and no host sync; with several, one .tolist() per layer (prefill runs eagerly).
@@ -236,7 +234,9 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
         if hi == lo:
             continue
         offs = (ends[e0:e1] - (bounds[e0] if bounds is not None else 0)).to(torch.int32)
-        if e0 == 0 and prefetched is not None and prefetched.key == gu_b.data_ptr() and prefetched.e1 == e1:
+        if dense:
+            gu, d = w.gate_up_bf16, w.down_bf16
+        elif e0 == 0 and prefetched is not None and prefetched.key == gu_b.data_ptr() and prefetched.e1 == e1:
             gu, d = prefetched.gate_up, prefetched.down
         else:
             gu, d = _views(w, e1 - e0)

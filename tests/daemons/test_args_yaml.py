@@ -93,6 +93,17 @@ def test_seed_yaml_applies_and_names_the_inapplicable(tmp_path):
     assert engine_overrides(cfg, parse_engine_yaml({"disable_overlap_scheduler": False}))["overlap_scheduler"] is True
 
 
+def test_moe_prefill_weights_key():
+    """This engine's one key of its own: moe_config.prefill_weights, next to the seeds' moe_config.backend."""
+    y = parse_engine_yaml({"moe_config": {"backend": "CUTLASS", "prefill_weights": "bf16"}})
+    assert y.moe_prefill_weights == "bf16" and y.ignored_keys == ("moe_config.backend",)
+    cfg = parse_worker_args(["--model-path", "/m"], "t", "prefill")
+    assert engine_overrides(cfg, y)["moe_prefill_weights"] == "bf16"
+    assert "moe_prefill_weights" not in engine_overrides(cfg, parse_engine_yaml({}))
+    with pytest.raises(ConfigError, match="expected mxfp4 .* or bf16"):
+        parse_engine_yaml({"moe_config": {"prefill_weights": "fp8"}})
+
+
 def test_unknown_yaml_key_lists_known_keys():
     with pytest.raises(ConfigError) as e:
         parse_engine_yaml({"max_num_tokenz": 5, "kv_cache_config": {"free_gpu_memory_fraction": 0.5, "bogus": 1}})

@@ -124,3 +124,24 @@ def test_prefill_with_experts_prefetched_equals_inline(device: str, interpreted:
     monkeypatch.setattr(gm, "prefetch", lambda w: None)
     inline = gpu(batch, kv)
     assert torch.isfinite(ahead).all() and torch.equal(ahead, inline)
+
+
+def test_bf16_expert_copies_in_the_model(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """keep_bf16_experts: a prefill on the grouped path gives the same logits as dequantizing per
+    layer; and a GPU without room for the copies is a clear error before anything is allocated."""
+    if interpreted:
+        pytest.skip("bf16 model needs a real GPU")
+    config = ModelConfig.from_dict(preset("tiny"))
+    gpu = packed_cuda_copy(random_model(config, "cpu", torch.float32, seed=3))
+    max_blocks = -(-301 // BLOCK_SIZE)
+    kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), 2 * max_blocks, 2 * max_blocks, device)
+    batch = uniform_batch(2, 0, 300, max_blocks, device)
+    before = gpu(batch, kv)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (gpu.bf16_expert_bytes(), 80 << 30))
+    with pytest.raises(ValueError, match="needs .* GiB for the bf16 experts"):
+        gpu.keep_bf16_experts()
+    assert all(layer.mlp.experts.bf16_copy is None for layer in gpu.model.layers)
+    monkeypatch.undo()
+    gpu.keep_bf16_experts()
+    assert all(layer.mlp.experts.bf16_copy is not None for layer in gpu.model.layers)
+    assert torch.equal(gpu(batch, kv), before)

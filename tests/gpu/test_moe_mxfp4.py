@@ -120,18 +120,6 @@ def test_grouped_mm_path_matches_reference(device: str, interpreted: bool) -> No
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("programs", [None, 1, 5])
-def test_grouped_mm_dequant_on_any_grid(device: str, programs: int | None) -> None:
-    """The prefill path's dequant kernel hands tiles to programs in turn: one program a tile (inline)
-    or a few looping over all of them (the prefetch's small grid) write the same exact bf16 weights."""
-    from gptoss_engine.kernels.moe_grouped_mm import _dequantize
-    gen = torch.Generator().manual_seed(17)
-    w = random_packed_experts(3, 64, 96, device, gen)        # [3, 192, 2, 16] -> 36 row tiles
-    out = torch.full((3, 192, 64), float("nan"), dtype=torch.bfloat16, device=device)
-    _dequantize(w.gate_up_blocks, w.gate_up_scales, out, programs)
-    assert torch.equal(out.float(), mxfp4.dequantize(w.gate_up_blocks, w.gate_up_scales, torch.float32))
-
-
 def test_prefetched_dequant_equals_inline(device: str, interpreted: bool,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """The prefill path with the experts dequantized ahead on the side stream (moe_grouped_mm.prefetch,
@@ -159,6 +147,38 @@ def test_prefetched_dequant_equals_inline(device: str, interpreted: bool,
         stale = gm.moe_experts_grouped_mm(x, ids, wts, a, 7.0)
         assert torch.equal(stale, inline), scratch_bytes
         assert not torch.equal(gm.moe_experts_grouped_mm(x, ids, wts, b, 7.0), inline)
+
+
+def test_bf16_expert_copies(device: str, interpreted: bool) -> None:
+    """With bf16 copies kept (moe_prefill_weights = "bf16"): the copies are the packed weights exactly;
+    a prefill-sized batch gives the very bits of the dequantize-per-step path (same GEMM inputs);
+    and from GROUPED_MM_DENSE_MIN_ROWS rows per expert, below the packed threshold, the dispatcher
+    takes the grouped GEMM, still matching the reference."""
+    import dataclasses
+
+    from gptoss_engine.kernels import moe_grouped_mm as gm
+    from gptoss_engine.kernels import moe_mxfp4
+    if interpreted:
+        pytest.skip("the grouped GEMM path runs on CUDA only")
+    gen = torch.Generator().manual_seed(19)
+    w = random_packed_experts(16, 128, 160, device, gen).kernel_layout()
+    gu, d = gm.dequantized_copy(w)
+    assert torch.equal(gu.float(), mxfp4.dequantize(w.gate_up_blocks, w.gate_up_scales, torch.float32))
+    assert torch.equal(d.float(), mxfp4.dequantize(w.down_blocks, w.down_scales, torch.float32))
+    dense = dataclasses.replace(w, gate_up_bf16=gu, down_bf16=d)
+    router_w = torch.randn(16, 128, generator=gen).to(device, torch.bfloat16)
+    bias = torch.zeros(16, device=device, dtype=torch.bfloat16)
+    x = torch.randn(1100, 128, generator=gen).to(device, torch.bfloat16)     # 4400 pairs >= 256 x 16
+    ids, wts = route(x, router_w, bias, 4)
+    assert torch.equal(moe_mxfp4.moe_experts(x, ids, wts, dense, 7.0), moe_mxfp4.moe_experts(x, ids, wts, w, 7.0))
+    small = x[:300]                                                           # 1200 pairs: 75 rows/expert
+    ids, wts = route(small, router_w, bias, 4)
+    assert moe_mxfp4._grouped_by_default(1200, dense, small.device)
+    assert not moe_mxfp4._grouped_by_default(1200, w, small.device)
+    out = moe_mxfp4.moe_experts(small, ids, wts, dense, 7.0)
+    ref = fp32_reference(small, ids, wts, w, 7.0)
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    assert torch.equal(out, gm.moe_experts_grouped_mm(small, ids, wts, dense, 7.0))   # that path, not another
 
 
 def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None:
