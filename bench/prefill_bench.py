@@ -1,15 +1,16 @@
-"""Prefill A/B on the GPU: one model, the same prompts, each variant of the prefill path timed in
-turn, and a kernel table (torch.profiler, CUDA time) of the default at the longest prompt.
+"""Prefill A/B on the GPU: one model, the same prompts, the variants of the prefill path timed in
+turn over several rounds (so clock drift over the call falls on all alike), and kernel tables
+(torch.profiler, CUDA time) at the longest prompt.
 
-Variants (VARIANTS: each changes one thing against the default): the MoE's expert dequant inline
-after attention instead of prefetched on the side stream; every attention key tile paying the
-causal/window masks (the kernel before its split loop).
-Variants that compute the same bits (all but the masked attention, whose softmax rounds the scaled
-scores once more) must give the default's logits exactly, else the run fails. --bf16-experts then
-keeps bf16 copies of the experts (EngineConfig.moe_prefill_weights = "bf16") and times every length
-again; bit-equal to the default where the default took the grouped GEMM too. Appends rows to bench/results/prefill_ab.md.
+Variants (VARIANTS; each changes one thing against the default): "no prefetch" dequantizes the
+MoE's experts inline after attention instead of on the side stream beforehand; "masked attention"
+makes every key tile pay the causal/window masks (the kernel before its split loop); "bf16 experts"
+is EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). All but the masked attention compute the
+default's bits, and must give its logits exactly, else the run fails. Appends one row per length
+and variant to bench/results/prefill_ab.md.
 
-    python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --commit <sha> --out $OUT
+    python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --variants "no prefetch,bf16 experts" \
+        --commit <sha> --out $OUT
 """
 from __future__ import annotations
 
@@ -18,21 +19,25 @@ import contextlib
 import datetime
 import functools
 import pathlib
+import statistics
 from typing import Iterator
 
 import torch
 
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, time_ms, uniform_batch
-from gptoss_engine.kernels import moe_grouped_mm, moe_mxfp4, paged_attention
+from gptoss_engine.kernels import moe_grouped_mm, paged_attention
 from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.presets import preset
+from gptoss_engine.step_batch import StepBatch
 
 
 @contextlib.contextmanager
-def variant(name: str) -> Iterator[None]:
-    """The engine with one thing changed (see VARIANTS)."""
+def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
+    """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
+    attached only for the "bf16 experts" variant."""
     gm, pa = moe_grouped_mm, paged_attention
     saved = gm.prefetch, pa.paged_attention
     change = VARIANTS[name]
@@ -40,19 +45,26 @@ def variant(name: str) -> Iterator[None]:
         gm.prefetch = lambda w: None
     if change.get("split_loop") is False:
         pa.paged_attention = functools.partial(saved[1], split_loop=False)
+    layers = model.model.layers
+    for layer, copy in zip(layers, bf16):
+        layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
         gm.prefetch, pa.paged_attention = saved
+        for layer in layers:
+            layer.mlp.experts.bf16_copy = None
 
 
-# name -> what differs from the default. "no prefetch" computes the same bits as the default (the
-# dequant only runs elsewhere and earlier). (A smaller persistent grid for the prefetched dequant
-# and a higher-priority side stream were tried at c4c6655 and removed: slower, PERF_NOTES v9.)
+# name -> what differs from the default. All but "masked attention" compute the default's bits:
+# "no prefetch" runs the dequant elsewhere and earlier, "bf16 experts" (EngineConfig.moe_prefill_weights
+# = "bf16") hands the grouped GEMMs the same bf16 weights from copies. (A smaller persistent grid for the
+# prefetched dequant and a higher-priority side stream were tried at c4c6655 and removed: slower.)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "no prefetch": {"prefetch": False},
     "masked attention": {"split_loop": False},
+    "bf16 experts": {"bf16": True},
 }
 EXACT = set(VARIANTS) - {"masked attention"}
 
@@ -67,17 +79,7 @@ def check(first: torch.Tensor, out: torch.Tensor, exact: bool, what: str, failur
               flush=True)
 
 
-def report(tokens: int, times: dict[str, float]) -> None:
-    print(f"prefill {tokens}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s)"
-                                             for n, ms in times.items()), flush=True)
-
-
-def result_rows(commit: str, preset_name: str, tokens: int, times: dict[str, float], base: float) -> list[list[object]]:
-    return [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, preset_name, tokens, n,
-             f"{ms:.2f}", f"{tokens / ms * 1e3:.0f}", f"{ms - base:+.2f}"] for n, ms in times.items()]
-
-
-def profile_table(model: torch.nn.Module, kv: KVCache, batch: object, path: pathlib.Path) -> None:
+def profile_table(model: torch.nn.Module, kv: KVCache, batch: StepBatch, path: pathlib.Path) -> None:
     """torch.profiler's kernel table (CUDA time) of one prefill, written to `path` and printed."""
     from torch.profiler import ProfilerActivity, profile
     model(batch, kv)
@@ -95,14 +97,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=["20b", "120b"], default="20b")
     p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
-    p.add_argument("--iters", type=int, default=10)
+    p.add_argument("--variants", default="default,no prefetch,masked attention",
+                   help=f"comma-separated, of {list(VARIANTS)} (bf16 experts: 20b on an 80 GB GPU)")
+    p.add_argument("--rounds", type=int, default=5, help="every variant timed once a round, in turn")
+    p.add_argument("--iters", type=int, default=5, help="timed prefills a variant a round (median)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None)
-    p.add_argument("--variants", default=None, help="comma-separated subset of VARIANTS (default: all)")
-    p.add_argument("--bf16-experts", action="store_true",
-                   help="then keep bf16 expert copies (moe_prefill_weights bf16) and time each length again")
     args = p.parse_args(argv)
-    if args.variants and (unknown := set(args.variants.split(",")) - set(VARIANTS)):
+    names = ["default"] + [n for n in args.variants.split(",") if n != "default"]
+    if unknown := set(names) - set(VARIANTS):
         p.error(f"unknown variant(s) {sorted(unknown)}; known: {list(VARIANTS)}")
     if not torch.cuda.is_available():
         print("prefill_bench needs a CUDA GPU")
@@ -110,39 +113,47 @@ def main(argv: list[str] | None = None) -> int:
     commit = args.commit or provenance.commit()
     config = ModelConfig.from_dict(preset(args.preset))
     model = fast_random_model(config)
+    bf16: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * config.num_hidden_layers
+    if "bf16 experts" in names:
+        model.keep_bf16_experts()
+        bf16 = [layer.mlp.experts.bf16_copy for layer in model.model.layers]
     lengths = [int(t) for t in args.tokens.split(",")]
     blocks = -(-(max(lengths) + 1) // BLOCK_SIZE)
     kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), blocks, blocks, "cuda")
-    rows, failures, firsts, base = [], [], {}, {}
-    only = args.variants.split(",") if args.variants else list(VARIANTS)
-    for tokens in lengths:
-        batch = uniform_batch(1, 0, tokens, blocks)
-        times = {}
-        for name in ["default"] + [n for n in only if n != "default"]:
-            with variant(name):
+    torch.manual_seed(0)
+    batches = {tokens: uniform_batch(1, 0, tokens, blocks) for tokens in lengths}   # the same prompt for every variant
+    rows: list[list[object]] = []
+    failures: list[str] = []
+    for tokens, batch in batches.items():
+        first = None
+        for name in names:          # compile, warm up, and check each variant's logits
+            with variant(name, model, bf16):
                 out = model(batch, kv)
-                check(firsts.setdefault(tokens, out), out, name in EXACT, f"{tokens} tokens, {name}", failures)
-                times[name] = time_ms(lambda: model(batch, kv), iters=args.iters)
-        base[tokens] = times["default"]
-        report(tokens, times)
-        rows += result_rows(commit, args.preset, tokens, times, base[tokens])
-    profile_table(model, kv, uniform_batch(1, 0, max(lengths), blocks), args.out / f"prefill_profile_{args.preset}_{max(lengths)}.txt")
-    if args.bf16_experts:
-        # Last: the copies stay with the model. Bit-equal to the default wherever the default took
-        # the grouped GEMM too (the same bf16 weights reach the same GEMMs).
-        model.keep_bf16_experts()
-        for tokens in lengths:
-            batch = uniform_batch(1, 0, tokens, blocks)
-            out = model(batch, kv)
-            grouped = tokens * config.num_experts_per_tok >= moe_mxfp4.GROUPED_MM_MIN_ROWS * config.num_local_experts
-            check(firsts[tokens], out, grouped, f"{tokens} tokens, bf16 experts", failures)
-            times = {"bf16 experts": time_ms(lambda: model(batch, kv), iters=args.iters)}
-            report(tokens, times)
-            rows += result_rows(commit, args.preset, tokens, times, base[tokens])
-        profile_table(model, kv, uniform_batch(1, 0, max(lengths), blocks),
-                      args.out / f"prefill_profile_{args.preset}_{max(lengths)}_bf16_experts.txt")
+            first = out if first is None else first
+            check(first, out, name in EXACT, f"{tokens} tokens, {name}", failures)
+        # Rounds, each timing every variant in turn: clock and power drift over the run (a few %
+        # between the start and the end of a call) falls on all variants alike.
+        samples: dict[str, list[float]] = {n: [] for n in names}
+        for _ in range(args.rounds):
+            for name in names:
+                with variant(name, model, bf16):
+                    samples[name].append(time_ms(lambda: model(batch, kv), warmup=1, iters=args.iters))
+        times = {n: statistics.median(v) for n, v in samples.items()}
+        base = times["default"]
+        print(f"prefill {tokens}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s, rounds "
+                                                 f"{min(samples[n]):.1f}-{max(samples[n]):.1f})"
+                                                 for n, ms in times.items()), flush=True)
+        rows += [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, tokens, n,
+                  f"{ms:.2f}", f"{tokens / ms * 1e3:.0f}", f"{ms - base:+.2f}"] for n, ms in times.items()]
+    longest = batches[max(lengths)]
+    for name in ("default", "bf16 experts"):
+        if name in names:
+            with variant(name, model, bf16):
+                suffix = "" if name == "default" else "_bf16_experts"
+                profile_table(model, kv, longest, args.out / f"prefill_profile_{args.preset}_{max(lengths)}{suffix}.txt")
     provenance.append_rows(
-        args.out / "prefill_ab.md", "Prefill A/B, ms per prefill (bench/prefill_bench.py; median of CUDA-event timings)",
+        args.out / "prefill_ab.md", "Prefill A/B, ms per prefill (bench/prefill_bench.py; median over rounds of "
+        "CUDA-event timings, variants in turn)",
         ["date", "GPU", "commit", "preset", "tokens", "variant", "ms", "tok/s", "ms vs default"], rows)
     print("parity failures:", failures or "none")
     return 1 if failures else 0

@@ -42,9 +42,6 @@ GEMV_MAX_PAIRS = 32
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
 # multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels.
 GROUPED_MM_MIN_ROWS = 256
-# The same with bf16 expert copies kept (no dequantization pass to amortize): the grouped GEMM reads
-# 4x the bytes of the packed kernels, so it wins once enough rows share each expert.
-GROUPED_MM_DENSE_MIN_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -250,11 +247,12 @@ def _is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _grouped_by_default(num_pairs: int, w: ExpertWeights, device: torch.device) -> bool:
-    """moe_experts' own choice of the prefill path (moe_grouped_mm): sm_90, enough rows per expert."""
-    rows = GROUPED_MM_MIN_ROWS if w.gate_up_bf16 is None else GROUPED_MM_DENSE_MIN_ROWS
-    num_experts = w.gate_up_bias.shape[0]
-    return num_pairs > GEMV_MAX_PAIRS and num_pairs >= rows * num_experts and _is_sm90(device)
+def _grouped_by_default(num_pairs: int, num_experts: int, device: torch.device) -> bool:
+    """moe_experts' own choice of the prefill path (moe_grouped_mm): sm_90, enough rows per expert.
+    The same with bf16 expert copies kept: below this, torch's grouped GEMM over bf16 weights was
+    slower than the packed kernels even without a dequant pass (1k tokens, 128 rows an expert:
+    47.2 against 33.4 ms a prefill, PERF_NOTES v9)."""
+    return num_pairs > GEMV_MAX_PAIRS and num_pairs >= GROUPED_MM_MIN_ROWS * num_experts and _is_sm90(device)
 
 
 def prefetch_experts(w: ExpertWeights, num_tokens: int, top_k: int) -> None:
@@ -263,7 +261,7 @@ def prefetch_experts(w: ExpertWeights, num_tokens: int, top_k: int) -> None:
     so that it overlaps the attention queued before the MoE. Otherwise nothing."""
     gu_blk = w.gate_up_blocks
     if (w.packed and gu_blk is not None and gu_blk.is_cuda
-            and _grouped_by_default(num_tokens * top_k, w, gu_blk.device)):
+            and _grouped_by_default(num_tokens * top_k, gu_blk.shape[0], gu_blk.device)):
         moe_grouped_mm.prefetch(w)
 
 
@@ -335,7 +333,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                                 swiglu_limit, alpha, asm=asm,
                                 one_mul=asm and one_mul)
     if (tiles is None and grouped_mm is not False and not interpret
-            and (grouped_mm and sm90 or _grouped_by_default(num_pairs, w, x.device))):
+            and (grouped_mm and sm90 or _grouped_by_default(num_pairs, E, x.device))):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:
