@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode:
         return decode_sweep(cfg, args.out)
     hq, hkv, d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    configs = [(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+    configs = ([(r, n, w, s) for r in (64, 128) for n in (32, 64, 128) for w in (4, 8) for s in (2, 3)]
+               + [(256, n, 8, s) for n in (32, 64, 128) for s in (2, 3)])   # two warpgroups, one K/V tile
     results = {}
     bad = []
     for tokens in (1024, 8192):

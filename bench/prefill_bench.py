@@ -2,14 +2,13 @@
 turn over several rounds (so clock drift over the call falls on all alike), and kernel tables
 (torch.profiler, CUDA time) at the longest prompt.
 
-Variants (VARIANTS; each changes one thing against the default): "no prefetch" dequantizes the
-MoE's experts inline after attention instead of on the side stream beforehand; "masked attention"
-makes every key tile pay the causal/window masks (the kernel before its split loop); "bf16 experts"
-is EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). All but the masked attention compute the
-default's bits, and must give its logits exactly, else the run fails. Appends one row per length
+Variants (VARIANTS; each changes one thing against the default): "masked attention" makes every
+key tile pay the causal/window masks (the kernel before its split loop); "bf16 experts" is
+EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB), which must give the default's logits
+exactly, else the run fails. Appends one row per length
 and variant to bench/results/prefill_ab.md.
 
-    python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --variants "no prefetch,bf16 experts" \
+    python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --variants "masked attention,bf16 experts" \
         --commit <sha> --out $OUT
 """
 from __future__ import annotations
@@ -26,7 +25,7 @@ import torch
 
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, time_ms, uniform_batch
-from gptoss_engine.kernels import moe_grouped_mm, paged_attention
+from gptoss_engine.kernels import paged_attention
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
@@ -38,31 +37,28 @@ from gptoss_engine.step_batch import StepBatch
 def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
     """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
     attached only for the "bf16 experts" variant."""
-    gm, pa = moe_grouped_mm, paged_attention
-    saved = gm.prefetch, pa.paged_attention
+    pa = paged_attention
+    saved = pa.paged_attention
     change = VARIANTS[name]
-    if change.get("prefetch") is False:
-        gm.prefetch = lambda w: None
     if change.get("split_loop") is False:
-        pa.paged_attention = functools.partial(saved[1], split_loop=False)
+        pa.paged_attention = functools.partial(saved, split_loop=False)
     layers = model.model.layers
     for layer, copy in zip(layers, bf16):
         layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
-        gm.prefetch, pa.paged_attention = saved
+        pa.paged_attention = saved
         for layer in layers:
             layer.mlp.experts.bf16_copy = None
 
 
-# name -> what differs from the default. All but "masked attention" compute the default's bits:
-# "no prefetch" runs the dequant elsewhere and earlier, "bf16 experts" (EngineConfig.moe_prefill_weights
-# = "bf16") hands the grouped GEMMs the same bf16 weights from copies. (A smaller persistent grid for the
-# prefetched dequant and a higher-priority side stream were tried at c4c6655 and removed: slower.)
+# name -> what differs from the default. "bf16 experts" (EngineConfig.moe_prefill_weights = "bf16")
+# computes the default's bits: the grouped GEMMs get the same bf16 weights, from copies. (A prefetch of
+# the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
+# 2.7 ms of 140 at 8k, PERF_NOTES v9.)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
-    "no prefetch": {"prefetch": False},
     "masked attention": {"split_loop": False},
     "bf16 experts": {"bf16": True},
 }
@@ -97,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=["20b", "120b"], default="20b")
     p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
-    p.add_argument("--variants", default="default,no prefetch,masked attention",
+    p.add_argument("--variants", default="default,masked attention",
                    help=f"comma-separated, of {list(VARIANTS)} (bf16 experts: 20b on an 80 GB GPU)")
     p.add_argument("--rounds", type=int, default=5, help="every variant timed once a round, in turn")
     p.add_argument("--iters", type=int, default=5, help="timed prefills a variant a round (median)")

@@ -17,7 +17,7 @@ from gptoss_engine import mxfp4
 from gptoss_engine.attention import paged_attention, write_kv
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import ExpertWeights, moe_experts, prefetch_experts, route
+from gptoss_engine.moe import ExpertWeights, moe_experts, route
 from gptoss_engine.rope import RotaryEmbedding, apply_rotary
 from gptoss_engine.step_batch import StepBatch
 
@@ -177,10 +177,6 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config, packed)
 
-    def prefetch(self, num_tokens: int) -> None:
-        """Called before the layer's attention: see moe.prefetch_experts."""
-        prefetch_experts(self.experts.weights(), num_tokens, self.top_k)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         topk_ids, topk_weights = route(x, self.router.weight, self.router.bias, self.top_k)
         return moe_experts(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
@@ -199,7 +195,6 @@ class DecoderLayer(nn.Module):
         """x: residual stream, h: input_layernorm(x) (computed by the previous layer's fused add+norm).
         Returns (x + attn + mlp, next_norm of it), next_norm None for the last layer (the final norm
         runs on the logits rows only)."""
-        self.mlp.prefetch(h.shape[0])
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
         delta = self.mlp(h)
         if next_norm is None:

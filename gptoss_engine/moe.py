@@ -81,23 +81,13 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
 
 
 @functools.cache
-def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]],
-                        Callable[..., None]] | None:
+def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]]] | None:
     try:
         from gptoss_engine.kernels.moe_mxfp4 import moe_experts as kernel
-        from gptoss_engine.kernels.moe_mxfp4 import prefetch_experts as prefetch
         from gptoss_engine.kernels.routing import route as fused_route
     except ImportError:
         return None
-    return kernel, fused_route, prefetch
-
-
-def prefetch_experts(w: ExpertWeights, num_tokens: int, top_k: int) -> None:
-    """A hint, given before a layer's attention: its MoE will see `num_tokens` tokens. On CUDA the
-    kernels may start preparing the experts then (the prefill path dequantizes them beside the
-    attention); the reference path has nothing to prepare."""
-    if w.gate_up_bias.is_cuda and (kernels := _kernels()) is not None:
-        kernels[2](w, num_tokens, top_k)
+    return kernel, fused_route
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,

@@ -14,8 +14,6 @@ picks this path from GROUPED_MM_MIN_ROWS mean rows per expert on sm_90.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 import triton
@@ -88,10 +86,8 @@ def _combine_kernel(y_ptr, row_of_pair_ptr, ids_ptr, wts_ptr, bias_ptr, out_ptr,
 
 
 # Scratch for the dequantized experts, per (device, projection): reused by every layer and step (a
-# layer's bf16 experts are dead once its grouped GEMM has run). Bounded by _SCRATCH_BYTES: models with
-# more experts (120b) go in chunks. Who may write it when: the stream that ran the last GEMM reading
-# it orders the next inline dequant after that GEMM; a prefetch (below) runs on a side stream that
-# first waits for everything the caller's stream has queued, which includes that GEMM.
+# layer's bf16 experts are dead once its grouped GEMM has run: the stream orders the next layer's
+# dequant after it). Bounded by _SCRATCH_BYTES: models with more experts (120b) go in chunks.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
 _SCRATCH_BYTES = 1 << 31
 _ACT_BLOCK, _OUT_BLOCK = 1024, 1024
@@ -144,60 +140,6 @@ def _views(w: ExpertWeights, e1: int) -> tuple[torch.Tensor, torch.Tensor]:
             _scratch_view(d_s.device, 1, (e1, d_s.shape[1], d_s.shape[2] * 32)))
 
 
-@dataclass
-class _Prefetch:
-    """A dequantization of experts [0, e1) of the layer whose gate_up blocks start at `key`, queued
-    on the side stream; `done` is recorded after it."""
-    key: int
-    e1: int
-    gate_up: torch.Tensor
-    down: torch.Tensor
-    done: torch.cuda.Event
-
-
-_prefetched: dict[torch.device, _Prefetch] = {}
-_side: dict[torch.device, torch.cuda.Stream] = {}
-
-
-def prefetch(w: ExpertWeights) -> None:
-    """Start dequantizing `w`'s first chunk of experts into the scratch on a side stream, so that it
-    runs beside the attention that precedes this layer's MoE (the dequant streams memory; attention
-    at prefill sizes keeps the tensor cores busy and leaves an SM room for more blocks).
-    moe_experts_grouped_mm for the same `w` then waits for it instead of dequantizing inline.
-    Not while a CUDA graph is being captured (prefill runs eagerly; a graph would need the side
-    stream forked from the capture)."""
-    gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
-    assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
-    if torch.cuda.is_current_stream_capturing() or w.gate_up_bf16 is not None:
-        return   # (with bf16 copies there is nothing to dequantize)
-    device = gu_b.device
-    # A prefetch nobody used (its layer took another path) still owns the scratch until it is done:
-    # order this stream after it before the views below may reallocate the scratch.
-    _wait_prefetch(device)
-    main = torch.cuda.current_stream(device)
-    side = _side.get(device)
-    if side is None:
-        side = _side[device] = torch.cuda.Stream(device)
-    e1 = _chunk(w, gu_s.shape[2] * 32)
-    gu, d = _views(w, e1)                  # allocated on the caller's stream
-    side.wait_stream(main)                 # the last GEMM that read the scratch is queued on main
-    with torch.cuda.stream(side):
-        _dequantize(gu_b[:e1], gu_s[:e1], gu)
-        _dequantize(d_b[:e1], d_s[:e1], d)
-        done = torch.cuda.Event()
-        done.record(side)
-    _prefetched[device] = _Prefetch(gu_b.data_ptr(), e1, gu, d, done)
-
-
-def _wait_prefetch(device: torch.device) -> _Prefetch | None:
-    """Take this device's pending prefetch, if any, ordering the caller's stream after it (whatever
-    layer it was for: its writes to the scratch must land before anything else touches it)."""
-    p = _prefetched.pop(device, None)
-    if p is not None:
-        torch.cuda.current_stream(device).wait_event(p.done)
-    return p
-
-
 def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     fn = getattr(F, "grouped_mm", None) or torch._grouped_mm
     return fn(a, b_t, offs=offs)
@@ -224,7 +166,6 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     y: torch.Tensor | None = None
     dense = w.gate_up_bf16 is not None and w.down_bf16 is not None
     chunk = E if dense else _chunk(w, H)
-    prefetched = _wait_prefetch(x.device)
     # Rows of experts [e0, e1) are the sorted rows [ends[e0-1], ends[e1-1]): with one chunk that is
     # every row and no host sync; with several, one .tolist() per layer (prefill runs eagerly).
     bounds = [0] + ends.tolist() if chunk < E else None
@@ -236,8 +177,6 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
         offs = (ends[e0:e1] - (bounds[e0] if bounds is not None else 0)).to(torch.int32)
         if dense:
             gu, d = w.gate_up_bf16, w.down_bf16
-        elif e0 == 0 and prefetched is not None and prefetched.key == gu_b.data_ptr() and prefetched.e1 == e1:
-            gu, d = prefetched.gate_up, prefetched.down
         else:
             gu, d = _views(w, e1 - e0)
             _dequantize(gu_b[e0:e1], gu_s[e0:e1], gu)

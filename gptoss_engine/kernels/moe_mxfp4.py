@@ -31,7 +31,6 @@ import triton.language as tl
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv, sum_pairs
-from gptoss_engine.kernels import moe_grouped_mm
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights
@@ -253,16 +252,6 @@ def _grouped_by_default(num_pairs: int, num_experts: int, device: torch.device) 
     slower than the packed kernels even without a dequant pass (1k tokens, 128 rows an expert:
     47.2 against 33.4 ms a prefill, PERF_NOTES v9)."""
     return num_pairs > GEMV_MAX_PAIRS and num_pairs >= GROUPED_MM_MIN_ROWS * num_experts and _is_sm90(device)
-
-
-def prefetch_experts(w: ExpertWeights, num_tokens: int, top_k: int) -> None:
-    """This layer's MoE will run on `num_tokens` tokens: when moe_experts is going to take the
-    grouped-GEMM path, start dequantizing the experts now on a side stream (moe_grouped_mm.prefetch),
-    so that it overlaps the attention queued before the MoE. Otherwise nothing."""
-    gu_blk = w.gate_up_blocks
-    if (w.packed and gu_blk is not None and gu_blk.is_cuda
-            and _grouped_by_default(num_tokens * top_k, gu_blk.shape[0], gu_blk.device)):
-        moe_grouped_mm.prefetch(w)
 
 
 def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:

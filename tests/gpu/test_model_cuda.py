@@ -102,30 +102,6 @@ def test_tiny_model_matches_cpu_reference(device: str, interpreted: bool) -> Non
                              forward=lambda m, kv: CudaGraphForward(m, kv, max_batch=4, max_blocks=16))
     assert graph_tokens == eager_tokens
 
-def test_prefill_with_experts_prefetched_equals_inline(device: str, interpreted: bool,
-                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prefill large enough for the grouped-GEMM MoE (2 x 300 tokens x top-4 over 8 experts) starts
-    every layer's expert dequant before its attention (moe_grouped_mm.prefetch on a side stream);
-    the logits are the very bits of the same prefill with the dequant inline."""
-    if interpreted:
-        pytest.skip("bf16 model needs a real GPU")
-    from gptoss_engine.kernels import moe_grouped_mm as gm
-    config = ModelConfig.from_dict(preset("tiny"))
-    gpu = packed_cuda_copy(random_model(config, "cpu", torch.float32, seed=2))
-    max_blocks = -(-301 // BLOCK_SIZE)
-    kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), 2 * max_blocks, 2 * max_blocks, device)
-    batch = uniform_batch(2, 0, 300, max_blocks, device)
-    batch.input_ids = torch.randint(0, 1000, batch.input_ids.shape, generator=torch.Generator().manual_seed(0)).to(device)
-    started = []
-    real_prefetch = gm.prefetch
-    monkeypatch.setattr(gm, "prefetch", lambda w: started.append(w) or real_prefetch(w))
-    ahead = gpu(batch, kv)
-    assert len(started) == config.num_hidden_layers and not gm._prefetched
-    monkeypatch.setattr(gm, "prefetch", lambda w: None)
-    inline = gpu(batch, kv)
-    assert torch.isfinite(ahead).all() and torch.equal(ahead, inline)
-
-
 def test_bf16_expert_copies_in_the_model(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """keep_bf16_experts: a prefill on the grouped path gives the same logits as dequantizing per
     layer; and a GPU without room for the copies is a clear error before anything is allocated."""
