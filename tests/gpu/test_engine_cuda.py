@@ -52,3 +52,23 @@ def test_engine_fp32_on_cuda(device: str) -> None:
         pytest.skip("needs a GPU")
     tokens, _ = _generate("float32")
     assert all(len(t) == 20 for t in tokens)
+
+
+def test_engine_with_bf16_prefill_experts(device: str) -> None:
+    """moe_prefill_weights = "bf16" through LLMEngine: the runner keeps the copies before sizing the
+    KV pool, and a first step large enough for the grouped GEMM (3 x 200 prompt tokens, top-4 of 8
+    experts) generates the same greedy tokens as the engine that dequantizes per step."""
+    if device != "cuda":
+        pytest.skip("needs a GPU")
+    config = ModelConfig.from_dict(preset("tiny"))
+    prompts = [[(11 * i + j) % 1000 for j in range(200)] for i in range(3)]
+    tokens = {}
+    for weights in ("mxfp4", "bf16"):
+        model = random_model(config, "cuda", torch.bfloat16, seed=4)
+        engine = LLMEngine(EngineConfig(model_path="random", device="cuda", max_batch_size=8, max_model_len=512,
+                                        num_kv_blocks=64, num_swa_blocks=64, moe_prefill_weights=weights),
+                           model=model)
+        copies = [layer.mlp.experts.bf16_copy for layer in model.model.layers]
+        assert all(c is not None for c in copies) == (weights == "bf16")
+        tokens[weights] = [r.token_ids for r in engine.generate(prompts, SamplingParams(max_tokens=8, ignore_eos=True))]
+    assert tokens["bf16"] == tokens["mxfp4"]
