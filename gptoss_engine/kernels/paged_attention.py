@@ -293,8 +293,8 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
         if splits > 1:
             _paged_decode_split(q, layer_pool, out, block_tables, batch, sinks, scale, window, splits)
             return out
-    # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16);
-    # prefill tiles 16 tokens x group rows.
+    # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16); prefill
+    # tiles rows // group tokens x the group (prefill_tiles).
     if batch.max_query_len == 1:
         rows, block_n, warps, stages = (16, 64, 4, 2)
     else:

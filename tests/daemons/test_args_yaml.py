@@ -150,9 +150,10 @@ def test_context_limit_checksum_and_device_flags(monkeypatch):
         parse_worker_args(["--model-path", "/m", "--max-model-len", "0"], "p", "prefill")
 
 
-@pytest.mark.parametrize("name", ["prefill.yaml", "decode.yaml"])
+@pytest.mark.parametrize("name", ["prefill.yaml", "decode.yaml", "prefill-20b-bf16-experts.yaml"])
 def test_shipped_example_engine_yamls_parse_without_warnings(name):
     import pathlib
 
     y = load_engine_yaml(pathlib.Path(__file__).parents[2] / "examples" / "engine_configs" / "gpt-oss" / name)
     assert y.ignored_keys == () and y.max_num_tokens and y.free_gpu_memory_fraction == 0.9
+    assert y.moe_prefill_weights == ("bf16" if "bf16" in name else None)
