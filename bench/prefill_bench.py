@@ -3,8 +3,9 @@ turn over several rounds (so clock drift over the call falls on all alike), and 
 (torch.profiler, CUDA time) at the longest prompt.
 
 Variants (VARIANTS; each changes one thing against the default): "masked attention" makes every
-key tile pay the causal/window masks (the kernel before its split loop); "bf16 experts" is
-EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB), which must give the default's logits
+key tile pay the causal/window masks (the kernel before its split loop); "torch sort" sorts the MoE's
+pairs by expert with torch's argsort as before routing.sort_pairs; "bf16 experts" is
+EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). Those two must give the default's logits
 exactly, else the run fails. Appends one row per length
 and variant to bench/results/prefill_ab.md.
 
@@ -25,7 +26,7 @@ import torch
 
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, time_ms, uniform_batch
-from gptoss_engine.kernels import paged_attention
+from gptoss_engine.kernels import moe_grouped_mm, paged_attention
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
@@ -37,32 +38,47 @@ from gptoss_engine.step_batch import StepBatch
 def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, torch.Tensor] | None]) -> Iterator[None]:
     """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
     attached only for the "bf16 experts" variant."""
-    pa = paged_attention
-    saved = pa.paged_attention
+    pa, gm = paged_attention, moe_grouped_mm
+    saved = pa.paged_attention, gm.sort_pairs
     change = VARIANTS[name]
     if change.get("split_loop") is False:
-        pa.paged_attention = functools.partial(saved, split_loop=False)
+        pa.paged_attention = functools.partial(saved[0], split_loop=False)
+    if change.get("torch_sort"):
+        gm.sort_pairs = torch_sort_pairs
     layers = model.model.layers
     for layer, copy in zip(layers, bf16):
         layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
-        pa.paged_attention = saved
+        pa.paged_attention, gm.sort_pairs = saved
         for layer in layers:
             layer.mlp.experts.bf16_copy = None
 
 
-# name -> what differs from the default. "bf16 experts" (EngineConfig.moe_prefill_weights = "bf16")
-# computes the default's bits: the grouped GEMMs get the same bf16 weights, from copies. (A prefetch of
+# name -> what differs from the default. "torch sort" and "bf16 experts" compute the default's bits:
+# the same sorted rows, the same bf16 weights reaching the same GEMMs. (A prefetch of
 # the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
 # 2.7 ms of 140 at 8k, PERF_NOTES v9.)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "masked attention": {"split_loop": False},
+    "torch sort": {"torch_sort": True},
     "bf16 experts": {"bf16": True},
 }
 EXACT = set(VARIANTS) - {"masked attention"}
+
+
+def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
+    """routing.sort_pairs as the grouped path computed it before (up to 9c5ad8d): torch's stable
+    argsort and ~16 launches of bookkeeping around it. The same outputs."""
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    row_of_pair = torch.empty_like(order)
+    row_of_pair[order] = torch.arange(order.numel(), device=flat.device)
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, 0).to(torch.int32)
+    return order // topk_ids.shape[1], row_of_pair, flat[order].to(torch.int32), ends
 
 
 def check(first: torch.Tensor, out: torch.Tensor, exact: bool, what: str, failures: list[str]) -> None:
@@ -93,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", choices=["20b", "120b"], default="20b")
     p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
-    p.add_argument("--variants", default="default,masked attention",
+    p.add_argument("--variants", default="default,masked attention,torch sort",
                    help=f"comma-separated, of {list(VARIANTS)} (bf16 experts: 20b on an 80 GB GPU)")
     p.add_argument("--rounds", type=int, default=5, help="every variant timed once a round, in turn")
     p.add_argument("--iters", type=int, default=5, help="timed prefills a variant a round (median)")

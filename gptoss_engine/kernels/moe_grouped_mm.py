@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from gptoss_engine.kernels.e2m1 import e2m1_x2e14, scale_x2e14
+from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights
 
 _ROWS, _BK = 16, 512
@@ -154,14 +155,10 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
     E, two_i = gu_s.shape[0], gu_s.shape[1]
     I = two_i // 2
-    flat = topk_ids.reshape(-1).to(torch.int64)
-    order = torch.argsort(flat, stable=True)               # sorted row -> pair
-    expert = flat[order].to(torch.int32)                    # expert of each sorted row
-    row_of_pair = torch.empty_like(order)
-    row_of_pair[order] = torch.arange(order.numel(), device=x.device)
-    counts = torch.zeros(E, dtype=torch.int64, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
-    ends = torch.cumsum(counts, 0)   # no bincount: it syncs the host on CUDA
-    xs = x.to(torch.bfloat16)[order // k]
+    # Sorted rows by expert (stable): the token each row reads, each pair's row, each row's expert,
+    # and where each expert's rows end (the GEMMs' group offsets).
+    token, row_of_pair, expert, ends = sort_pairs(topk_ids, E)
+    xs = x.to(torch.bfloat16)[token]
     act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
     y: torch.Tensor | None = None
     dense = w.gate_up_bf16 is not None and w.down_bf16 is not None
@@ -174,7 +171,7 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
         lo, hi = (bounds[e0], bounds[e1]) if bounds is not None else (0, xs.shape[0])
         if hi == lo:
             continue
-        offs = (ends[e0:e1] - (bounds[e0] if bounds is not None else 0)).to(torch.int32)
+        offs = ends[e0:e1] if bounds is None else ends[e0:e1] - bounds[e0]
         if dense:
             gu, d = w.gate_up_bf16, w.down_bf16
         else:

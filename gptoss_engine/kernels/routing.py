@@ -177,3 +177,82 @@ def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int,
                                  BM=block_m, BLOCK_E=block_e, CHUNK=max(16, _SORT_TILE // block_e),
                                  BLOCK_NB=max(16, _SORT_TILE // block_e), num_warps=8)
     return sorted_pair, block_expert
+
+
+# Prefill-sized sorts (moe_grouped_mm): a counting sort over many programs, three launches in all
+# (counts per chunk, offsets, scatter) where torch's stable argsort and the bookkeeping around it
+# were ~16 launches a layer. Each program's one-hot [chunk, experts] tile stays ~8K elements.
+_PAIR_SORT_TILE = 8192
+
+
+@triton.jit
+def _chunk_counts_kernel(ids_ptr, counts_ptr, n, CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    c = tl.program_id(0)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    ex = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
+    e = tl.arange(0, BLOCK_E)
+    tl.store(counts_ptr + c * BLOCK_E + e, tl.sum((ex[:, None] == e[None, :]).to(tl.int32), 0))
+
+
+@triton.jit
+def _chunk_offsets_kernel(counts_ptr, base_ptr, ends_ptr, P, E, BLOCK_P: tl.constexpr, BLOCK_E: tl.constexpr):
+    """One program: base[c, e] = where chunk c's pairs of expert e start in the sorted order (all of
+    expert e's earlier chunks, after every lower expert); ends[e] = end of expert e's run."""
+    e = tl.arange(0, BLOCK_E)
+    total = tl.zeros((BLOCK_E,), dtype=tl.int32)
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        total += tl.sum(tl.load(counts_ptr + p[:, None] * BLOCK_E + e[None, :], mask=(p < P)[:, None], other=0), 0)
+    ends = tl.cumsum(total, 0)
+    running = ends - total
+    for p0 in range(0, P, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        cnt = tl.load(counts_ptr + p[:, None] * BLOCK_E + e[None, :], mask=(p < P)[:, None], other=0)
+        tl.store(base_ptr + p[:, None] * BLOCK_E + e[None, :], running[None, :] + tl.cumsum(cnt, 0) - cnt,
+                 mask=(p < P)[:, None])
+        running += tl.sum(cnt, 0)
+    tl.store(ends_ptr + e, ends, mask=e < E)
+
+
+@triton.jit
+def _chunk_scatter_kernel(ids_ptr, base_ptr, token_ptr, row_of_pair_ptr, expert_ptr, n, top_k,
+                          CHUNK: tl.constexpr, BLOCK_E: tl.constexpr):
+    c = tl.program_id(0)
+    i = c * CHUNK + tl.arange(0, CHUNK)
+    ok = i < n
+    ex = tl.load(ids_ptr + i, mask=ok, other=-1).to(tl.int32)
+    onehot = (ex[:, None] == tl.arange(0, BLOCK_E)[None, :]).to(tl.int32)
+    # Stable: a pair's rank is the number of earlier pairs of its chunk with its expert.
+    rank = tl.sum((tl.cumsum(onehot, 0) - onehot) * onehot, 1)
+    row = tl.load(base_ptr + c * BLOCK_E + ex, mask=ok, other=0) + rank
+    tl.store(token_ptr + row, (i // top_k).to(tl.int64), mask=ok)
+    tl.store(row_of_pair_ptr + i, row.to(tl.int64), mask=ok)
+    tl.store(expert_ptr + row, ex, mask=ok)
+
+
+def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                   torch.Tensor]:
+    """The T*k pairs (t*k + j, expert topk_ids[t, j]) sorted by expert, stable, unpadded
+    (moe_grouped_mm's layout): (token [n] int64: the token of each sorted row, row_of_pair [n]
+    int64: the sorted row of each pair, expert [n] int32: the expert of each sorted row, ends [E]
+    int32: where each expert's rows end). The order of torch.argsort(pairs, stable=True), in three
+    launches, no host sync. Every id must be in [0, num_experts)."""
+    top_k = topk_ids.shape[-1] if topk_ids.dim() == 2 else 1
+    flat = topk_ids.reshape(-1).contiguous()
+    n = flat.numel()
+    device = flat.device
+    block_e = triton.next_power_of_2(num_experts)
+    chunk = max(16, _PAIR_SORT_TILE // block_e)
+    P = max(1, triton.cdiv(n, chunk))
+    counts = torch.empty((P, block_e), dtype=torch.int32, device=device)
+    base = torch.empty((P, block_e), dtype=torch.int32, device=device)
+    token = torch.empty(n, dtype=torch.int64, device=device)
+    row_of_pair = torch.empty(n, dtype=torch.int64, device=device)
+    expert = torch.empty(n, dtype=torch.int32, device=device)
+    ends = torch.empty(num_experts, dtype=torch.int32, device=device)
+    _chunk_counts_kernel[(P,)](flat, counts, n, CHUNK=chunk, BLOCK_E=block_e, num_warps=4)
+    _chunk_offsets_kernel[(1,)](counts, base, ends, P, num_experts, BLOCK_P=max(16, _PAIR_SORT_TILE // block_e),
+                                BLOCK_E=block_e, num_warps=4)
+    _chunk_scatter_kernel[(P,)](flat, base, token, row_of_pair, expert, n, top_k, CHUNK=chunk, BLOCK_E=block_e,
+                                num_warps=4)
+    return token, row_of_pair, expert, ends

@@ -70,3 +70,22 @@ def test_fused_router_matches_linear_and_topk(device: str, tokens: int, experts:
     torch.testing.assert_close(got_vals, ref_vals, rtol=1e-2, atol=1e-2)
     assert all(len(set(row)) == 4 for row in ids.tolist())       # k distinct experts per token
     torch.testing.assert_close(wts, torch.softmax(ref_vals, -1), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("pairs,experts", [(1, 8), (300, 8), (4100, 32), (32768, 32), (9000, 128)])
+def test_sort_pairs_matches_torch_argsort(device: str, pairs: int, experts: int) -> None:
+    """The grouped-GEMM path's counting sort gives exactly torch's stable argsort and the bookkeeping
+    moe_grouped_mm built from it: every chunk size boundary, experts left empty, 120b's 128 experts."""
+    from gptoss_engine.kernels.routing import sort_pairs
+    gen = torch.Generator().manual_seed(pairs + experts)
+    flat = torch.randint(0, experts, (pairs,), generator=gen)
+    flat[flat == 3] = 2                                      # expert 3 gets no pair
+    k = 4 if pairs % 4 == 0 else 1
+    token, row_of_pair, expert, ends = sort_pairs(flat.reshape(-1, k).to(device), experts)
+    want = torch.argsort(flat, stable=True)
+    assert torch.equal(token.cpu(), want // k)
+    inverse = torch.empty_like(want)
+    inverse[want] = torch.arange(pairs)
+    assert torch.equal(row_of_pair.cpu(), inverse)
+    assert torch.equal(expert.cpu(), flat[want].to(torch.int32))
+    assert torch.equal(ends.cpu(), torch.bincount(flat, minlength=experts).cumsum(0).to(torch.int32))
