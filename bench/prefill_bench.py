@@ -6,8 +6,7 @@ Variants (VARIANTS; each changes one thing against the default): "masked attenti
 key tile pay the causal/window masks (the kernel before its split loop); "torch sort" sorts the MoE's
 pairs by expert with torch's argsort as before routing.sort_pairs; "bf16 experts" is
 EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). Those two must give the default's logits
-exactly, else the run fails. Appends one row per length
-and variant to bench/results/prefill_ab.md.
+exactly, else the run fails. Appends one row per length and variant to bench/results/prefill_ab.md.
 
     python3 -m bench.prefill_bench --preset 20b --tokens 1024,8192 --variants "masked attention,bf16 experts" \
         --commit <sha> --out $OUT
