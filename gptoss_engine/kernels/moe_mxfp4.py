@@ -39,7 +39,9 @@ from gptoss_engine.moe import ExpertWeights
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
 GEMV_MAX_PAIRS = 32
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
-# multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels.
+# multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels. The same with bf16
+# expert copies kept (no dequant pass): below it the bf16 grouped GEMM lost to the packed kernels too
+# (1k tokens, 128 rows an expert: 47.2 against 33.4 ms a prefill, PERF_NOTES v9).
 GROUPED_MM_MIN_ROWS = 256
 
 
@@ -246,14 +248,6 @@ def _is_sm90(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (9, 0)
 
 
-def _grouped_by_default(num_pairs: int, num_experts: int, device: torch.device) -> bool:
-    """moe_experts' own choice of the prefill path (moe_grouped_mm): sm_90, enough rows per expert.
-    The same with bf16 expert copies kept: below this, torch's grouped GEMM over bf16 weights was
-    slower than the packed kernels even without a dequant pass (1k tokens, 128 rows an expert:
-    47.2 against 33.4 ms a prefill, PERF_NOTES v9)."""
-    return num_pairs > GEMV_MAX_PAIRS and num_pairs >= GROUPED_MM_MIN_ROWS * num_experts and _is_sm90(device)
-
-
 def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
     """Default tiles from the mean rows per expert (CUDA-graph sweeps on the H100, PERF_NOTES v5/v6).
     On sm_90 every size below the grouped_mm threshold takes weights-left tiles with the PTX dequant:
@@ -321,8 +315,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha, asm=asm,
                                 one_mul=asm and one_mul)
-    if (tiles is None and grouped_mm is not False and not interpret
-            and (grouped_mm and sm90 or _grouped_by_default(num_pairs, E, x.device))):
+    if (tiles is None and grouped_mm is not False and sm90 and not interpret
+            and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     t = tiles or _tiles(num_pairs, E, sm90)
     if interpret:

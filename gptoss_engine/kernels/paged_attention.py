@@ -121,16 +121,14 @@ def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_
     # (the diagonal, the window's trailing edge) pay for masks. A row's q_pos is its absolute
     # position, so keys < min_q are in every row's causal range (and their blocks are present:
     # the block manager drops only blocks wholly outside every query's window).
-    u_lo = lo_tile
-    u_hi = lo_tile
+    u_lo = hi        # SPLIT_LOOP off: the first (masked) loop takes every tile
+    u_hi = hi
     if SPLIT_LOOP:
+        u_lo = lo_tile
         if SLIDING:
             u_lo = tl.maximum(tl.cdiv(tl.maximum(max_q - window + 1, 0), BLOCK_N) * BLOCK_N, lo_tile)
         u_lo = tl.minimum(u_lo, hi)
         u_hi = tl.minimum(tl.maximum((min_q + 1) // BLOCK_N * BLOCK_N, u_lo), hi)
-    else:
-        u_lo = hi
-        u_hi = hi
 
     m_i = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
     l_i = tl.full((BLOCK_M,), 1.0, dtype=tl.float32)

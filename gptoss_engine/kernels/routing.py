@@ -232,12 +232,12 @@ def _chunk_scatter_kernel(ids_ptr, base_ptr, token_ptr, row_of_pair_ptr, expert_
 
 def sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                    torch.Tensor]:
-    """The T*k pairs (t*k + j, expert topk_ids[t, j]) sorted by expert, stable, unpadded
+    """topk_ids [T, k] -> the T*k pairs (t*k + j, expert topk_ids[t, j]) sorted by expert, stable, unpadded
     (moe_grouped_mm's layout): (token [n] int64: the token of each sorted row, row_of_pair [n]
     int64: the sorted row of each pair, expert [n] int32: the expert of each sorted row, ends [E]
     int32: where each expert's rows end). The order of torch.argsort(pairs, stable=True), in three
     launches, no host sync. Every id must be in [0, num_experts)."""
-    top_k = topk_ids.shape[-1] if topk_ids.dim() == 2 else 1
+    top_k = topk_ids.shape[1]
     flat = topk_ids.reshape(-1).contiguous()
     n = flat.numel()
     device = flat.device
