@@ -17,7 +17,7 @@ from gptoss_engine import mxfp4
 from gptoss_engine.attention import paged_attention, write_kv
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import ExpertWeights, moe_experts, route
+from gptoss_engine.moe import ExpertWeights, PairOutputs, moe_expert_pairs, route
 from gptoss_engine.rope import RotaryEmbedding, apply_rotary
 from gptoss_engine.step_batch import StepBatch
 
@@ -35,10 +35,13 @@ class RMSNorm(nn.Module):
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
 
-    def add_forward(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(x + delta, self(x + delta)): the residual add and the next norm, one launch on CUDA."""
+    def add_forward(self, x: torch.Tensor, delta: torch.Tensor | PairOutputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + delta, self(x + delta)): the residual add and the next norm, one launch on CUDA (which
+        also sums the MoE's k outputs per token when delta is PairOutputs)."""
         if x.is_cuda and (fused := _add_rmsnorm()) is not None:
             return fused(x, delta, self.weight, self.eps)
+        if isinstance(delta, PairOutputs):
+            delta = delta.total()
         x = x + delta
         return x, self(x)
 
@@ -53,12 +56,12 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 
 @functools.cache
-def _rotary_qk() -> Callable[..., None] | None:
+def _rotary_store_kv() -> Callable[..., None] | None:
     try:
-        from gptoss_engine.kernels.rotary import rotary_qk_
+        from gptoss_engine.kernels.rotary import rotary_store_kv
     except ImportError:
         return None
-    return rotary_qk_
+    return rotary_store_kv
 
 
 class Attention(nn.Module):
@@ -75,7 +78,8 @@ class Attention(nn.Module):
         self.window = c.window(layer)
         self.scale = c.head_dim ** -0.5
         # On CUDA, fuse_qkv() makes q/k/v_proj views of one [q|k|v] weight: one GEMM and one
-        # rotary launch instead of three GEMMs (each with a split-K reduce at decode) and ~12 ops.
+        # rotary + KV-store launch instead of three GEMMs (each with a split-K reduce at decode),
+        # ~12 rotary ops and the KV store.
         self.qkv_weight: torch.Tensor | None = None
         self.qkv_bias: torch.Tensor | None = None
 
@@ -96,23 +100,20 @@ class Attention(nn.Module):
                 batch: StepBatch, kv: KVCache) -> torch.Tensor:
         t = x.shape[0]
         hq, hkv, d = self.num_heads, self.num_kv_heads, self.head_dim
-        if self.qkv_weight is not None and x.is_cuda and (rotary := _rotary_qk()) is not None:
-            qkv = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
-            rotary(qkv, hq + hkv, d, cos, sin)
-            q = qkv[:, :hq * d].view(t, hq, d)
-            k = qkv[:, hq * d:(hq + hkv) * d].view(t, hkv, d)
-            v = qkv[:, (hq + hkv) * d:].view(t, hkv, d)
-        else:
-            q = apply_rotary(self.q_proj(x).view(t, hq, d), cos, sin)
-            k = apply_rotary(self.k_proj(x).view(t, hkv, d), cos, sin)
-            v = self.v_proj(x).view(t, hkv, d)
         if self.pool == "full":
             pool, slots, tables = kv.full, batch.full_slot_mapping, batch.full_block_tables
         else:
             pool, slots, tables = kv.swa, batch.swa_slot_mapping, batch.swa_block_tables
         # K/V of this step go into the cache first, so the attention reads the step's own keys
         # through the same block table as the cached context.
-        write_kv(pool, self.layer_in_pool, slots, k, v)
+        if self.qkv_weight is not None and x.is_cuda and (rotary_kv := _rotary_store_kv()) is not None:
+            qkv = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+            rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache
+            q = qkv[:, :hq * d].view(t, hq, d)
+        else:
+            q = apply_rotary(self.q_proj(x).view(t, hq, d), cos, sin)
+            k = apply_rotary(self.k_proj(x).view(t, hkv, d), cos, sin)
+            write_kv(pool, self.layer_in_pool, slots, k, self.v_proj(x).view(t, hkv, d))
         o = paged_attention(q, pool, self.layer_in_pool, tables, batch, self.sinks, self.scale, self.window)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
@@ -177,9 +178,10 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config, packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | PairOutputs:
+        """The MoE's delta; on CUDA as PairOutputs, summed by the next RMSNorm.add_forward's launch."""
         topk_ids, topk_weights = route(x, self.router.weight, self.router.bias, self.top_k)
-        return moe_experts(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
+        return moe_expert_pairs(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
 
 
 class DecoderLayer(nn.Module):
@@ -198,7 +200,7 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
         delta = self.mlp(h)
         if next_norm is None:
-            return x + delta, None
+            return x + (delta.total() if isinstance(delta, PairOutputs) else delta), None
         return next_norm.add_forward(x, delta)
 
 

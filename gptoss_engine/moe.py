@@ -6,6 +6,8 @@ act = gate * sigmoid(alpha * gate) * (up + 1), then down with bias; outputs weig
 
 On CUDA, when the Triton kernels import, `moe_experts` dispatches to
 `gptoss_engine.kernels.moe_mxfp4.moe_experts` (same signature); the reference below is the baseline.
+There, `moe_expert_pairs` leaves the weighted sum over each token's k experts undone and hands it on
+as PairOutputs, so the next residual add + RMSNorm does it in its own launch (kernels/norm.py).
 """
 from __future__ import annotations
 
@@ -70,6 +72,28 @@ class ExpertWeights:
                 mxfp4.packed_to_dense(d_b[e:e + 1], d_s[e:e + 1], dtype)[0])  # type: ignore[index]
 
 
+@dataclass(frozen=True)
+class PairOutputs:
+    """The MoE's per-(token, expert) outputs before their weighted sum; token t's delta is
+        sum over j < k of  w[p] * (y[row[p]] + bias[ids[p]]),   p = t*k + j, summed in fp32 in j order
+    and rounded to `dtype` (the activations' dtype). row = row_of_pair, or p itself when None;
+    weights/ids/bias None: y rows already carry the routing weight and the expert's bias.
+    Who reads it: the next fused add + RMSNorm (kernels.norm.add_rmsnorm), or `total()`."""
+    y: torch.Tensor                            # [rows, H], fp32 or the activations' dtype
+    num_tokens: int
+    k: int
+    dtype: torch.dtype
+    row_of_pair: torch.Tensor | None = None    # [T*k] int32
+    weights: torch.Tensor | None = None        # [T*k] routing weights
+    ids: torch.Tensor | None = None            # [T*k] expert of each pair
+    bias: torch.Tensor | None = None           # [E, H] down-projection bias
+
+    def total(self) -> torch.Tensor:
+        """The summed delta [T, H] (one launch)."""
+        from gptoss_engine.kernels.norm import sum_pairs
+        return sum_pairs(self)
+
+
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """x [T, H] -> (topk_ids [T, k], topk_weights [T, k]): softmax over the k largest router logits.
     On CUDA the router GEMM (at decode sizes), top-k and softmax are one Triton launch (fp32 weights)."""
@@ -83,7 +107,7 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
 @functools.cache
 def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.Tensor, torch.Tensor]]] | None:
     try:
-        from gptoss_engine.kernels.moe_mxfp4 import moe_experts as kernel
+        from gptoss_engine.kernels.moe_mxfp4 import moe_expert_pairs as kernel
         from gptoss_engine.kernels.routing import route as fused_route
     except ImportError:
         return None
@@ -93,6 +117,14 @@ def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.T
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
     """x [T, H] -> [T, H]: sum over k of topk_weights * expert_{topk_ids}(x)."""
+    out = moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
+    return out.total() if isinstance(out, PairOutputs) else out
+
+
+def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
+                     swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor | PairOutputs:
+    """moe_experts with the sum over k left undone where the CUDA kernels run (PairOutputs, for the
+    next fused add + RMSNorm); elsewhere the summed [T, H]."""
     if x.is_cuda and (kernels := _kernels()) is not None:
         return kernels[0](x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     return moe_experts_reference(x, topk_ids, topk_weights, w, swiglu_limit, alpha)

@@ -9,8 +9,9 @@ fp32 FMAs; the output dimension is split over many programs so even batch 1 fill
     gate_up: program (pair, n-tile): 2*BN interleaved gate_up rows of expert topk_ids[pair]
              -> bias -> clamped SwiGLU -> inter[pair, BN cols] (fp32)
     down:    program (pair, n-tile): (W_d[e] @ inter[pair] + b_d[e]) * routing weight -> part[pair] (fp32)
-    sum:     program (token, column block): sum of the token's k partials -> out[token]
-No sort/scatter routing layout and no atomics: topk_ids index the weights directly.
+The k fp32 partials of a token are summed by whoever takes the PairOutputs (kernels/norm.py: the
+next fused add + RMSNorm). No sort/scatter routing layout and no atomics: topk_ids index the weights
+directly.
 
 e2m1 decoding: kernels/e2m1.py (fp16 bit placement; inline PTX on sm_90).
 """
@@ -22,6 +23,7 @@ import triton.language as tl
 
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
+from gptoss_engine.moe import PairOutputs
 
 # (BN gate_up, BN down, BK gate_up, BK down, warps): output rows per program (gate_up: interleaved
 # pairs, so 2*BN rows) and packed input per loop trip. Up to _FEW_PAIRS pairs (batch 1-2) the
@@ -32,8 +34,6 @@ _FEW_PAIRS = 8
 _TILES_FEW = (8, 8, 512, 1024, 4)
 _TILES = (16, 16, 512, 512, 4)
 _TILES_OVERRIDE: tuple[int, int, int, int, int] | None = None   # bench/moe_kernel_bench.py --gemv-sweep
-# Columns per program of the k-partials sum (20b: 3 programs per token).
-_SUM_BLOCK = 1024
 
 
 @triton.jit
@@ -101,7 +101,7 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
                BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr,
                ONE_MUL: tl.constexpr):
     # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
-    # the programs (and bytes in flight) at batch 1; the k partials are summed by _sum_pairs.
+    # the programs (and bytes in flight) at batch 1; the k partials are summed by the PairOutputs' reader.
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)
@@ -114,24 +114,12 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
     tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
 
 
-@triton.jit
-def _sum_pairs(part_ptr, out_ptr, H, s_pt, s_ot, TOPK: tl.constexpr, BLOCK: tl.constexpr):
-    """out[token] = sum over the token's k pairs of part[pair] (fp32), cast to out's dtype."""
-    token = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < H
-    out = tl.zeros((BLOCK,), dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        out += tl.load(part_ptr + (token * TOPK + j).to(tl.int64) * s_pt + cols, mask=ok, other=0.0)
-    tl.store(out_ptr + token.to(tl.int64) * s_ot + cols, out.to(out_ptr.dtype.element_ty), mask=ok)
-
-
 def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
                      d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                     swiglu_limit: float, alpha: float, asm: bool = False, one_mul: bool = False) -> torch.Tensor:
-    """x [T, H] -> [T, H]. Expert tensors in checkpoint layout, blocks flattened to [E, out, in/2];
-    shapes were checked by the caller (moe_mxfp4.moe_experts)."""
+                     swiglu_limit: float, alpha: float, asm: bool = False, one_mul: bool = False) -> PairOutputs:
+    """x [T, H] -> the T*k weighted, biased expert outputs (fp32). Expert tensors in checkpoint layout,
+    blocks flattened to [E, out, in/2]; shapes were checked by the caller (moe_mxfp4.moe_expert_pairs)."""
     T, H = x.shape
     k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
@@ -151,13 +139,4 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, ONE_MUL=one_mul, num_warps=warps)
-    return sum_pairs(part, T, k, x.dtype)
-
-
-def sum_pairs(part: torch.Tensor, T: int, k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """[T*k, H] weighted per-pair outputs -> [T, H] (fp32 sum, one launch), in `dtype` (default part's)."""
-    H = part.shape[1]
-    out = torch.empty((T, H), dtype=dtype or part.dtype, device=part.device)
-    _sum_pairs[(T, triton.cdiv(H, _SUM_BLOCK))](part, out, H, part.stride(0), out.stride(0),
-                                                TOPK=k, BLOCK=_SUM_BLOCK, num_warps=4)
-    return out
+    return PairOutputs(part, T, k, x.dtype)

@@ -21,9 +21,11 @@ import triton.language as tl
 
 from gptoss_engine.kernels.e2m1 import e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.routing import sort_pairs
-from gptoss_engine.moe import ExpertWeights
+from gptoss_engine.moe import ExpertWeights, PairOutputs
 
-_ROWS, _BK = 16, 512
+_ROWS, _BK = 16, 512                   # dequant tile
+_ACT_BLOCK = 1024                       # bias + SwiGLU columns a program
+_GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile
 
 
 @triton.jit
@@ -68,22 +70,26 @@ def _bias_swiglu_kernel(h_ptr, expert_ptr, bias_ptr, act_ptr, I, limit, alpha, s
 
 
 @triton.jit
-def _combine_kernel(y_ptr, row_of_pair_ptr, ids_ptr, wts_ptr, bias_ptr, out_ptr, H, s_y, s_bias, s_o,
-                    TOPK: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = sum_j wts[t, j] * (y[row of pair (t, j)] + down_bias[ids[t, j]]), fp32 sum."""
-    t = tl.program_id(0)
+def _gather_kernel(x_ptr, idx_ptr, out_ptr, n, H, s_x, s_o, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+    """out[r] = x[idx[r]], ROWS rows x BLOCK columns a program."""
+    r = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    ok = cols < H
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for j in tl.static_range(TOPK):
-        p = t * TOPK + j
-        row = tl.load(row_of_pair_ptr + p).to(tl.int64)
-        e = tl.load(ids_ptr + p).to(tl.int64)
-        wt = tl.load(wts_ptr + p).to(tl.float32)
-        y = tl.load(y_ptr + row * s_y + cols, mask=ok, other=0.0).to(tl.float32) \
-            + tl.load(bias_ptr + e * s_bias + cols, mask=ok, other=0.0).to(tl.float32)
-        acc += wt * y
-    tl.store(out_ptr + t.to(tl.int64) * s_o + cols, acc.to(out_ptr.dtype.element_ty), mask=ok)
+    ok = (r < n)[:, None] & (cols < H)[None, :]
+    src = tl.load(idx_ptr + r, mask=r < n, other=0).to(tl.int64)
+    v = tl.load(x_ptr + src[:, None] * s_x + cols[None, :], mask=ok, other=0.0)
+    tl.store(out_ptr + r[:, None].to(tl.int64) * s_o + cols[None, :], v, mask=ok)
+
+
+def _gather_rows(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x[idx] as bf16 [len(idx), H], one launch: torch's index moved the ~4x-replicated rows at
+    ~2 TB/s (8k prefill: 119 us a layer, PERF_NOTES v10). x not bf16 (an fp32 engine) is cast first."""
+    x = x.to(torch.bfloat16).contiguous()
+    n, H = idx.shape[0], x.shape[1]
+    out = torch.empty((n, H), dtype=torch.bfloat16, device=x.device)
+    if n:
+        _gather_kernel[(triton.cdiv(n, _GATHER_ROWS), triton.cdiv(H, _GATHER_BLOCK))](
+            x, idx, out, n, H, x.stride(0), out.stride(0), ROWS=_GATHER_ROWS, BLOCK=_GATHER_BLOCK, num_warps=4)
+    return out
 
 
 # Scratch for the dequantized experts, per (device, projection): reused by every layer and step (a
@@ -91,7 +97,6 @@ def _combine_kernel(y_ptr, row_of_pair_ptr, ids_ptr, wts_ptr, bias_ptr, out_ptr,
 # dequant after it). Bounded by _SCRATCH_BYTES: models with more experts (120b) go in chunks.
 _scratch: dict[tuple[torch.device, int], torch.Tensor] = {}
 _SCRATCH_BYTES = 1 << 31
-_ACT_BLOCK, _OUT_BLOCK = 1024, 1024
 
 
 def _scratch_view(device: torch.device, slot: int, shape: tuple[int, int, int]) -> torch.Tensor:
@@ -147,8 +152,10 @@ def _grouped_mm(a: torch.Tensor, b_t: torch.Tensor, offs: torch.Tensor) -> torch
 
 
 def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                           w: ExpertWeights, swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
-    """x [T, H] -> [T, H]; same function as moe_mxfp4.moe_experts (packed `w`, CUDA, sm90)."""
+                           w: ExpertWeights, swiglu_limit: float, alpha: float = 1.702) -> PairOutputs:
+    """x [T, H] -> the expert outputs of every pair, in expert-sorted rows, without routing weight or
+    down bias (the PairOutputs' reader adds both while summing); moe_mxfp4.moe_expert_pairs' contract
+    (packed `w`, CUDA, sm90)."""
     T, H = x.shape
     k = topk_ids.shape[1]
     gu_b, gu_s, d_b, d_s = w.gate_up_blocks, w.gate_up_scales, w.down_blocks, w.down_scales
@@ -158,7 +165,7 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
     # Sorted rows by expert (stable): the token each row reads, each pair's row, each row's expert,
     # and where each expert's rows end (the GEMMs' group offsets).
     token, row_of_pair, expert, ends = sort_pairs(topk_ids, E)
-    xs = x.to(torch.bfloat16)[token]
+    xs = _gather_rows(x, token)
     act = torch.empty((xs.shape[0], I), dtype=torch.bfloat16, device=x.device)
     y: torch.Tensor | None = None
     dense = w.gate_up_bf16 is not None and w.down_bf16 is not None
@@ -190,10 +197,5 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
                 y = torch.empty((xs.shape[0], H), dtype=torch.bfloat16, device=x.device)
             y[lo:hi] = part
     assert y is not None
-    out = torch.empty_like(x)
-    ids = topk_ids.reshape(-1).contiguous()
-    wts = topk_weights.reshape(-1).contiguous()
-    _combine_kernel[(T, triton.cdiv(H, _OUT_BLOCK))](
-        y, row_of_pair, ids, wts, w.down_bias, out, H, y.stride(0), w.down_bias.stride(0), out.stride(0),
-        TOPK=k, BLOCK=_OUT_BLOCK, num_warps=4)
-    return out
+    return PairOutputs(y, T, k, x.dtype, row_of_pair=row_of_pair, weights=topk_weights.reshape(-1).contiguous(),
+                       ids=topk_ids.reshape(-1).contiguous(), bias=w.down_bias)

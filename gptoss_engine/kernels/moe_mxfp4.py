@@ -16,7 +16,8 @@ of weight traffic -- what makes batch-1 decode memory-bound on the touched exper
     gate_up: x[token] @ W_gu[e]^T + b  -> interleaved (gate = even col, up = odd col) -> swiglu
              -> inter[sorted row]            (fused, inter is [padded rows, I] bf16)
     down:    inter[sorted row] @ W_d[e]^T + b -> out_pairs[pair] * routing weight
-    out[t] = sum over the k pairs of token t
+    out[t] = sum over the k pairs of token t  (moe_experts; moe_expert_pairs leaves it to the next
+             fused add + RMSNorm, kernels/norm.py)
 """
 from __future__ import annotations
 
@@ -30,10 +31,11 @@ import triton.language as tl
 
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
-from gptoss_engine.kernels.moe_gemv import moe_experts_gemv, sum_pairs
+from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
+from gptoss_engine.kernels.norm import sum_pairs
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
-from gptoss_engine.moe import ExpertWeights
+from gptoss_engine.moe import ExpertWeights, PairOutputs
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
@@ -270,11 +272,19 @@ def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
 
 
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
-                swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
-                tiles: Tiles | None = None, gemv: bool | None = None,
-                grouped_mm: bool | None = None, gemv_asm: bool | None = None) -> torch.Tensor:
+                swiglu_limit: float, alpha: float = 1.702, **options: object) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
-    fp16 or fp32; on the tensor cores the activations enter as bf16).
+    fp16 or fp32; on the tensor cores the activations enter as bf16). Options: moe_expert_pairs'."""
+    out = moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha, **options)  # type: ignore[arg-type]
+    return sum_pairs(out) if isinstance(out, PairOutputs) else out
+
+
+def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
+                     swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
+                     tiles: Tiles | None = None, gemv: bool | None = None,
+                     grouped_mm: bool | None = None, gemv_asm: bool | None = None) -> torch.Tensor | PairOutputs:
+    """moe_experts before its last step: the k weighted expert outputs of every token, as PairOutputs
+    (each path's own form of them), for the next fused add + RMSNorm to sum; dense `w`: the sum.
 
     Packed `w` holds the checkpoint tensors (gate_up_blocks [E, 2I, H/32, 16] u8, gate_up_scales
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
@@ -302,7 +312,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, k]")
     k = topk_ids.shape[1]
     if T == 0:
-        return torch.empty_like(x)
+        return PairOutputs(torch.empty_like(x), 0, k, x.dtype)
     x = x.contiguous()
     num_pairs = T * k
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
@@ -345,4 +355,4 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
         BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_d, num_warps=warps, num_stages=stages)
-    return sum_pairs(pair_out, T, k)
+    return PairOutputs(pair_out, T, k, x.dtype)

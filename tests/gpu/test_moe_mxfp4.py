@@ -160,3 +160,15 @@ def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None
         out = moe_experts(x, ids, wts, w, 7.0, interpret=interpreted, gemv=gemv)
         assert torch.isfinite(out).all()
         assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, gemv
+
+
+@pytest.mark.parametrize("rows,hidden,dtype", [(9, 2880, torch.bfloat16), (1, 100, torch.float32), (0, 64, torch.bfloat16)])
+def test_gather_rows_is_torch_index(device: str, rows: int, hidden: int, dtype: torch.dtype) -> None:
+    """The grouped_mm path's row gather: x[idx] as bf16, rows repeated, ragged tiles masked."""
+    from gptoss_engine.kernels.moe_grouped_mm import _gather_rows
+    gen = torch.Generator().manual_seed(rows + hidden)
+    x = torch.randn(5, hidden, generator=gen).to(device, dtype)
+    idx = torch.randint(0, 5, (rows,), generator=gen).to(device)
+    got = _gather_rows(x, idx)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, hidden)
+    assert torch.equal(got, x.to(torch.bfloat16)[idx])

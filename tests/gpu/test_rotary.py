@@ -1,29 +1,55 @@
-"""The in-place q/k rotary kernel against rope.apply_rotary (the torch form the CPU path runs)."""
+"""The rotary + KV-store kernel against rope.apply_rotary and write_kv_reference (the torch path the CPU runs)."""
 from __future__ import annotations
 
 import pytest
 import torch
 
+from gptoss_engine.attention import write_kv_reference
 from gptoss_engine.rope import apply_rotary
 
 pytestmark = pytest.mark.gpu
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("tokens,hq,hkv,d", [(1, 64, 8, 64), (37, 8, 2, 64), (5, 4, 4, 32)])
-def test_matches_apply_rotary(device: str, dtype: torch.dtype, tokens: int, hq: int, hkv: int, d: int) -> None:
-    from gptoss_engine.kernels.rotary import rotary_qk_
-    gen = torch.Generator().manual_seed(tokens * hq)
+@pytest.mark.parametrize("tokens,hq,hkv,d", [(1, 64, 8, 64), (37, 8, 2, 64), (5, 4, 4, 32), (3, 6, 3, 16)])
+def test_rotary_store_kv_matches_apply_rotary_and_write_kv(device: str, dtype: torch.dtype, tokens: int, hq: int,
+                                                            hkv: int, d: int) -> None:
+    """q rotated in place, the rotated k and the v in the cache slots (the torch path: apply_rotary +
+    write_kv_reference, bit-equal in the cache), padding slots (-1) untouched, k/v of qkv unchanged."""
+    from gptoss_engine.kernels.rotary import rotary_store_kv
+    gen = torch.Generator().manual_seed(tokens * hq + d)
     qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=gen).to(device, dtype)
     cos, sin = (torch.randn(tokens, d // 2, generator=gen).to(device, dtype) for _ in range(2))
-    ref_q = apply_rotary(qkv[:, :hq * d].float().view(tokens, hq, d), cos.float(), sin.float())
-    ref_k = apply_rotary(qkv[:, hq * d:(hq + hkv) * d].float().view(tokens, hkv, d), cos.float(), sin.float())
-    v_before = qkv[:, (hq + hkv) * d:].clone()
-    rotary_qk_(qkv, hq + hkv, d, cos, sin)
+    blocks = tokens // 4 + 3
+    pool = torch.randn(blocks, 2, 2, 4, hkv, d, generator=gen).to(device, dtype)  # [blocks, layers, k|v, bs, heads, d]
+    slots = torch.randperm(blocks * 4, generator=gen)[:tokens].to(device)
+    slots[::3] = -1
+    ref_q = apply_rotary(qkv[:, :hq * d].view(tokens, hq, d), cos, sin)
+    ref_k = apply_rotary(qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d), cos, sin)
+    want_pool = pool.clone()
+    write_kv_reference(want_pool, 1, slots, ref_k, qkv[:, (hq + hkv) * d:].reshape(tokens, hkv, d))
+    kv_before = qkv[:, hq * d:].clone()
+    rotary_store_kv(qkv, hq, hkv, d, cos, sin, pool, 1, slots)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    assert torch.allclose(qkv[:, :hq * d].float().view(tokens, hq, d), ref_q, atol=tol, rtol=tol)
-    assert torch.allclose(qkv[:, hq * d:(hq + hkv) * d].float().view(tokens, hkv, d), ref_k, atol=tol, rtol=tol)
-    assert torch.equal(qkv[:, (hq + hkv) * d:], v_before)   # v untouched
+    assert torch.allclose(qkv[:, :hq * d].float().view(tokens, hq, d), ref_q.float(), atol=tol, rtol=tol)
+    assert torch.equal(qkv[:, hq * d:], kv_before)
+    assert torch.equal(pool[:, 0], want_pool[:, 0])          # the other layer untouched
+    k_cache, v_cache = pool[:, 1, 0].reshape(-1, hkv, d), pool[:, 1, 1].reshape(-1, hkv, d)
+    want_k, want_v = want_pool[:, 1, 0].reshape(-1, hkv, d), want_pool[:, 1, 1].reshape(-1, hkv, d)
+    assert torch.equal(v_cache, want_v)
+    assert torch.allclose(k_cache.float(), want_k.float(), atol=tol, rtol=tol)
+
+
+def test_rotary_store_kv_rejects_bad_shapes(device: str) -> None:
+    from gptoss_engine.kernels.rotary import rotary_store_kv
+    qkv = torch.randn(2, (4 + 2 * 2) * 16, device=device)
+    cos = sin = torch.randn(2, 8, device=device)
+    pool = torch.zeros(2, 1, 2, 4, 2, 16, device=device)
+    with pytest.raises(ValueError, match="does not fit"):
+        rotary_store_kv(qkv, 4, 2, 16, cos, sin, pool[..., :1, :], 0, torch.tensor([0, 1], device=device))
+    with pytest.raises(ValueError, match="twice a power of two"):
+        rotary_store_kv(torch.randn(2, (4 + 2 * 2) * 12, device=device), 4, 2, 12, cos[:, :6], sin[:, :6],
+                        torch.zeros(2, 1, 2, 4, 2, 12, device=device), 0, torch.tensor([0, 1], device=device))
 
 
 def test_fused_qkv_is_views_of_one_weight() -> None:
