@@ -25,10 +25,13 @@ import torch
 
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, time_ms, uniform_batch
+from gptoss_engine import model as model_module
 from gptoss_engine.kernels import moe_grouped_mm, paged_attention
+from gptoss_engine.kernels.norm import add_rmsnorm
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.moe import PairOutputs
 from gptoss_engine.presets import preset
 from gptoss_engine.step_batch import StepBatch
 
@@ -38,25 +41,30 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
     """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
     attached only for the "bf16 experts" variant."""
     pa, gm = paged_attention, moe_grouped_mm
-    saved = pa.paged_attention, gm.sort_pairs
-    change = VARIANTS[name]
+    saved = pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm
+    change = {key: value for part in name.split("+") for key, value in VARIANTS[part].items()}
     if change.get("split_loop") is False:
         pa.paged_attention = functools.partial(saved[0], split_loop=False)
     if change.get("torch_sort"):
         gm.sort_pairs = torch_sort_pairs
+    if change.get("torch_gather"):
+        gm._gather_rows = lambda x, idx: x.to(torch.bfloat16)[idx]
+    if change.get("unfused_sum"):
+        model_module._add_rmsnorm = lambda: unfused_add_rmsnorm
     layers = model.model.layers
     for layer, copy in zip(layers, bf16):
         layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
-        pa.paged_attention, gm.sort_pairs = saved
+        pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm = saved
         for layer in layers:
             layer.mlp.experts.bf16_copy = None
 
 
-# name -> what differs from the default. "torch sort" and "bf16 experts" compute the default's bits:
-# the same sorted rows, the same bf16 weights reaching the same GEMMs. (A prefetch of
+# name -> what differs from the default; a variant may join several with "+" ("bf16 experts+torch
+# gather"). All but "masked attention" compute the default's bits: the same sorted rows, the same
+# bf16 weights reaching the same GEMMs, the same sums. (A prefetch of
 # the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
 # 2.7 ms of 140 at 8k, PERF_NOTES v9.)
 VARIANTS: dict[str, dict[str, object]] = {
@@ -64,8 +72,10 @@ VARIANTS: dict[str, dict[str, object]] = {
     "masked attention": {"split_loop": False},
     "torch sort": {"torch_sort": True},
     "bf16 experts": {"bf16": True},
+    "torch gather": {"torch_gather": True},
+    "unfused MoE sum": {"unfused_sum": True},
 }
-EXACT = set(VARIANTS) - {"masked attention"}
+INEXACT = {"masked attention"}
 
 
 def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
@@ -78,6 +88,12 @@ def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
     counts = torch.zeros(num_experts, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
     ends = torch.cumsum(counts, 0).to(torch.int32)
     return order // topk_ids.shape[1], row_of_pair, flat[order].to(torch.int32), ends
+
+
+def unfused_add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | PairOutputs, weight: torch.Tensor,
+                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MoE's k outputs summed in a launch of their own before the add + norm (up to d089162)."""
+    return add_rmsnorm(x, delta.total() if isinstance(delta, PairOutputs) else delta, weight, eps)
 
 
 def check(first: torch.Tensor, out: torch.Tensor, exact: bool, what: str, failures: list[str]) -> None:
@@ -109,14 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", choices=["20b", "120b"], default="20b")
     p.add_argument("--tokens", default="1024,8192", help="prompt lengths, comma-separated")
     p.add_argument("--variants", default="default,masked attention,torch sort",
-                   help=f"comma-separated, of {list(VARIANTS)} (bf16 experts: 20b on an 80 GB GPU)")
+                   help=f"comma-separated, of {list(VARIANTS)} or several joined by '+' (bf16 experts: 20b "
+                        "on an 80 GB GPU)")
     p.add_argument("--rounds", type=int, default=5, help="every variant timed once a round, in turn")
     p.add_argument("--iters", type=int, default=5, help="timed prefills a variant a round (median)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None)
     args = p.parse_args(argv)
     names = ["default"] + [n for n in args.variants.split(",") if n != "default"]
-    if unknown := set(names) - set(VARIANTS):
+    if unknown := {part for n in names for part in n.split("+")} - set(VARIANTS):
         p.error(f"unknown variant(s) {sorted(unknown)}; known: {list(VARIANTS)}")
     if not torch.cuda.is_available():
         print("prefill_bench needs a CUDA GPU")
@@ -141,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
             with variant(name, model, bf16):
                 out = model(batch, kv)
             first = out if first is None else first
-            check(first, out, name in EXACT, f"{tokens} tokens, {name}", failures)
+            check(first, out, not INEXACT & set(name.split("+")), f"{tokens} tokens, {name}", failures)
         # Rounds, each timing every variant in turn: clock and power drift over the run (a few %
         # between the start and the end of a call) falls on all variants alike.
         samples: dict[str, list[float]] = {n: [] for n in names}
