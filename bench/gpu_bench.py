@@ -99,6 +99,24 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float
     return sorted(times)[len(times) // 2]
 
 
+def kernel_timeline(prof: object, top: int = 8) -> str:
+    """Where a profiled stretch left the GPU idle: the span from the first kernel's start to the last
+    one's end against the kernels' summed time, and the largest gaps between consecutive kernels
+    (one stream: kernels do not overlap)."""
+    from torch.autograd import DeviceType
+    ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()  # type: ignore[attr-defined]
+                if e.device_type == DeviceType.CUDA)
+    if not ks:
+        return "no kernels recorded\n"
+    busy = sum(end - start for start, end, _ in ks)
+    span = ks[-1][1] - ks[0][0]
+    gaps = sorted(((b[0] - a[1], a[2], b[2]) for a, b in zip(ks, ks[1:])), reverse=True)
+    lines = [f"kernels: {len(ks)}, span {span / 1e3:.3f} ms, busy {busy / 1e3:.3f} ms, idle {(span - busy) / 1e3:.3f} ms "
+             f"({sum(1 for g in gaps if g[0] > 2)} gaps > 2 us)"]
+    lines += [f"  gap {g:8.1f} us after {a[:60]} before {b[:60]}" for g, a, b in gaps[:top]]
+    return "\n".join(lines) + "\n"
+
+
 def profile(model: GptOssForCausalLM, kv: KVCache, graphs: Callable[[StepBatch, KVCache], torch.Tensor],
             max_blocks: int, blocks: int, out: pathlib.Path, log: Callable[[str], None]) -> None:
     """Kernel tables (sorted by CUDA time) of decode b1/b64 at 1k context (eager and graph
@@ -116,6 +134,7 @@ def profile(model: GptOssForCausalLM, kv: KVCache, graphs: Callable[[StepBatch, 
             fn(b)
             torch.cuda.synchronize()
         table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=40, max_name_column_width=90)
+        table += "\n" + kernel_timeline(prof)
         (out / f"profile_{case}.txt").write_text(table)
         log(f"profile {case}:\n{table[:4000]}")
 

@@ -24,7 +24,7 @@ from typing import Iterator
 import torch
 
 from bench import provenance
-from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, time_ms, uniform_batch
+from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, kernel_timeline, time_ms, uniform_batch
 from gptoss_engine import model as model_module
 from gptoss_engine.kernels import moe_grouped_mm, paged_attention
 from gptoss_engine.kernels.norm import add_rmsnorm
@@ -107,7 +107,8 @@ def check(first: torch.Tensor, out: torch.Tensor, exact: bool, what: str, failur
 
 
 def profile_table(model: torch.nn.Module, kv: KVCache, batch: StepBatch, path: pathlib.Path) -> None:
-    """torch.profiler's kernel table (CUDA time) of one prefill, written to `path` and printed."""
+    """torch.profiler's kernel table (CUDA time) of one prefill and its idle time between kernels,
+    written to `path` and printed."""
     from torch.profiler import ProfilerActivity, profile
     model(batch, kv)
     torch.cuda.synchronize()
@@ -115,6 +116,7 @@ def profile_table(model: torch.nn.Module, kv: KVCache, batch: StepBatch, path: p
         model(batch, kv)
         torch.cuda.synchronize()
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    table += "\n" + kernel_timeline(prof)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     print(table, flush=True)

@@ -20,6 +20,9 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, s_t, s_ct, 
                       HQ: tl.constexpr, HQ_P2: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr,
                       HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
+    # Every load first, the cache slot's among them (no branch on it): one memory latency a program,
+    # which is all a batch-1 step's single program has to wait for.
+    slot = tl.load(slot_ptr + t).to(tl.int64)
     i = tl.arange(0, HALF)
     cos = tl.load(cos_ptr + t * s_ct + i).to(tl.float32)[None, :]
     sin = tl.load(sin_ptr + t * s_st + i).to(tl.float32)[None, :]
@@ -29,23 +32,22 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, s_t, s_ct, 
     first = row + h[:, None] * (2 * HALF) + i[None, :]
     x1 = tl.load(first, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(first + HALF, mask=ok, other=0.0).to(tl.float32)
+    g = tl.arange(0, HKV_P2)
+    okk = (g < HKV)[:, None]
+    k1p = row + (HQ + g[:, None]) * (2 * HALF) + i[None, :]
+    k1 = tl.load(k1p, mask=okk, other=0.0).to(tl.float32)
+    k2 = tl.load(k1p + HALF, mask=okk, other=0.0).to(tl.float32)
+    d = tl.arange(0, 2 * HALF)
+    v = tl.load(row + (HQ + HKV + g[:, None]) * (2 * HALF) + d[None, :], mask=okk, other=0.0)
     tl.store(first, (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty), mask=ok)
     tl.store(first + HALF, (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty), mask=ok)
-    slot = tl.load(slot_ptr + t).to(tl.int64)
-    if slot >= 0:   # -1: a padding row, nothing stored
-        g = tl.arange(0, HKV_P2)
-        okk = (g < HKV)[:, None]
-        dst = pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + g[:, None] * s_ph
-        k1p = row + (HQ + g[:, None]) * (2 * HALF) + i[None, :]
-        k1 = tl.load(k1p, mask=okk, other=0.0).to(tl.float32)
-        k2 = tl.load(k1p + HALF, mask=okk, other=0.0).to(tl.float32)
-        tl.store(dst + i[None, :], (k1 * cos - k2 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty),
-                 mask=okk)
-        tl.store(dst + HALF + i[None, :],
-                 (k2 * cos + k1 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty), mask=okk)
-        d = tl.arange(0, 2 * HALF)
-        v = tl.load(row + (HQ + HKV + g[:, None]) * (2 * HALF) + d[None, :], mask=okk, other=0.0)
-        tl.store(dst + s_pkv + d[None, :], v.to(pool_ptr.dtype.element_ty), mask=okk)
+    put = okk & (slot >= 0)   # slot -1: a padding row, nothing stored
+    dst = pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + g[:, None] * s_ph
+    tl.store(dst + i[None, :], (k1 * cos - k2 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty),
+             mask=put)
+    tl.store(dst + HALF + i[None, :], (k2 * cos + k1 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty),
+             mask=put)
+    tl.store(dst + s_pkv + d[None, :], v.to(pool_ptr.dtype.element_ty), mask=put)
 
 
 def rotary_store_kv(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
