@@ -1,6 +1,6 @@
 """Routing kernels: router top-k + softmax, and the expert-sorted layout the grouped MoE kernel reads.
 
-route: at decode sizes the router GEMM (x @ W^T + b) is fused in front of the top-k as well.
+route: at decode sizes the router GEMM (x @ W^T + b) is a Triton GEMV spread over many programs.
 
 topk_softmax: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32) in one launch, replacing
 torch.topk + softmax (two launches and a sort per layer at decode). One program per token holds its
@@ -21,10 +21,13 @@ import triton.language as tl
 
 
 @triton.jit
-def _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """Token t's fp32 logits [BLOCK_E] (-inf past E) -> its k largest (descending, ties to the lowest
-    id) and their softmax, stored as row t of ids / wts."""
+def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    """Token t's fp32 logits -> its k largest (descending, ties to the lowest id) and their softmax,
+    stored as row t of ids / wts."""
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
     slot = tl.arange(0, BLOCK_K)
     vals = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
     ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
@@ -42,41 +45,31 @@ def _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK: tl.constexpr, BLOC
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    t = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
-    _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK, BLOCK_E, BLOCK_K)
-
-
-@triton.jit
-def _router_topk_softmax_kernel(x_ptr, w_ptr, b_ptr, ids_ptr, wts_ptr, E, H, s_xt, s_we, TOPK: tl.constexpr,
-                                BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr):
-    """One token: router logits x @ W^T + b (fp32 sum, rounded to x's dtype as F.linear's output is),
-    then the k largest and their softmax, as _topk_softmax_kernel."""
-    t = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
+def _router_logits_kernel(x_ptr, w_ptr, b_ptr, out_ptr, E, H, s_xt, s_we, s_ot,
+                          EB: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (token t, expert block): EB router logits of t, x[t] @ W[e]^T + b[e] with an fp32
+    sum, rounded to x's dtype (as F.linear's output is) and stored as fp32."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * EB + tl.arange(0, EB)
     e_ok = e < E
-    acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+    acc = tl.zeros((EB,), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
         h_ok = hh < H
-        xv = tl.load(x_ptr + t.to(tl.int64) * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + t * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
     bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    logits = (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32)
-    logits = tl.where(e_ok, logits, float("-inf"))
-    _store_topk_softmax(logits, e, t, ids_ptr, wts_ptr, TOPK, BLOCK_E, BLOCK_K)
+    tl.store(out_ptr + t * s_ot + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
 
 
-# Up to this many tokens and experts the router GEMM and the top-k are one launch, one program per
-# token reading the whole router weight (20b: 184 KB); beyond, cuBLAS + topk_softmax. At 20b decode
-# the cuBLAS split-K GEMM, its reduce and the top-k were three launches, ~8 us a layer (profile,
-# PERF_NOTES v6); 120b's 128 experts (737 KB, one SM's loads in sequence) made batch 1 15% slower.
-ROUTER_FUSED_MAX_TOKENS = 256
-ROUTER_FUSED_MAX_EXPERTS = 32
+# Up to this many tokens the router GEMM is a Triton GEMV spread over (token, block of ROUTER_EB
+# experts) programs, then topk_softmax: two short launches. cuBLAS's split-K GEMV, its reduce and
+# the top-k were three (~8 us a layer at 20b decode, PERF_NOTES v6); one program per token reading
+# the whole router weight was one launch, but it waited on its loads in sequence: 9.0 us a layer at
+# batch 1 and 8.9 at batch 64 (PERF_NOTES v10). Beyond: cuBLAS (prefill-sized GEMMs).
+ROUTER_GEMV_MAX_TOKENS = 256
+ROUTER_EB = 4
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -84,21 +77,14 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     x @ weight^T + bias (weight [E, H]); the same result as F.linear + topk_softmax."""
     T, H = x.shape
     E = weight.shape[0]
-    if (T > ROUTER_FUSED_MAX_TOKENS or E > ROUTER_FUSED_MAX_EXPERTS or weight.shape[1] != H
-            or weight.stride(1) != 1 or x.stride(1) != 1):
+    if T > ROUTER_GEMV_MAX_TOKENS or weight.shape[1] != H or weight.stride(1) != 1 or x.stride(1) != 1:
         return topk_softmax(torch.nn.functional.linear(x, weight, bias), top_k)
-    if not 1 <= top_k <= E:
-        raise ValueError(f"top_k must be in [1, {E}], got {top_k}")
-    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
-    wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
-    if T == 0:
-        return ids, wts
-    block_e = triton.next_power_of_2(E)
-    _router_topk_softmax_kernel[(T,)](
-        x, weight, bias, ids, wts, E, H, x.stride(0), weight.stride(0), TOPK=top_k, BLOCK_E=block_e,
-        BLOCK_H=min(triton.next_power_of_2(H), max(128, 32768 // block_e)), BLOCK_K=triton.next_power_of_2(top_k),
-        num_warps=8)
-    return ids, wts
+    logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
+    if T:
+        _router_logits_kernel[(T, triton.cdiv(E, ROUTER_EB))](
+            x, weight, bias, logits, E, H, x.stride(0), weight.stride(0), logits.stride(0), EB=ROUTER_EB,
+            BLOCK_H=min(triton.next_power_of_2(H), 4096), num_warps=8)
+    return topk_softmax(logits, top_k)
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-"""Parity of the fused router top-k + softmax kernel with torch.topk + softmax."""
+"""Parity of the routing kernels with torch: router + top-k + softmax, the expert sorts."""
 from __future__ import annotations
 
 import pytest
@@ -51,11 +51,11 @@ def test_sort_by_expert_matches_torch_route(device: str, tokens: int, experts: i
 
 
 @pytest.mark.parametrize("tokens,experts,hidden", [(1, 32, 2880), (64, 32, 2880), (5, 128, 2880), (300, 32, 256),
-                                                    (3, 8, 96)])
-def test_fused_router_matches_linear_and_topk(device: str, tokens: int, experts: int, hidden: int) -> None:
-    """route(): router GEMM + top-k + softmax in one launch up to ROUTER_FUSED_MAX_TOKENS tokens and
-    ROUTER_FUSED_MAX_EXPERTS experts (300 tokens and 128 experts take the cuBLAS path): the same k
-    largest logits (ties may order differently) and softmax weights."""
+                                                    (3, 8, 96), (2, 6, 5000)])
+def test_router_matches_linear_and_topk(device: str, tokens: int, experts: int, hidden: int) -> None:
+    """route(): the router GEMV + top-k + softmax up to ROUTER_GEMV_MAX_TOKENS tokens (300 tokens take
+    the cuBLAS path; 5 experts' blocks leave one partly empty): the same k largest logits (ties may
+    order differently) and softmax weights."""
     from gptoss_engine.kernels.routing import route
     gen = torch.Generator().manual_seed(tokens * 7 + experts)
     x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
@@ -66,7 +66,7 @@ def test_fused_router_matches_linear_and_topk(device: str, tokens: int, experts:
     ref_vals, _ = torch.topk(logits, 4, dim=-1)
     got_vals = torch.gather(logits, 1, ids)
     # The chosen experts' logits, slot by slot, are the k largest in descending order up to one bf16
-    # ulp (the fused sum rounds once like cuBLAS's, but may add in another order).
+    # ulp (the GEMV's sum rounds once like cuBLAS's, but may add in another order).
     torch.testing.assert_close(got_vals, ref_vals, rtol=1e-2, atol=1e-2)
     assert all(len(set(row)) == 4 for row in ids.tolist())       # k distinct experts per token
     torch.testing.assert_close(wts, torch.softmax(ref_vals, -1), rtol=2e-2, atol=2e-2)
