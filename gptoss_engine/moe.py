@@ -78,7 +78,9 @@ class PairOutputs:
         sum over j < k of  w[p] * (y[row[p]] + bias[ids[p]]),   p = t*k + j, summed in fp32 in j order
     and rounded to `dtype` (the activations' dtype). row = row_of_pair, or p itself when None;
     weights/ids/bias None: y rows already carry the routing weight and the expert's bias.
-    Who reads it: the next fused add + RMSNorm (kernels.norm.add_rmsnorm), or `total()`."""
+    Who reads it: the next fused add + RMSNorm (kernels.norm.add_rmsnorm), or `total()`. y belongs to
+    this step's MoE call, which allocated it; once its one reader has run it is dead, and the caching
+    allocator (or, in a CUDA graph, the graph's pool) hands its memory to the next layer."""
     y: torch.Tensor                            # [rows, H], fp32 or the activations' dtype
     num_tokens: int
     k: int
