@@ -31,7 +31,7 @@ from gptoss_engine.kernels.norm import add_rmsnorm
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import PairOutputs
+from gptoss_engine.moe import PairOutputs, summed
 from gptoss_engine.presets import preset
 from gptoss_engine.step_batch import StepBatch
 
@@ -93,7 +93,7 @@ def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Te
 def unfused_add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | PairOutputs, weight: torch.Tensor,
                         eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The MoE's k outputs summed in a launch of their own before the add + norm (up to d089162)."""
-    return add_rmsnorm(x, delta.total() if isinstance(delta, PairOutputs) else delta, weight, eps)
+    return add_rmsnorm(x, summed(delta), weight, eps)
 
 
 def check(first: torch.Tensor, out: torch.Tensor, exact: bool, what: str, failures: list[str]) -> None:

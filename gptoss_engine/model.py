@@ -17,7 +17,7 @@ from gptoss_engine import mxfp4
 from gptoss_engine.attention import paged_attention, write_kv
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import ExpertWeights, PairOutputs, moe_expert_pairs, route
+from gptoss_engine.moe import ExpertWeights, PairOutputs, moe_expert_pairs, route, summed
 from gptoss_engine.rope import RotaryEmbedding, apply_rotary
 from gptoss_engine.step_batch import StepBatch
 
@@ -40,9 +40,7 @@ class RMSNorm(nn.Module):
         also sums the MoE's k outputs per token when delta is PairOutputs)."""
         if x.is_cuda and (fused := _add_rmsnorm()) is not None:
             return fused(x, delta, self.weight, self.eps)
-        if isinstance(delta, PairOutputs):
-            delta = delta.total()
-        x = x + delta
+        x = x + summed(delta)
         return x, self(x)
 
 
@@ -200,7 +198,7 @@ class DecoderLayer(nn.Module):
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
         delta = self.mlp(h)
         if next_norm is None:
-            return x + (delta.total() if isinstance(delta, PairOutputs) else delta), None
+            return x + summed(delta), None
         return next_norm.add_forward(x, delta)
 
 

@@ -81,8 +81,7 @@ class PairOutputs:
     Who reads it: the next fused add + RMSNorm (kernels.norm.add_rmsnorm), or `total()`. y belongs to
     this step's MoE call, which allocated it; once its one reader has run it is dead, and the caching
     allocator (or, in a CUDA graph, the graph's pool) hands its memory to the next layer."""
-    y: torch.Tensor                            # [rows, H], fp32 or the activations' dtype
-    num_tokens: int
+    y: torch.Tensor                            # [T*k, H]: one row a pair; fp32 or the activations' dtype
     k: int
     dtype: torch.dtype
     row_of_pair: torch.Tensor | None = None    # [T*k] int32
@@ -90,10 +89,19 @@ class PairOutputs:
     ids: torch.Tensor | None = None            # [T*k] expert of each pair
     bias: torch.Tensor | None = None           # [E, H] down-projection bias
 
+    @property
+    def num_tokens(self) -> int:
+        return self.y.shape[0] // self.k
+
     def total(self) -> torch.Tensor:
         """The summed delta [T, H] (one launch)."""
         from gptoss_engine.kernels.norm import sum_pairs
         return sum_pairs(self)
+
+
+def summed(delta: torch.Tensor | PairOutputs) -> torch.Tensor:
+    """An MoE delta as a [T, H] tensor: PairOutputs summed, a tensor as it is."""
+    return delta.total() if isinstance(delta, PairOutputs) else delta
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,8 +127,7 @@ def _kernels() -> tuple[Callable[..., torch.Tensor], Callable[..., tuple[torch.T
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor:
     """x [T, H] -> [T, H]: sum over k of topk_weights * expert_{topk_ids}(x)."""
-    out = moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
-    return out.total() if isinstance(out, PairOutputs) else out
+    return summed(moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha))
 
 
 def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,

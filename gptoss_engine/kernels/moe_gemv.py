@@ -139,4 +139,4 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, ONE_MUL=one_mul, num_warps=warps)
-    return PairOutputs(part, T, k, x.dtype)
+    return PairOutputs(part, k, x.dtype)

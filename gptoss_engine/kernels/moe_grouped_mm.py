@@ -23,7 +23,7 @@ from gptoss_engine.kernels.e2m1 import e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights, PairOutputs
 
-_ROWS, _BK = 16, 512                   # dequant tile
+_ROWS, _BK = 16, 512                    # dequant tile
 _ACT_BLOCK = 1024                       # bias + SwiGLU columns a program
 _GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile
 
@@ -197,5 +197,5 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
                 y = torch.empty((xs.shape[0], H), dtype=torch.bfloat16, device=x.device)
             y[lo:hi] = part
     assert y is not None
-    return PairOutputs(y, T, k, x.dtype, row_of_pair=row_of_pair, weights=topk_weights.reshape(-1).contiguous(),
+    return PairOutputs(y, k, x.dtype, row_of_pair=row_of_pair, weights=topk_weights.reshape(-1).contiguous(),
                        ids=topk_ids.reshape(-1).contiguous(), bias=w.down_bias)

@@ -33,9 +33,8 @@ from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
-from gptoss_engine.kernels.norm import sum_pairs
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
-from gptoss_engine.moe import ExpertWeights, PairOutputs
+from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
@@ -275,8 +274,7 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
                 swiglu_limit: float, alpha: float = 1.702, **options: object) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
     fp16 or fp32; on the tensor cores the activations enter as bf16). Options: moe_expert_pairs'."""
-    out = moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha, **options)  # type: ignore[arg-type]
-    return sum_pairs(out) if isinstance(out, PairOutputs) else out
+    return summed(moe_expert_pairs(x, topk_ids, topk_weights, w, swiglu_limit, alpha, **options))  # type: ignore[arg-type]
 
 
 def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
@@ -312,7 +310,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         raise ValueError(f"topk_ids {tuple(topk_ids.shape)} and topk_weights {tuple(topk_weights.shape)} must be [T, k]")
     k = topk_ids.shape[1]
     if T == 0:
-        return PairOutputs(torch.empty_like(x), 0, k, x.dtype)
+        return PairOutputs(torch.empty_like(x), k, x.dtype)
     x = x.contiguous()
     num_pairs = T * k
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
@@ -355,4 +353,4 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
         BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_d, num_warps=warps, num_stages=stages)
-    return PairOutputs(pair_out, T, k, x.dtype)
+    return PairOutputs(pair_out, k, x.dtype)

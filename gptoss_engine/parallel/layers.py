@@ -13,7 +13,7 @@ from torch import nn
 
 from gptoss_engine.model import MLP, GptOssForCausalLM, Router
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import PairOutputs, moe_experts, route
+from gptoss_engine.moe import PairOutputs, moe_experts, route, summed
 
 
 class ExpertShardMLP(MLP):
@@ -45,8 +45,7 @@ def use_expert_shards(model: GptOssForCausalLM, owned: range) -> None:
 
 def _all_reduce_hook(group: dist.ProcessGroup | None):  # noqa: ANN202 - torch's hook signature
     def hook(module: nn.Module, args: Any, output: torch.Tensor | PairOutputs) -> torch.Tensor:
-        if isinstance(output, PairOutputs):   # an MLP's unsummed delta (moe.py): sum it to reduce it
-            output = output.total()
+        output = summed(output)   # an MLP's delta may come unsummed (moe.PairOutputs)
         dist.all_reduce(output, op=dist.ReduceOp.SUM, group=group)
         return output
     return hook

@@ -49,14 +49,14 @@ def _pair_outputs(form: str, tokens: int, k: int, hidden: int, device: str, gen:
     from gptoss_engine.moe import PairOutputs
     n = tokens * k
     if form == "gemv":
-        return PairOutputs(torch.randn(n, hidden, generator=gen).to(device), tokens, k, torch.bfloat16)
+        return PairOutputs(torch.randn(n, hidden, generator=gen).to(device), k, torch.bfloat16)
     if form == "grouped":
-        return PairOutputs(torch.randn(n, hidden, generator=gen).to(device, torch.bfloat16), tokens, k, torch.bfloat16)
+        return PairOutputs(torch.randn(n, hidden, generator=gen).to(device, torch.bfloat16), k, torch.bfloat16)
     ids = torch.randint(0, 5, (n,), generator=gen)
     order = torch.argsort(ids, stable=True)
     row_of_pair = torch.empty(n, dtype=torch.int32)
     row_of_pair[order] = torch.arange(n, dtype=torch.int32)
-    return PairOutputs(torch.randn(n, hidden, generator=gen).to(device, torch.bfloat16), tokens, k, torch.bfloat16,
+    return PairOutputs(torch.randn(n, hidden, generator=gen).to(device, torch.bfloat16), k, torch.bfloat16,
                        row_of_pair=row_of_pair.to(device), weights=torch.rand(n, generator=gen).to(device),
                        ids=ids.to(device), bias=torch.randn(5, hidden, generator=gen).to(device, torch.bfloat16))
 
