@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from gptoss_engine.kernels.moe_mxfp4 import Tiles, _tiles, moe_experts
+from gptoss_engine.kernels.moe_mxfp4 import GEMV_MAX_PAIRS, Tiles, _tiles, moe_experts
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.moe import ExpertWeights, moe_experts_reference
 from gptoss_engine.presets import preset
@@ -81,7 +81,9 @@ def variants(T: int, E: int, k: int, wide: bool = False) -> list[tuple[str, dict
     out: list[tuple[str, dict]] = [("default", {}), ("default, as loaded", dict(plain=True)),
                                        ("default, two scale multiplies", dict(two_mul=True))]
     if T * k <= 32:
-        out.append(("gemv without PTX dequant", dict(gemv_asm=False)))
+        out.append(("gemv without PTX dequant", dict(gemv=True, gemv_asm=False)))
+        if T * k > GEMV_MAX_PAIRS:
+            out.append(("gemv", dict(gemv=True)))
         cfgs = [Tiles(16, 64, 128, 4, 3, 3, True)]
     elif rows <= 256:
         bm = min(128, max(16, 1 << (int(rows) - 1).bit_length()))
@@ -101,7 +103,7 @@ def variants(T: int, E: int, k: int, wide: bool = False) -> list[tuple[str, dict
     else:
         out += [("fused default", dict(grouped_mm=False)), ("grouped_mm", dict(grouped_mm=True))]
         cfgs = []
-    default = None if T * k <= 32 else _tiles(T * k, E, True)
+    default = None if T * k <= GEMV_MAX_PAIRS else _tiles(T * k, E, True)
     out += [(f"m{c.mode}{'s' if c.swap else ''} {c.bm}x{c.bn}x{c.bk} w{c.warps} st{c.stages}", dict(tiles=c))
             for c in cfgs if c != default]
     return out
@@ -181,12 +183,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.gemv_sweep:
         # The small-batch GEMV's tile constants (moe_gemv._TILES_OVERRIDE, read at each call).
         from gptoss_engine.kernels import moe_gemv
-        base = (moe_gemv._TILES_FEW, moe_gemv._TILES)
-        sweep = [(16, 16, 512, 1024, 4), (32, 16, 512, 1024, 4), (16, 32, 512, 1024, 4), (16, 16, 256, 512, 4),
-                 (16, 16, 1024, 1024, 4), (16, 16, 512, 1024, 8), (32, 32, 256, 512, 4), (32, 32, 512, 1024, 4),
-                 (8, 8, 512, 1024, 4), (8, 8, 256, 512, 4), (8, 16, 512, 1024, 4), (16, 16, 512, 512, 4)]
+        sweep = [(8, 8, 512, 1024, 4, True), (8, 8, 512, 1024, 4, False), (16, 16, 512, 512, 4, False),
+                 (8, 8, 256, 512, 4, True), (8, 8, 256, 512, 4, False), (8, 8, 1024, 1024, 4, True),
+                 (8, 8, 1024, 1024, 4, False), (4, 4, 512, 1024, 4, True), (4, 4, 512, 1024, 4, False),
+                 (8, 8, 512, 1024, 2, True), (8, 8, 512, 1024, 8, True), (16, 16, 256, 512, 4, True),
+                 (32, 32, 256, 256, 4, True), (8, 8, 512, 512, 4, True)]
         res = {}
-        for T in (1, 2, 8):
+        for T in (1, 2, 4, 8):
             ids, wts = routing(T, E, k, gen)
             x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
             rows = [(time_us(lambda: call(x, ids, wts, w, {}), graph=True), "default")]
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
             moe_gemv._TILES_OVERRIDE = None
             rows.sort(key=lambda r: r[0])
-            print(f"gemv T={T} (default: <= {moe_gemv._FEW_PAIRS} pairs {base[0]}, else {base[1]}): "
+            print(f"gemv T={T} (default {moe_gemv._TILES}): "
                   + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
             res[str(T)] = rows
         (args.out / "gemv_sweep.json").write_text(json.dumps(res))

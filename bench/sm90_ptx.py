@@ -64,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mode", type=int, default=4, help="grouped: 0 dot_scaled, 3 PTX dequant, 4 one multiply")
     p.add_argument("--warps", type=int, default=4)
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--prefetch", action="store_true", help="gemv: next trip's loads issued first (PREFETCH)")
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("/tmp/sm90_ptx"))
     args = p.parse_args(argv)
     if args.kernel == "grouped":
@@ -80,11 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                "inter_ptr": "*fp32", "H": "i32", "I": "i32", "limit": "fp32", "alpha": "fp32", "s_xt": "i32",
                "s_be": "i32", "s_bn": "i32", "s_se": "i32", "s_sn": "i32", "s_bias_e": "i32", "s_it": "i32",
                "TOPK": "constexpr", "BN": "constexpr", "BK": "constexpr", "ASM": "constexpr", "PAD_S": "constexpr",
-               "ONE_MUL": "constexpr"}
-        ce = dict(TOPK=4, BN=args.bn, BK=args.bk, ASM=True, PAD_S=True, ONE_MUL=True)
+               "ONE_MUL": "constexpr", "PREFETCH": "constexpr"}
+        ce = dict(TOPK=4, BN=args.bn, BK=args.bk, ASM=True, PAD_S=True, ONE_MUL=True, PREFETCH=args.prefetch)
     k = compile_sm90(fn, sig, ce, args.warps, args.stages)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"{args.kernel}_{args.bm}x{args.bn}x{args.bk}_m{args.mode}_w{args.warps}_s{args.stages}"
+    name = f"{args.kernel}_{args.bm}x{args.bn}x{args.bk}_m{args.mode}_w{args.warps}_s{args.stages}{'_pf' if args.prefetch else ''}"
     for ext in ("ttgir", "ptx"):
         (args.out / f"{name}.{ext}").write_text(k.asm[ext])
     total, ops = loop_stats(k.asm["ptx"])

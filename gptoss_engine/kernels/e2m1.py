@@ -71,6 +71,28 @@ E2M1_ASM_1MUL: tl.constexpr = tl.constexpr(
             for line in _E2M1_PTX.strip("\n").splitlines() if "mov.b32 c," not in line))
 
 
+# The same on one int32 word (4 bytes) with one scale for all 8 codes (a word never straddles a
+# 32-code group): operands $4 the word, $5 the scale pair; outputs bf16x2 words
+# $0 = (k0, k2), $1 = (k4, k6), $2 = (k1, k3), $3 = (k5, k7) (low half first; k = code index in the word).
+E2M1_WORD_ASM: tl.constexpr = tl.constexpr(E2M1_ASM.value.replace("$6", "$5"))
+E2M1_WORD_ASM_1MUL: tl.constexpr = tl.constexpr(E2M1_ASM_1MUL.value.replace("$6", "$5"))
+
+
+@triton.jit
+def dequant_words_asm(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False):
+    """words [R, W] int32 (8 codes each) and scales s [R, W//4] u8 -> four [R, W] int32 tensors of
+    scaled bf16 pairs, ordered as E2M1_WORD_ASM's outputs."""
+    if ONE_MUL:
+        sb = (s.to(tl.int32) + 126) << 7                                   # bf16 bits of 2^(s-1)
+    else:
+        sb = (s.to(tl.int32) + 63) << 7                                    # 2^(s-64)
+    sb = sb | (sb << 16)
+    sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (R, W // 4, 4)), (R, W))
+    return tl.inline_asm_elementwise(E2M1_WORD_ASM_1MUL if ONE_MUL else E2M1_WORD_ASM, "=r,=r,=r,=r,r,r",
+                                     [words, sb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                     is_pure=True, pack=1)
+
+
 @triton.jit
 def dequant_asm(packed, s, R: tl.constexpr, C: tl.constexpr, ONE_MUL: tl.constexpr = False):
     """packed [R, C] u8 (two codes a byte) and scales s [R, C//16] u8 -> (low-nibble, high-nibble)

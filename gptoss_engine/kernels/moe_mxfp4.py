@@ -38,7 +38,9 @@ from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
-GEMV_MAX_PAIRS = 32
+# At 32 pairs (20b batch 8) the grouped kernel won, 189 against 213 us (its dequant costs fewer
+# instructions a weight; PERF_NOTES v11); at 16 the GEMV, 118 against 126.
+GEMV_MAX_PAIRS = 16
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
 # multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels. The same with bf16
 # expert copies kept (no dequant pass): below it the bf16 grouped GEMM lost to the packed kernels too

@@ -69,3 +69,25 @@ def test_dequant_asm_is_bit_exact_for_every_byte(monkeypatch: pytest.MonkeyPatch
                 want = _reference(data[i], scale_pair[i // 2])
                 got = (bf16_value(lo[i]), bf16_value(hi[i]))
                 assert got == want, (name, data[i], scale_pair[i // 2], got, want)
+
+
+@pytest.mark.parametrize("name,max_scale", [("E2M1_WORD_ASM", 191), ("E2M1_WORD_ASM_1MUL", 128)])
+def test_word_dequant_asm_order_and_bits(monkeypatch: pytest.MonkeyPatch, name: str, max_scale: int) -> None:
+    """The one-word form the GEMV uses: one scale operand for all 8 codes, and its outputs in the
+    documented order $0 = (k0, k2), $1 = (k4, k6), $2 = (k1, k3), $3 = (k5, k7), low half first."""
+    asm = _module_strings(monkeypatch)[name]
+    assert "$6" not in asm
+    one = name.endswith("1MUL")
+    rng = random.Random(1)
+    for _ in range(200):
+        data = [rng.randrange(256) for _ in range(4)]
+        scale = rng.randrange(100, max_scale + 1)
+        blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+        blocks[0, 0, :4] = torch.tensor(data, dtype=torch.uint8)
+        want = mxfp4.dequantize(blocks, torch.tensor([[scale]], dtype=torch.uint8))[0, :8].tolist()
+        out = run(asm, {"$4": data[0] | data[1] << 8 | data[2] << 16 | data[3] << 24,
+                        "$5": _scale_operand(scale, one)})
+        order = {"$0": (0, 2), "$1": (4, 6), "$2": (1, 3), "$3": (5, 7)}
+        for reg, (k_lo, k_hi) in order.items():
+            assert bf16_value(out[reg]) == want[k_lo], (name, data, scale, reg)
+            assert bf16_value(out[reg] >> 16) == want[k_hi], (name, data, scale, reg)
