@@ -1,6 +1,7 @@
 """Routing kernels: router top-k + softmax, and the expert-sorted layout the grouped MoE kernel reads.
 
-route: at decode sizes the router GEMM (x @ W^T + b) is a Triton GEMV spread over many programs.
+route: at decode sizes the router GEMM (x @ W^T + b) is a Triton GEMV spread over many programs, and
+the last of a token's programs to finish takes its top-k (one launch).
 
 topk_softmax: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32) in one launch, replacing
 torch.topk + softmax (two launches and a sort per layer at decode). One program per token holds its
@@ -21,13 +22,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
-    """Token t's fp32 logits -> its k largest (descending, ties to the lowest id) and their softmax,
-    stored as row t of ids / wts."""
-    t = tl.program_id(0)
-    e = tl.arange(0, BLOCK_E)
-    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
+def _topk_softmax_row(logits, e, t, ids_ptr, wts_ptr, TOPK: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Token t's fp32 logits [BLOCK_E] (-inf past E) -> its k largest (descending, ties to the lowest
+    id) and their softmax, stored as row t of ids / wts."""
+    BLOCK_E: tl.constexpr = logits.shape[0]
     slot = tl.arange(0, BLOCK_K)
     vals = tl.full((BLOCK_K,), float("-inf"), dtype=tl.float32)
     ids = tl.zeros((BLOCK_K,), dtype=tl.int64)
@@ -45,10 +43,21 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
 
 
 @triton.jit
-def _router_logits_kernel(x_ptr, w_ptr, b_ptr, out_ptr, E, H, s_xt, s_we, s_ot,
-                          EB: tl.constexpr, BLOCK_H: tl.constexpr):
+def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
+    t = tl.program_id(0)
+    e = tl.arange(0, BLOCK_E)
+    logits = tl.load(logits_ptr + t.to(tl.int64) * s_lt + e, mask=e < E, other=float("-inf")).to(tl.float32)
+    _topk_softmax_row(logits, e, t, ids_ptr, wts_ptr, TOPK, BLOCK_K)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, H, s_xt, s_we, s_lt,
+                   EB: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     """Program (token t, expert block): EB router logits of t, x[t] @ W[e]^T + b[e] with an fp32
-    sum, rounded to x's dtype (as F.linear's output is) and stored as fp32."""
+    sum, rounded to x's dtype (as F.linear's output is) and stored as fp32. The last of t's programs
+    to finish takes the top-k and softmax of all E (_topk_softmax_row): one launch, not two."""
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * EB + tl.arange(0, EB)
     e_ok = e < E
@@ -60,16 +69,40 @@ def _router_logits_kernel(x_ptr, w_ptr, b_ptr, out_ptr, E, H, s_xt, s_we, s_ot,
         wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
     bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + t * s_ot + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
+    tl.store(logits_ptr + t * s_lt + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
+    # Arrival count of t's programs (zero between launches: the last one resets it). The barrier puts
+    # every thread's logit stores before the one-thread release of the count; the last program's
+    # loads come after its acquire and skip L1 (other SMs wrote those logits).
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + t, 1, sem="acq_rel") == tl.num_programs(1) - 1:
+        ee = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + t * s_lt + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
+        _topk_softmax_row(logits, ee, t, ids_ptr, wts_ptr, TOPK, BLOCK_K)
+        tl.atomic_xchg(count_ptr + t, 0)
 
 
-# Up to this many tokens the router GEMM is a Triton GEMV spread over (token, block of ROUTER_EB
-# experts) programs, then topk_softmax: two short launches. cuBLAS's split-K GEMV, its reduce and
-# the top-k were three (~8 us a layer at 20b decode, PERF_NOTES v6); one program per token reading
-# the whole router weight was one launch, but it waited on its loads in sequence: 9.0 us a layer at
-# batch 1 and 8.9 at batch 64 (PERF_NOTES v10). Beyond: cuBLAS (prefill-sized GEMMs).
+# Up to this many tokens the router is one launch (_router_kernel) spread over (token, block of
+# ROUTER_EB experts) programs, the last of a token's programs taking its top-k. cuBLAS's split-K GEMV,
+# its reduce and the top-k were three (~8 us a layer at 20b decode, PERF_NOTES v6); one program per
+# token reading the whole router weight was one launch, but it waited on its loads in sequence: 9.0
+# us a layer at batch 1 and 8.9 at batch 64 (PERF_NOTES v10); the GEMV then topk_softmax were two
+# (4.7 + 1.5 us at batch 1). Beyond: cuBLAS (prefill-sized GEMMs), then topk_softmax.
 ROUTER_GEMV_MAX_TOKENS = 256
 ROUTER_EB = 4
+
+# The router's arrival counters, one per token, per device: zero between launches. Made by the
+# first (eager) call -- CUDA graphs are captured after an eager warm-up (cuda_graphs.py) -- and
+# shared by launches on one stream, which run one after another.
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+def _arrival_counters(device: torch.device) -> torch.Tensor:
+    buf = _counters.get(device)
+    if buf is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError("route(): the first call on a device must run eagerly, before graph capture")
+        buf = _counters[device] = torch.zeros(ROUTER_GEMV_MAX_TOKENS, dtype=torch.int32, device=device)
+    return buf
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,12 +112,17 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     E = weight.shape[0]
     if T > ROUTER_GEMV_MAX_TOKENS or weight.shape[1] != H or weight.stride(1) != 1 or x.stride(1) != 1:
         return topk_softmax(torch.nn.functional.linear(x, weight, bias), top_k)
+    if not 1 <= top_k <= E:
+        raise ValueError(f"route(): top_k must be in [1, {E}], got {top_k}")
     logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
     if T:
-        _router_logits_kernel[(T, triton.cdiv(E, ROUTER_EB))](
-            x, weight, bias, logits, E, H, x.stride(0), weight.stride(0), logits.stride(0), EB=ROUTER_EB,
-            BLOCK_H=min(triton.next_power_of_2(H), 4096), num_warps=8)
-    return topk_softmax(logits, top_k)
+        _router_kernel[(T, triton.cdiv(E, ROUTER_EB))](
+            x, weight, bias, logits, _arrival_counters(x.device), ids, wts, E, H, x.stride(0), weight.stride(0),
+            logits.stride(0), EB=ROUTER_EB, BLOCK_H=min(triton.next_power_of_2(H), 4096), TOPK=top_k,
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)
+    return ids, wts
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
