@@ -13,8 +13,8 @@ row's denominator >= 1 (no 0/0 on padded rows).
 
 Decode with few (sequence, KV head) programs (batch 1: 8 for gpt-oss) is split over the keys
 (flash-decoding): `_decode_split_kernel` runs SPLITS programs per (sequence, KV head), each over
-a contiguous key range, and writes its unnormalized partial (max, sum, accumulator); the last of
-them to finish merges the splits and the sink (`_merge_splits`; one launch). The split count depends on the batch
+a contiguous key range, and writes its unnormalized partial (max, sum, accumulator);
+`_decode_combine_kernel` merges the splits and the sink. The split count depends on the batch
 size only, so a captured graph stays valid for any sequence length.
 
 Grid bounds come from the host ints batch.max_query_len and the tensor shapes only; the loop over
@@ -151,8 +151,8 @@ def _paged_attn_kernel(q_ptr, pool_ptr, out_ptr, tables_ptr, qstart_ptr, seqlen_
 
 @triton.jit
 def _decode_split_kernel(q_ptr, pool_ptr, part_ptr, ml_ptr, tables_ptr, qstart_ptr, seqlen_ptr, pos_ptr,
-                         count_ptr, sinks_ptr, out_ptr, scale_log2, window, num_heads,
-                         s_qt, s_qh, s_pb, s_pkv, s_ps, s_ph, s_tb, s_ot, s_oh,
+                         scale_log2, window, num_heads,
+                         s_qt, s_qh, s_pb, s_pkv, s_ps, s_ph, s_tb,
                          BLOCK_SIZE: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr,
                          SLIDING: tl.constexpr):
@@ -161,7 +161,7 @@ def _decode_split_kernel(q_ptr, pool_ptr, part_ptr, ml_ptr, tables_ptr, qstart_p
     split = tl.program_id(2)
     tok = tl.load(qstart_ptr + seq)
     if tl.load(qstart_ptr + seq + 1) == tok:
-        return  # no query token for this sequence: nothing to attend, nothing to merge
+        return  # no query token for this sequence: the combine kernel skips it too
     r = tl.arange(0, BLOCK_M)           # the GQA group's heads, padded to tl.dot's 16 rows
     head = kvh * GROUP + r
     row_ok = r < GROUP
@@ -202,42 +202,28 @@ def _decode_split_kernel(q_ptr, pool_ptr, part_ptr, ml_ptr, tables_ptr, qstart_p
     tl.store(part_ptr + idx[:, None] * HEAD_DIM + d[None, :], acc, mask=row_ok[:, None])
     tl.store(ml_ptr + idx * 2, m_i, mask=row_ok)
     tl.store(ml_ptr + idx * 2 + 1, l_i, mask=row_ok)
-    # The last of the (sequence, KV head)'s SPLITS programs to finish merges them (no combine launch).
-    # Arrival counter: zero between launches, reset by that last program. The barrier orders every
-    # thread's partial stores before the one-thread release; the merge's loads follow the acquire and
-    # skip L1 (other SMs wrote the partials).
-    tl.debug_barrier()
-    counter = count_ptr + seq * tl.num_programs(1) + kvh
-    if tl.atomic_add(counter, 1, sem="acq_rel") == SPLITS - 1:
-        _merge_splits(part_ptr, ml_ptr, out_ptr, sinks_ptr, seq, head, row_ok, tok, num_heads, s_ot, s_oh,
-                      HEAD_DIM, SPLITS)
-        tl.atomic_xchg(counter, 0)
 
 
 @triton.jit
-def _merge_splits(part_ptr, ml_ptr, out_ptr, sinks_ptr, seq, head, row_ok, tok, num_heads, s_ot, s_oh,
-                  HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
-    """Heads `head` (the KV head's group, padded) of token tok: the SPLITS partial (acc, m, l) merged with
-    the sink, which joins the softmax's denominator only."""
+def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, qstart_ptr, sinks_ptr, num_heads, s_ot, s_oh,
+                           HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    seq = tl.program_id(0)
+    head = tl.program_id(1)
+    tok = tl.load(qstart_ptr + seq)
+    if tl.load(qstart_ptr + seq + 1) == tok:
+        return
     sp = tl.arange(0, SPLITS)
     d = tl.arange(0, HEAD_DIM)
-    rows = (seq.to(tl.int64) * num_heads + head) * SPLITS              # [BLOCK_M] first partial row
-    ml_ptrs = ml_ptr + (rows[:, None] + sp[None, :]) * 2
-    m = tl.load(ml_ptrs, mask=row_ok[:, None], other=-1.0e30, cache_modifier=".cg")       # [BLOCK_M, SPLITS]
-    l = tl.load(ml_ptrs + 1, mask=row_ok[:, None], other=0.0, cache_modifier=".cg")
-    sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634  # exp2 domain
-    m_all = tl.maximum(tl.max(m, 1), sink)
-    w = tl.exp2(m - m_all[:, None])
-    denom = tl.exp2(sink - m_all) + tl.sum(l * w, 1)
-    out = tl.zeros((head.shape[0], HEAD_DIM), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        part = tl.load(part_ptr + (rows + s)[:, None] * HEAD_DIM + d[None, :], mask=row_ok[:, None], other=0.0,
-                       cache_modifier=".cg")
-        w_s = tl.sum(tl.where(sp[None, :] == s, w, 0.0), 1)
-        out += part * w_s[:, None]
-    out = out / denom[:, None]
-    tl.store(out_ptr + tok * s_ot + head[:, None] * s_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    idx = (seq.to(tl.int64) * num_heads + head) * SPLITS + sp
+    m = tl.load(ml_ptr + idx * 2)
+    l = tl.load(ml_ptr + idx * 2 + 1)
+    sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
+    m_all = tl.maximum(tl.max(m, 0), sink)
+    w = tl.exp2(m - m_all)
+    denom = tl.exp2(sink - m_all) + tl.sum(l * w, 0)   # the sink joins the denominator only
+    acc = tl.load(part_ptr + idx[:, None] * HEAD_DIM + d[None, :])
+    out = tl.sum(acc * w[:, None], 0) / denom
+    tl.store(out_ptr + tok.to(tl.int64) * s_ot + head * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
 def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
@@ -246,7 +232,7 @@ def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -
     sliding window's few keys. CUDA-graph sweep on the H100 (bench/attn_kernel_bench.py --decode,
     PERF_NOTES v6): batch 16 at 1k context 25.3 -> 15.6 us per full layer, batch 8 14.1 -> 11.6."""
     programs = num_seqs * num_kv_heads
-    if programs >= _SPLIT_MAX_PROGRAMS:
+    if programs >= 512:
         return 1
     return min(4 if window else 32, triton.next_power_of_2(triton.cdiv(1024, programs)))
 
@@ -262,32 +248,15 @@ def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Te
     ml = torch.empty((num_seqs, num_heads, splits, 2), dtype=torch.float32, device=q.device)
     _decode_split_kernel[(num_seqs, num_kv_heads, splits)](
         q, layer_pool, part, ml, block_tables, batch.query_start_loc, batch.seq_lens, batch.positions,
-        _arrival_counters(q.device, num_seqs * num_kv_heads), sinks, out,
         float(scale) * _LOG2E, int(window or 0), num_heads,
         q.stride(0), q.stride(1),
         layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
-        block_tables.stride(0), out.stride(0), out.stride(1),
+        block_tables.stride(0),
         BLOCK_SIZE=layer_pool.shape[2], GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(16, group), BLOCK_N=32,
         SPLITS=splits, SLIDING=window is not None, num_warps=4, num_stages=2)
-
-
-# Arrival counters of the split decode, one per (sequence, KV head), per device: zero between
-# launches. Made by the first (eager) call -- CUDA graphs are captured after an eager warm-up
-# (cuda_graphs.py) -- and shared by launches on one stream, which run one after another. Splits are
-# only used below _SPLIT_MAX_PROGRAMS (sequence, KV head) programs (decode_splits).
-_SPLIT_MAX_PROGRAMS = 512
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device, n: int) -> torch.Tensor:
-    if n > _SPLIT_MAX_PROGRAMS:
-        raise ValueError(f"split decode over {n} (sequence, KV head) programs: more than {_SPLIT_MAX_PROGRAMS}")
-    buf = _counters.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("paged_attention: the first split decode on a device must run eagerly, before capture")
-        buf = _counters[device] = torch.zeros(_SPLIT_MAX_PROGRAMS, dtype=torch.int32, device=device)
-    return buf
+    _decode_combine_kernel[(num_seqs, num_heads)](
+        part, ml, out, batch.query_start_loc, sinks, num_heads, out.stride(0), out.stride(1),
+        HEAD_DIM=head_dim, SPLITS=splits, num_warps=1)
 
 
 def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, block_tables: torch.Tensor,

@@ -102,13 +102,6 @@ def test_decode_splits_match_reference(device: str, interpreted: bool, cached: l
     assert torch.isfinite(out).all()
     rel = ((out - ref).norm() / ref.norm()).item()
     assert rel < (1e-5 if interpreted else 1e-2), rel
-    if splits > 1:
-        # The last split to arrive merges, in split order whichever it is, and leaves its (sequence,
-        # KV head) counter at zero: the next launch is right too, with the same bits.
-        from gptoss_engine.kernels import paged_attention as pa
-        assert torch.count_nonzero(pa._counters[q.device]) == 0
-        again = paged_attention(q, pool, 0, tables, batch, sinks, head_dim ** -0.5, window, splits=splits)
-        assert torch.equal(again.float(), out)
 
 
 def test_sink_dominates_when_large(device: str, interpreted: bool) -> None:
