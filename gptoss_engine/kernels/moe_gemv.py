@@ -95,8 +95,8 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
     ASM (sm_90): the inline-PTX dequant yields the scaled weights as exact bf16 (~3 instructions a
     weight instead of ~6, and no per-group scale multiply).
 
-    x is loaded contiguous and split into even/odd k in registers. The loop is deliberately not
-    software-pipelined by Triton (num_stages=1: through shared memory it measured slower, T=8: 271
+    Weights are read as int32 words (8 codes, one scale) and x is split in registers by a k's position
+    in its word (_gemv_trip). The loop is deliberately not software-pipelined by Triton (num_stages=1: through shared memory it measured slower, T=8: 271
     vs 250 us; PERF_NOTES v6). PREFETCH instead issues the next trip's loads into registers before
     this trip's arithmetic (a trip's packed weights are a few registers a thread), so each program
     keeps its next bytes in flight while it computes."""
@@ -166,6 +166,11 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     T, H = x.shape
     k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
+    # The kernels read the packed rows as int32 words: every row must start 4-byte aligned (true of
+    # whole checkpoint tensors and of expert or row slices of them; not of an arbitrary byte view).
+    for t in (gu_blk, d_blk):
+        if t.data_ptr() % 4 or any(st % 4 for st in t.stride()[:-1]):
+            raise ValueError(f"packed expert blocks must have 4-byte aligned rows (strides {t.stride()})")
     bn_gu, bn_d, bk_gu, bk_d, warps, prefetch = _TILES_OVERRIDE or _TILES
     bk_gu = min(bk_gu, triton.next_power_of_2(H))
     bk_d = min(bk_d, triton.next_power_of_2(I))
