@@ -80,8 +80,10 @@ def variants(T: int, E: int, k: int, wide: bool = False) -> list[tuple[str, dict
     rows = T * k / E
     out: list[tuple[str, dict]] = [("default", {}), ("default, as loaded", dict(plain=True)),
                                        ("default, two scale multiplies", dict(two_mul=True))]
-    if T * k <= 32:
-        out.append(("gemv without PTX dequant", dict(gemv=True, gemv_asm=False)))
+    if T * k <= 64:
+        out.append(("gemv fma", dict(gemv=True, gemv_mma=False)))
+        if T * k <= 16:
+            out.append(("gemv without PTX dequant", dict(gemv=True, gemv_asm=False)))
         if T * k > GEMV_MAX_PAIRS:
             out.append(("gemv", dict(gemv=True)))
         cfgs = [Tiles(16, 64, 128, 4, 3, 3, True)]
@@ -131,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("bench/results"))
     p.add_argument("--commit", default="unknown")
     p.add_argument("--gemv-sweep", action="store_true", help="sweep the small-batch GEMV's tile constants")
+    p.add_argument("--mma-sweep", action="store_true", help="sweep the mma GEMV's warp arrangement")
     p.add_argument("--profile-tokens", type=int, default=0, help="kernel table of both prefill paths at this T")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -202,6 +205,46 @@ def main(argv: list[str] | None = None) -> int:
                   + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
             res[str(T)] = rows
         (args.out / "gemv_sweep.json").write_text(json.dumps(res))
+    if args.mma_sweep:
+        # The mma GEMV's warp arrangement (moe_gemv_mma._TILES_OVERRIDE: (WN, WK, prefetch) for gate_up
+        # and for down), every pair count it might serve.
+        from gptoss_engine.kernels import moe_gemv_mma
+        cfgs = [(1, 4, 1, True), (1, 4, 1, False), (1, 4, 2, False), (1, 2, 2, False), (1, 2, 1, True),
+                (1, 1, 1, True), (1, 1, 2, False), (2, 2, 1, True), (1, 8, 1, True)]
+        res = {}
+        for T in (1, 2, 4, 8, 16):
+            ids, wts = routing(T, E, k, gen)
+            x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+            rows = [(time_us(lambda: call(x, ids, wts, w, dict(gemv=True, gemv_mma=False)), graph=True), "fma gemv")]
+            rows.append((time_us(lambda: call(x, ids, wts, w, dict(gemv=True, gemv_mma=True)), graph=True),
+                         "default"))
+            rows.append((time_us(lambda: call(x, ids, wts, w, dict(gemv=False)), graph=True), "grouped"))
+            for c in cfgs:
+                for which in ("both", "gate_up", "down") if c != moe_gemv_mma._TILES[0] else ("both",):
+                    d0, d1 = moe_gemv_mma._TILES
+                    moe_gemv_mma._TILES_OVERRIDE = {"both": (c, c), "gate_up": (c, d1), "down": (d0, c)}[which]
+                    rows.append((time_us(lambda: call(x, ids, wts, w, dict(gemv=True, gemv_mma=True)), graph=True),
+                                 f"{which} {c}"))
+            moe_gemv_mma._TILES_OVERRIDE = None
+            rows.sort(key=lambda r: r[0])
+            print(f"mma gemv T={T} (default {moe_gemv_mma._TILES}): "
+                  + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
+            res[str(T)] = rows
+        (args.out / "mma_sweep.json").write_text(json.dumps(res))
+        # Kernel durations at T = 1, eager, each form (the profiler's own view: launch gaps excluded).
+        from torch.profiler import ProfilerActivity, profile
+        ids, wts = routing(1, E, k, gen)
+        x = torch.randn(1, H, generator=gen, device="cuda").to(torch.bfloat16)
+        for name, kw in (("fma", dict(gemv=True, gemv_mma=False)), ("mma", dict(gemv=True, gemv_mma=True))):
+            for _ in range(3):
+                call(x, ids, wts, w, kw)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    call(x, ids, wts, w, kw)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50)
+            print(f"kernels T=1 {name} (20 calls):\n{table}", flush=True)
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile
         T = args.profile_tokens

@@ -32,6 +32,7 @@ import triton.language as tl
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
+from gptoss_engine.kernels.moe_gemv_mma import mma_gemv_takes, moe_experts_gemv_mma
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
@@ -41,6 +42,9 @@ from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 # At 32 pairs (20b batch 8) the grouped kernel won, 189 against 213 us (its dequant costs fewer
 # instructions a weight; PERF_NOTES v11); at 16 the GEMV, 118 against 126.
 GEMV_MAX_PAIRS = 16
+# The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x): at 32 pairs it beat the grouped kernel,
+# 171 against 184 us; at 64 pairs it lost, 325 against 232 (PERF_NOTES v12).
+GEMV_MMA_MAX_PAIRS = 32
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
 # multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels. The same with bf16
 # expert copies kept (no dequant pass): below it the bf16 grouped GEMM lost to the packed kernels too
@@ -282,7 +286,8 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                      swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
                      tiles: Tiles | None = None, gemv: bool | None = None,
-                     grouped_mm: bool | None = None, gemv_asm: bool | None = None) -> torch.Tensor | PairOutputs:
+                     grouped_mm: bool | None = None, gemv_asm: bool | None = None,
+                     gemv_mma: bool | None = None) -> torch.Tensor | PairOutputs:
     """moe_experts before its last step: the k weighted expert outputs of every token, as PairOutputs
     (each path's own form of them), for the next fused add + RMSNorm to sum; dense `w`: the sum.
 
@@ -290,9 +295,12 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
     interpret=True runs the fp32 hand-dequant mode (Triton's CPU interpreter has no dot_scaled and no
     bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
-    gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS.
+    gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS
+    (GEMV_MMA_MAX_PAIRS where the mma form runs).
     grouped_mm: likewise for the prefill path (moe_grouped_mm); None picks it on sm_90 from
     GROUPED_MM_MIN_ROWS mean rows per expert. gemv_asm: the GEMV's PTX dequant (default: on sm_90).
+    gemv_mma: the GEMV on mma.sync (moe_gemv_mma; default: where the PTX dequant runs, x is bf16 and
+    its rows are 8-byte aligned); False keeps the FMA GEMV.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -320,8 +328,12 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     sm90 = _is_sm90(x.device)
     # The PTX dequant may apply the scales with one multiply when every scale is <= 128 (e2m1.py).
     one_mul = w.scale_max is not None and w.scale_max <= 128
-    if gemv if gemv is not None else (num_pairs <= GEMV_MAX_PAIRS and tiles is None):
-        asm = sm90 if gemv_asm is None else gemv_asm
+    asm = sm90 if gemv_asm is None else gemv_asm
+    mma = gemv_mma if gemv_mma is not None else (asm and mma_gemv_takes(x))
+    if gemv if gemv is not None else (num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS) and tiles is None):
+        if mma:
+            return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
+                                        swiglu_limit, alpha, one_mul=one_mul)
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                 swiglu_limit, alpha, asm=asm,
                                 one_mul=asm and one_mul)

@@ -44,7 +44,8 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
         return [("fp32", dict(interpret=True, gemv=False)),
                 ("fp32 swap", dict(interpret=True, tiles=Tiles(16, 32, 64, 4, 1, swap=True))),
                 ("gemv", dict(gemv=True))]
-    out = [("default", {}), ("gemv", dict(gemv=True)), ("gemv no asm", dict(gemv=True, gemv_asm=False))]
+    out = [("default", {}), ("gemv", dict(gemv=True)), ("gemv fma", dict(gemv=True, gemv_mma=False)),
+           ("gemv no asm", dict(gemv=True, gemv_asm=False))]
     for mode in (0, 3):
         for swap in (False, True):
             out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
@@ -160,10 +161,58 @@ def test_gemv_prefetch_changes_no_bits(device: str, interpreted: bool, tokens: i
     outs = []
     for prefetch in (True, False):
         monkeypatch.setattr(moe_gemv, "_TILES_OVERRIDE", (16, 16, 512, 512, 4, prefetch))
-        outs.append(moe_experts(x, ids, wts, w, 7.0, gemv=True, interpret=interpreted))
+        outs.append(moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=False, interpret=interpreted))
     assert torch.equal(outs[0], outs[1])
     ref = fp32_reference(x, ids, wts, w, 7.0)
     assert ((outs[0].float() - ref).norm() / ref.norm()).item() < 2e-2
+
+
+@pytest.mark.parametrize("tokens", [1, 5])
+def test_mma_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mma GEMV (moe_gemv_mma) at every warp arrangement, with rows that end inside a program
+    (hidden 160: 2.5 down programs of 64 rows) and k that ends inside a trip (hidden 2880 is 5.6
+    trips of 512): against the fp32 reference, and its prefetch form bit-equal to the plain loop."""
+    if interpreted:
+        pytest.skip("inline PTX mma: GPU only")
+    from gptoss_engine.kernels import moe_gemv_mma
+    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
+    for hidden, inter in ((160, 64), (2880, 64)):
+        gen = torch.Generator().manual_seed(31 + tokens + hidden)
+        w = padded(random_packed_experts(4, hidden, inter, device, gen))
+        x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+        ids = torch.randint(0, 4, (tokens, 2), generator=gen).to(device)
+        wts = torch.rand(tokens, 2, generator=gen).to(device)
+        ref = fp32_reference(x, ids, wts, w, 7.0)
+        for wn, wk, u in ((1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 8, 1), (1, 1, 1), (1, 4, 2)):
+            outs = []
+            for prefetch in (True, False):
+                tile = (wn, wk, u, prefetch)
+                monkeypatch.setattr(moe_gemv_mma, "_TILES_OVERRIDE", (tile, tile))
+                outs.append(moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True))
+            assert torch.equal(outs[0], outs[1]), (hidden, wn, wk, u)
+            rel = ((outs[0].float() - ref).norm() / ref.norm()).item()
+            assert rel < 2e-2, (hidden, wn, wk, u, rel)
+
+
+def test_mma_gemv_refuses_what_it_cannot_read(device: str, interpreted: bool) -> None:
+    """fp32 or misaligned x goes to the FMA GEMV by default; forced onto the mma GEMV it is refused."""
+    if interpreted:
+        pytest.skip("inline PTX mma: GPU only")
+    from gptoss_engine.kernels.moe_gemv_mma import mma_gemv_takes
+    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
+    gen = torch.Generator().manual_seed(37)
+    w = padded(random_packed_experts(4, 64, 64, device, gen))
+    x = torch.randn(2, 65, generator=gen).to(device, torch.bfloat16)[:, 1:]      # rows 2-byte aligned
+    assert not mma_gemv_takes(x) and not mma_gemv_takes(x.float().contiguous())
+    ids = torch.tensor([[0, 1], [2, 3]], device=device)
+    wts = torch.full((2, 2), 0.5, device=device)
+    ref = fp32_reference(x, ids, wts, w, 7.0)
+    out = moe_experts(x, ids, wts, w, 7.0, gemv=True)         # contiguous() inside: aligned again
+    assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
+    out32 = moe_experts(x.float(), ids, wts, w, 7.0, gemv=True)
+    assert ((out32.float() - ref).norm() / ref.norm()).item() < 2e-2
+    with pytest.raises(ValueError, match="bf16"):
+        moe_experts(x.float(), ids, wts, w, 7.0, gemv=True, gemv_mma=True)
 
 
 def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None:

@@ -1,0 +1,251 @@
+"""Small-batch MoE over packed MXFP4 experts on the tensor cores (sm_90): GEMVs whose products are
+mma.sync instructions fed straight from the e2m1 word dequant in registers.
+
+The FMA GEMV (moe_gemv) spends ~6 instructions a weight: the dequant (~2.3), taking each bf16 to
+fp32, an FMA, splitting x. Here a warp's weights are the A operand of `mma.sync.m16n8k16` as they
+come out of the dequant, with no shared memory and no layout conversion: 229 SASS instructions a
+loop trip of 64 weights a thread (3.6 a weight; the dequant is 2.25 of it). That needs each thread
+to hold exactly the A-fragment registers, so the kernels are written in Gluon (explicit layouts)
+and the mma is inline PTX on what each thread holds. Measured (PERF_NOTES v12): 1 token 35-37 us a
+layer against the FMA GEMV's 39-40, 4 tokens ~100 against 117, 8 tokens ~175 against the grouped
+kernel's 189: well short of the instruction ratio, so at batch 1 the GEMV is no longer bound by
+issue but by the bytes each program keeps in flight.
+
+The fragment trick. A thread (g, t) (lane 4g + t) of an m16n8k16 mma supplies A[g][2t, 2t+1],
+A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. The
+mma's 16 k's may be any 16 of the row's k's as long as B's rows are the same ones. A thread loads
+int32 words (8 codes, one scale: a word never straddles a 32-code group) of two rows, "row a" for
+A[g] and "row b" for A[g+8]; the word dequant (e2m1.E2M1_WORD_ASM) gives pairs (k0,k2), (k4,k6),
+(k1,k3), (k5,k7) of the word. One word of each row feeds two mmas:
+    mma 1: A = (a.k0k2, b.k0k2, a.k1k3, b.k1k3), B = (x.k0k2, x.k1k3)
+    mma 2: A = (a.k4k6, b.k4k6, a.k5k7, b.k5k7), B = (x.k4k6, x.k5k7)
+B's column g is token g's x; one pair is one token, so every column holds the same x and every
+column of D the same sums: thread (g, t) ends with row a's and row b's dot over the words of its
+four lane-mates t = 0..3. The layout (size [1, 4] of words, lanes [8, 4], warps [WN, WK]) gives a
+thread 4 consecutive words (one 16-byte load, one scale group) of each of its two rows, and the
+register element j of every lane is the same mma: an accumulator [8 WN, 16 WK] holds 4 chains a
+thread, summed at the end (each lane-mate t holds the same sums, hence the 1/4: exact).
+
+    gate_up: program (pair, n-tile of 8 WN (gate, up) row pairs): row a = gate, row b = up, so the
+             SwiGLU takes both sums from the same thread -> inter[pair] (bf16, as the grouped kernel)
+    down:    program (pair, n-tile of 16 WN rows): (W_d[e] @ inter[pair] + b_d[e]) * routing weight
+             -> part[pair] (fp32; the k partials are summed by the PairOutputs' reader)
+
+Who may call it: sm_90 (the dequant's bf16x2 multiply), packed rows 4-byte aligned, x rows 8-byte
+aligned (x is read as int64 pairs of bf16 pairs): moe_experts_gemv_mma checks and raises.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+from gptoss_engine.kernels.e2m1 import E2M1_WORD_ASM, E2M1_WORD_ASM_1MUL
+from gptoss_engine.moe import PairOutputs
+
+
+def _word_dequant(asm: str, outs: tuple[str, str, str, str], word: str, scale: str) -> str:
+    """E2M1_WORD_ASM's statements with its operands renamed (its scratch registers are declared once
+    by the caller's block)."""
+    names = dict(zip(("$0", "$1", "$2", "$3", "$4", "$5"), (*outs, word, scale)))
+    body = [ln for ln in asm.strip().splitlines() if ln.strip() not in ("{", "}") and not ln.startswith(".reg")]
+    return "\n".join(re.sub(r"\$\d", lambda m: names[m.group(0)], ln) for ln in body)
+
+
+_MMA = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+
+
+def _mma_word_asm(dequant: str) -> str:
+    """One element of the loop: operands $4/$5 the words of rows a and b, $6/$7 their scale operands,
+    $8/$9 x's codes k0..3 and k4..7 of the word as int64 (four bf16); $0..$3 the accumulator (D and
+    C of both mmas; the inputs $10..$13 are tied to them, so no register is copied): $0 row a, $2
+    row b, and $1/$3 the same sums again (columns 2t + 1)."""
+    return "\n".join([
+        "{",
+        ".reg .b32 y, h, a, b, z, c, m, a0, a1, a2, a3, b0, b1, b2, b3, q0, q1, q2, q3, u0, u1, v0, v1;",
+        _word_dequant(dequant, ("a0", "a1", "a2", "a3"), "$4", "$6"),
+        _word_dequant(dequant, ("b0", "b1", "b2", "b3"), "$5", "$7"),
+        "mov.b64 {q0, q1}, $8;",            # (x0, x1), (x2, x3)
+        "mov.b64 {q2, q3}, $9;",            # (x4, x5), (x6, x7)
+        "prmt.b32 u0, q0, q1, 0x5410;",     # (x0, x2)
+        "prmt.b32 u1, q0, q1, 0x7632;",     # (x1, x3)
+        "prmt.b32 v0, q2, q3, 0x5410;",     # (x4, x6)
+        "prmt.b32 v1, q2, q3, 0x7632;",     # (x5, x7)
+        f"{_MMA} {{$0, $1, $2, $3}}, {{a0, b0, a2, b2}}, {{u0, u1}}, {{$0, $1, $2, $3}};",
+        f"{_MMA} {{$0, $1, $2, $3}}, {{a1, b1, a3, b3}}, {{v0, v1}}, {{$0, $1, $2, $3}};",
+        "}",
+    ])
+
+
+MMA_WORD_ASM: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM.value))
+MMA_WORD_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM_1MUL.value))
+
+# (WN, WK, U, prefetch) for gate_up and down: warps along rows and along k, 4 U words a thread a row
+# (16 WN rows, 128 U WK codes a trip), and whether the next trip's loads are issued before this
+# trip's mmas.
+_TILES = ((1, 4, 1, True), (1, 4, 1, True))
+_TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # bench sweeps
+
+@gluon.jit
+def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
+           L: gl.constexpr, W: gl.constexpr):
+    """One trip from word kw0: words [R, W] of rows a and b (int32), their scale operands, and x's
+    words as two int64 [W] (codes 0-3, 4-7 of each word). Zeros (no memory touched) past KW."""
+    j = gl.arange(0, W, layout=gl.SliceLayout(0, L))
+    wd = kw0 + j
+    # Masked by scale group (4 words; KW is a multiple of 4): a mask constant over a thread's 4 words
+    # lets their load be one 16-byte load, where `wd < KW` would split it (KW's divisibility is unknown).
+    g1 = kw0 // 4 + j // 4
+    live = g1 < KW // 4
+    live2 = gl.expand_dims(live, 0)
+    wd2 = gl.expand_dims(wd, 0)
+    grp = gl.expand_dims(g1, 0)
+    ma = gl.expand_dims(ok_a, 1) & live2
+    mb = gl.expand_dims(ok_b, 1) & live2
+    ra = gl.expand_dims(rows_a.to(gl.int64), 1)
+    rb = gl.expand_dims(rows_b.to(gl.int64), 1)
+    wp = w_ptr.to(gl.pointer_type(gl.int32))
+    wa = gl.load(wp + ra * (s_wn // 4) + wd2, mask=ma, other=0)
+    wb = gl.load(wp + rb * (s_wn // 4) + wd2, mask=mb, other=0)
+    sa = gl.load(s_ptr + ra * s_sn + grp, mask=ma, other=0).to(gl.int32)
+    sb = gl.load(s_ptr + rb * s_sn + grp, mask=mb, other=0).to(gl.int32)
+    # The dequant's scale operand, bf16 in both halves: 2^(s-1) (one multiply) or 2^(s-64).
+    if ONE_MUL:
+        sa = sa * 0x00800080 + 126 * 0x00800080
+        sb = sb * 0x00800080 + 126 * 0x00800080
+    else:
+        sa = sa * 0x00800080 + 63 * 0x00800080
+        sb = sb * 0x00800080 + 63 * 0x00800080
+    xp = x_ptr.to(gl.pointer_type(gl.int64))
+    x_lo = gl.expand_dims(gl.load(xp + 2 * wd, mask=live, other=0), 0)
+    x_hi = gl.expand_dims(gl.load(xp + 2 * wd + 1, mask=live, other=0), 0)
+    return wa, wb, sa, sb, x_lo, x_hi
+
+
+@gluon.jit
+def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr):
+    return gl.inline_asm_elementwise(MMA_WORD_ASM_1MUL if ONE_MUL else MMA_WORD_ASM, "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
+                                     [wa, wb, sa, sb, x_lo, x_hi, acc[0], acc[1], acc[2], acc[3]],
+                                     dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
+
+
+@gluon.jit
+def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
+              PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr):
+    """(row a sums, row b sums) [R] over k in [0, 8 KW): sum_k dequant(W[row, k]) * x[k], fp32."""
+    z = gl.zeros([R, W], gl.float32, L)
+    acc = (z, z, z, z)
+    if PREFETCH:
+        wa, wb, sa, sb, x_lo, x_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, 0, KW, s_wn, s_sn,
+                                            ONE_MUL, L, W)
+        for kw0 in range(0, KW, W):
+            nwa, nwb, nsa, nsb, nx_lo, nx_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0 + W,
+                                                      KW, s_wn, s_sn, ONE_MUL, L, W)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            wa, wb, sa, sb, x_lo, x_hi = nwa, nwb, nsa, nsb, nx_lo, nx_hi
+    else:
+        for kw0 in range(0, KW, W):
+            wa, wb, sa, sb, x_lo, x_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn,
+                                                s_sn, ONE_MUL, L, W)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+    # Columns 2t and 2t + 1 of lane-mates t = 0..3 hold the same sums (every column of D is the
+    # same): 8x, exactly. Summing the odd columns too keeps them live; dead, ptxas refills the mma's
+    # accumulator quad with a copy each time.
+    return gl.sum(acc[0] + acc[1], axis=1) * 0.125, gl.sum(acc[2] + acc[3], axis=1) * 0.125
+
+
+@gluon.jit
+def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
+                 s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
+                 TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
+                 PREFETCH: gl.constexpr):
+    L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
+    R: gl.constexpr = 8 * WN
+    pair = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    expert = gl.load(ids_ptr + pair).to(gl.int64)
+    token = pair // TOPK
+    # Row a = gate row 2c, row b = up row 2c + 1 of the program's R output columns c.
+    cols = pid_n * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+    ok = cols < I
+    # Biases first: their latency hides under the loop instead of following it.
+    b_gate = gl.load(bias_ptr + expert * s_bias_e + 2 * cols, mask=ok, other=0.0).to(gl.float32)
+    b_up = gl.load(bias_ptr + expert * s_bias_e + 2 * cols + 1, mask=ok, other=0.0).to(gl.float32)
+    gate, up = _mma_rows(x_ptr + token.to(gl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
+                         2 * cols, 2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+    gate = gl.minimum(gate + b_gate, limit)
+    up = gl.minimum(gl.maximum(up + b_up, -limit), limit)
+    act = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
+    gl.store(inter_ptr + pair.to(gl.int64) * s_it + cols, act.to(gl.bfloat16), mask=ok)
+
+
+@gluon.jit
+def _down_mma(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
+              s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr):
+    L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
+    R: gl.constexpr = 8 * WN
+    pair = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    expert = gl.load(ids_ptr + pair).to(gl.int64)
+    rows_a = pid_n * 2 * R + gl.arange(0, R, layout=gl.SliceLayout(1, L))
+    rows_b = rows_a + R
+    ok_a = rows_a < H
+    ok_b = rows_b < H
+    wt = gl.load(wts_ptr + pair).to(gl.float32)
+    b_a = gl.load(bias_ptr + expert * s_bias_e + rows_a, mask=ok_a, other=0.0).to(gl.float32)
+    b_b = gl.load(bias_ptr + expert * s_bias_e + rows_b, mask=ok_b, other=0.0).to(gl.float32)
+    ya, yb = _mma_rows(inter_ptr + pair.to(gl.int64) * s_it, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
+                       rows_a, rows_b, ok_a, ok_b, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+    ya = (ya + b_a) * wt
+    yb = (yb + b_b) * wt
+    gl.store(part_ptr + pair.to(gl.int64) * s_pt + rows_a, ya, mask=ok_a)
+    gl.store(part_ptr + pair.to(gl.int64) * s_pt + rows_b, yb, mask=ok_b)
+
+
+def _aligned(t: torch.Tensor, nbytes: int) -> bool:
+    return t.data_ptr() % nbytes == 0 and all(st * t.element_size() % nbytes == 0 for st in t.stride()[:-1])
+
+
+def mma_gemv_takes(x: torch.Tensor) -> bool:
+    """Whether these kernels take x [T, H] as it is (the dispatcher's test; the FMA GEMV otherwise)."""
+    return x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and _aligned(x, 8)
+
+
+def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                         gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
+                         d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
+                         swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
+    """moe_gemv.moe_experts_gemv's contract (x [T, H] -> the T*k weighted, biased expert outputs, fp32)
+    on the tensor cores; x must be bf16 (the mma's operand type). Shapes were checked by the caller."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    I = gu_blk.shape[1] // 2
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the mma GEMV takes bf16 activations, got {x.dtype}")
+    if H % 8 or I % 8:
+        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 8")
+    # Packed rows are read as int32 words and x as int64 (four bf16): their rows must be aligned so.
+    if not (_aligned(gu_blk, 4) and _aligned(d_blk, 4) and _aligned(x, 8)):
+        raise ValueError("the mma GEMV needs 4-byte aligned packed rows and 8-byte aligned x rows")
+    (wn_gu, wk_gu, u_gu, pf_gu), (wn_d, wk_d, u_d, pf_d) = _TILES_OVERRIDE or _TILES
+    ids = topk_ids.reshape(-1).contiguous()
+    wts = topk_weights.reshape(-1).contiguous()
+    # bf16 inter: the down mma's operand (the grouped kernel rounds it to bf16 too).
+    inter = torch.empty((T * k, I), dtype=torch.bfloat16, device=x.device)
+    n_gu = triton.cdiv(I, 8 * wn_gu)
+    _gate_up_mma[(T * k, n_gu)](
+        x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
+        x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
+        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu,
+        num_warps=wn_gu * wk_gu)
+    part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
+    _down_mma[(T * k, triton.cdiv(H, 16 * wn_d))](
+        inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
+        inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, num_warps=wn_d * wk_d)
+    return PairOutputs(part, k, x.dtype)
+
