@@ -111,6 +111,13 @@ def variants(T: int, E: int, k: int, wide: bool = False) -> list[tuple[str, dict
     return out
 
 
+def sweep_rows(label: str, rows: list[tuple[float, object]]) -> list[tuple[float, object]]:
+    """(us, config) rows of one sweep, fastest first, printed on one line."""
+    rows = sorted(rows, key=lambda r: r[0])
+    print(f"{label}: " + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
+    return rows
+
+
 def call(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights, kw: dict) -> torch.Tensor:
     """kw: moe_experts' options, plus plain=True for the experts as loaded (scale rows unpadded,
     largest scale unknown: two scale multiplies)."""
@@ -200,14 +207,11 @@ def main(argv: list[str] | None = None) -> int:
                 moe_gemv._TILES_OVERRIDE = c
                 rows.append((time_us(lambda: call(x, ids, wts, w, {}), graph=True), c))
             moe_gemv._TILES_OVERRIDE = None
-            rows.sort(key=lambda r: r[0])
-            print(f"gemv T={T} (default {moe_gemv._TILES}): "
-                  + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
-            res[str(T)] = rows
+            res[str(T)] = sweep_rows(f"gemv T={T} (default {moe_gemv._TILES})", rows)
         (args.out / "gemv_sweep.json").write_text(json.dumps(res))
     if args.mma_sweep:
-        # The mma GEMV's warp arrangement (moe_gemv_mma._TILES_OVERRIDE: (WN, WK, prefetch) for gate_up
-        # and for down), every pair count it might serve.
+        # The mma GEMV's warp arrangement (moe_gemv_mma._TILES_OVERRIDE: (WN, WK, U, prefetch) for
+        # gate_up and for down), every pair count it might serve.
         from gptoss_engine.kernels import moe_gemv_mma
         cfgs = [(1, 4, 1, True), (1, 4, 1, False), (1, 4, 2, False), (1, 2, 2, False), (1, 2, 1, True),
                 (1, 1, 1, True), (1, 1, 2, False), (2, 2, 1, True), (1, 8, 1, True)]
@@ -226,10 +230,7 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((time_us(lambda: call(x, ids, wts, w, dict(gemv=True, gemv_mma=True)), graph=True),
                                  f"{which} {c}"))
             moe_gemv_mma._TILES_OVERRIDE = None
-            rows.sort(key=lambda r: r[0])
-            print(f"mma gemv T={T} (default {moe_gemv_mma._TILES}): "
-                  + "; ".join(f"{c} {u:.1f}" for u, c in rows), flush=True)
-            res[str(T)] = rows
+            res[str(T)] = sweep_rows(f"mma gemv T={T} (default {moe_gemv_mma._TILES})", rows)
         (args.out / "mma_sweep.json").write_text(json.dumps(res))
         # Kernel durations at T = 1, eager, each form (the profiler's own view: launch gaps excluded).
         from torch.profiler import ProfilerActivity, profile
