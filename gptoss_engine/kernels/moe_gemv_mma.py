@@ -21,10 +21,11 @@ A[g] and "row b" for A[g+8]; the word dequant (e2m1.E2M1_WORD_ASM) gives pairs (
     mma 2: A = (a.k4k6, b.k4k6, a.k5k7, b.k5k7), B = (x.k4k6, x.k5k7)
 B's column g is token g's x; one pair is one token, so every column holds the same x and every
 column of D the same sums: thread (g, t) ends with row a's and row b's dot over the words of its
-four lane-mates t = 0..3. The layout (size [1, 4] of words, lanes [8, 4], warps [WN, WK]) gives a
-thread 4 consecutive words (one 16-byte load, one scale group) of each of its two rows, and the
-register element j of every lane is the same mma: an accumulator [8 WN, 16 WK] holds 4 chains a
-thread, summed at the end (each lane-mate t holds the same sums, hence the 1/4: exact).
+four lane-mates t = 0..3. The layout (size [1, 4 U] of words, lanes [8, 4], warps [WN, WK]) gives a
+thread 4 U consecutive words (16-byte loads, U scale groups) of each of its two rows, and the
+register element j of every lane is the same mma: an accumulator [8 WN, 16 U WK] holds 4 U chains a
+thread, summed at the end (D's columns 2t and 2t + 1 of each lane-mate t hold the same sums, hence
+the 1/8: exact).
 
     gate_up: program (pair, n-tile of 8 WN (gate, up) row pairs): row a = gate, row b = up, so the
              SwiGLU takes both sums from the same thread -> inter[pair] (bf16, as the grouped kernel)
@@ -88,6 +89,7 @@ MMA_WORD_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM_1MUL.
 # trip's mmas.
 _TILES = ((1, 4, 1, True), (1, 4, 1, True))
 _TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # bench sweeps
+
 
 @gluon.jit
 def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
