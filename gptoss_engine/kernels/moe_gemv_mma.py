@@ -7,8 +7,8 @@ come out of the dequant, with no shared memory and no layout conversion: 229 SAS
 loop trip of 64 weights a thread (3.6 a weight; the dequant is 2.25 of it). That needs each thread
 to hold exactly the A-fragment registers, so the kernels are written in Gluon (explicit layouts)
 and the mma is inline PTX on what each thread holds. Measured (PERF_NOTES v12): 1 token 35-37 us a
-layer against the FMA GEMV's 39-40, 4 tokens ~100 against 117, 8 tokens ~175 against the grouped
-kernel's 189: well short of the instruction ratio, so at batch 1 the GEMV is no longer bound by
+layer against the FMA GEMV's 39-40, 4 tokens ~100 against 117, 8 tokens 183-185 against the
+grouped kernel's 171-190 (even): well short of the instruction ratio, so at batch 1 the GEMV is no longer bound by
 issue but by the bytes each program keeps in flight.
 
 The fragment trick. A thread (g, t) (lane 4g + t) of an m16n8k16 mma supplies A[g][2t, 2t+1],

@@ -42,8 +42,10 @@ from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 # At 32 pairs (20b batch 8) the grouped kernel won, 189 against 213 us (its dequant costs fewer
 # instructions a weight; PERF_NOTES v11); at 16 the GEMV, 118 against 126.
 GEMV_MAX_PAIRS = 16
-# The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x): at 32 pairs it beat the grouped kernel,
-# 171 against 184 us; at 64 pairs it lost, 325 against 232 (PERF_NOTES v12).
+# The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x). At 32 pairs the kernel bench had the two
+# even (mma 183-185 us, grouped 171-190 over three runs), but decode batch 8 went 1,236 -> 1,289 tok/s
+# (20b, same run) and 722 -> 836 (120b: 32 pairs spread over 128 experts' tiles); at 64 pairs the
+# GEMV lost, 314-346 against 232-237 (PERF_NOTES v12).
 GEMV_MMA_MAX_PAIRS = 32
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
 # multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels. The same with bf16
