@@ -103,6 +103,7 @@ def finalize_model(model: GptOssForCausalLM, device: torch.device | str) -> GptO
     if left:
         raise CheckpointError(f"tensors never loaded: {left[:5]}{' ...' if len(left) > 5 else ''}")
     if torch.device(device).type == "cuda":
+        model.model.rotary_emb.cache(model.config.max_position_embeddings, model.model.embed_tokens.weight.dtype)
         for layer in model.model.layers:
             layer.self_attn.fuse_qkv()
             layer.mlp.experts.to_kernel_layout()

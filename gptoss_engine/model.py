@@ -31,6 +31,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and x.dim() == 2 and (fused := _rmsnorm()) is not None:
+            return fused(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
@@ -45,12 +47,38 @@ class RMSNorm(nn.Module):
 
 
 @functools.cache
+def _rmsnorm() -> Callable[..., torch.Tensor] | None:
+    try:
+        from gptoss_engine.kernels.norm import rmsnorm
+    except ImportError:
+        return None
+    return rmsnorm
+
+
+@functools.cache
 def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     try:
         from gptoss_engine.kernels.norm import add_rmsnorm
     except ImportError:
         return None
     return add_rmsnorm
+
+
+@functools.cache
+def _dense_gemv() -> tuple[Callable[..., bool], Callable[..., torch.Tensor]] | None:
+    try:
+        from gptoss_engine.kernels.gemv import dense_gemv, gemv_takes
+    except ImportError:
+        return None
+    return gemv_takes, dense_gemv
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
+    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs."""
+    if x.is_cuda and (g := _dense_gemv()) is not None and g[0](x, w):
+        return g[1](x, w, b)
+    return torch.nn.functional.linear(x, w, b)
 
 
 @functools.cache
@@ -105,7 +133,7 @@ class Attention(nn.Module):
         # K/V of this step go into the cache first, so the attention reads the step's own keys
         # through the same block table as the cached context.
         if self.qkv_weight is not None and x.is_cuda and (rotary_kv := _rotary_store_kv()) is not None:
-            qkv = torch.nn.functional.linear(x, self.qkv_weight, self.qkv_bias)
+            qkv = _linear(x, self.qkv_weight, self.qkv_bias)
             rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache
             q = qkv[:, :hq * d].view(t, hq, d)
         else:
@@ -113,7 +141,7 @@ class Attention(nn.Module):
             k = apply_rotary(self.k_proj(x).view(t, hkv, d), cos, sin)
             write_kv(pool, self.layer_in_pool, slots, k, self.v_proj(x).view(t, hkv, d))
         o = paged_attention(q, pool, self.layer_in_pool, tables, batch, self.sinks, self.scale, self.window)
-        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+        return _linear(o.reshape(t, self.num_heads * self.head_dim), self.o_proj.weight, self.o_proj.bias)
 
 
 class Router(nn.Module):
@@ -193,8 +221,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 batch: StepBatch, kv: KVCache, next_norm: RMSNorm | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x: residual stream, h: input_layernorm(x) (computed by the previous layer's fused add+norm).
-        Returns (x + attn + mlp, next_norm of it), next_norm None for the last layer (the final norm
-        runs on the logits rows only)."""
+        Returns (x + attn + mlp, next_norm of it); with next_norm None (the last layer off CUDA, where
+        the final norm runs on the logits rows only) just x + attn + mlp."""
         x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
         delta = self.mlp(h)
         if next_norm is None:
@@ -250,8 +278,16 @@ class GptOssForCausalLM(nn.Module):
         cos, sin = self.model.rotary_emb(batch.positions, x.dtype)
         layers = self.model.layers
         h = layers[0].input_layernorm(x)
+        # On CUDA the last layer's fused add + norm applies the final norm to every row (one launch,
+        # where the add, the gather and the torch norm took ~9 at decode).
+        fused_tail = x.is_cuda and _add_rmsnorm() is not None
         for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else None
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else (self.model.norm if fused_tail else None)
             x, h = layer(x, h, cos, sin, batch, kv, next_norm)
-        x = self.model.norm(x[batch.logits_indices])
-        return self.lm_head(x).float()
+        if fused_tail:
+            # Every sequence has at least one token, so as many logits rows as tokens (a decode step)
+            # means every row, in order: no gather.
+            h = h if batch.logits_indices.shape[0] == h.shape[0] else h[batch.logits_indices]
+        else:
+            h = self.model.norm(x[batch.logits_indices])
+        return _linear(h, self.lm_head.weight, None).float()

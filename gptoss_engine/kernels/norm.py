@@ -53,19 +53,23 @@ def _sum_pairs(y_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, out_ptr, H, s_y, s_bias
 def _add_rmsnorm(x_ptr, d_ptr, w_ptr, sum_ptr, h_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, H, eps,
                  s_x, s_d, s_s, s_h, s_bias,
                  BLOCK: tl.constexpr, TOPK: tl.constexpr, ROWS: tl.constexpr, WEIGHTED: tl.constexpr):
-    """TOPK = 0: d is a [T, H] delta; else d is PairOutputs.y, summed here (and rounded to the sum's
-    dtype, as the stand-alone sum would store it)."""
+    """TOPK = 0: d is a [T, H] delta; TOPK < 0: no delta (x's norm only); else d is PairOutputs.y,
+    summed here (and rounded to the sum's dtype, as the stand-alone sum would store it)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < H
-    x = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0).to(tl.float32)
-    if TOPK == 0:
-        d = tl.load(d_ptr + row * s_d + cols, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(x_ptr + row * s_x + cols, mask=ok, other=0.0)
+    if TOPK < 0:    # no delta: the norm of x alone (nothing to store but h)
+        s = x
     else:
-        d = _pair_delta(d_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, row, cols, ok, s_d, s_bias, TOPK, ROWS, WEIGHTED)
-        d = d.to(sum_ptr.dtype.element_ty).to(tl.float32)
-    s = (x + d).to(sum_ptr.dtype.element_ty)
-    tl.store(sum_ptr + row * s_s + cols, s, mask=ok)
+        if TOPK == 0:
+            d = tl.load(d_ptr + row * s_d + cols, mask=ok, other=0.0).to(tl.float32)
+        else:
+            d = _pair_delta(d_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, row, cols, ok, s_d, s_bias, TOPK, ROWS,
+                            WEIGHTED)
+            d = d.to(sum_ptr.dtype.element_ty).to(tl.float32)
+        s = (x.to(tl.float32) + d).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * s_s + cols, s, mask=ok)
     h = s.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, 0) / H + eps)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
@@ -124,3 +128,19 @@ def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor | PairOutputs, weight: torc
                        total.stride(0), h.stride(0), s_bias, BLOCK=block, num_warps=8 if block >= 2048 else 4,
                        **flags)
     return total, h
+
+
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rmsnorm(x) * weight [T, H] in x's dtype: add_rmsnorm's kernel with no delta (the first layer's
+    input norm)."""
+    T, H = x.shape
+    if weight.shape != (H,):
+        raise ValueError(f"rmsnorm: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    x = x.contiguous()
+    h = torch.empty_like(x)
+    if T == 0:
+        return h
+    block = triton.next_power_of_2(H)
+    _add_rmsnorm[(T,)](x, x, weight, x, h, x, x, x, x, H, float(eps), x.stride(0), 0, 0, h.stride(0), 0,
+                       BLOCK=block, num_warps=8 if block >= 2048 else 4, TOPK=-1, ROWS=False, WEIGHTED=False)
+    return h

@@ -97,3 +97,24 @@ def test_add_rmsnorm_rejects_pairs_of_other_tokens(device: str) -> None:
     x = torch.randn(2, 64, device=device, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="add_rmsnorm"):
         add_rmsnorm(x, p, torch.ones(64, device=device), 1e-5)
+
+
+@pytest.mark.parametrize("rows,hidden", [(1, 2880), (9, 96)])
+def test_rmsnorm_matches_torch(device: str, rows: int, hidden: int) -> None:
+    """The first layer's input norm (no delta) against model.RMSNorm's torch path on the CPU; on
+    CUDA, RMSNorm itself dispatches to the kernel."""
+    from gptoss_engine.kernels.norm import rmsnorm
+    gen = torch.Generator().manual_seed(rows + hidden)
+    norm = RMSNorm(hidden, 1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(hidden, generator=gen) + 0.5)
+    x = (torch.randn(rows, hidden, generator=gen) * 3).to(torch.bfloat16)
+    want = norm(x).double()
+    norm = norm.to(device)
+    h = rmsnorm(x.to(device), norm.weight, norm.eps)
+    assert h.dtype == torch.bfloat16 and h.shape == (rows, hidden)
+    assert ((h.double().cpu() - want).norm() / want.norm()).item() < 1e-2
+    if device == "cuda":
+        assert torch.equal(norm(x.to(device)), h)
+    with pytest.raises(ValueError, match="rmsnorm"):
+        rmsnorm(x.to(device), norm.weight[1:], norm.eps)

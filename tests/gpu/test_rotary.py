@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from gptoss_engine.attention import write_kv_reference
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.presets import preset
 from gptoss_engine.rope import apply_rotary
 
 pytestmark = pytest.mark.gpu
@@ -67,3 +69,25 @@ def test_fused_qkv_is_views_of_one_weight() -> None:
     fused = torch.nn.functional.linear(x, attn.qkv_weight, attn.qkv_bias)
     assert torch.allclose(torch.cat(before, dim=1), fused, atol=1e-6)
     assert set(model.state_dict()) >= {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.v_proj.bias"}
+
+
+def test_rope_table_gives_the_computed_bits(device: str) -> None:
+    """RotaryEmbedding.cache (finalize_model on CUDA): gathered rows equal the per-step computation,
+    bit for bit on CUDA (the same element-wise ops on the same values)."""
+    from gptoss_engine.rope import RotaryEmbedding
+    config = ModelConfig.from_dict(preset("20b"))
+    rope = RotaryEmbedding(config).to(device)
+    positions = torch.tensor([0, 1, 4095, 4096, 70000, 131071, 17], device=device)
+    want = rope(positions, torch.bfloat16)
+    rope.cache(config.max_position_embeddings, torch.bfloat16)
+    assert rope.table is not None and rope.table.shape == (config.max_position_embeddings, 2, config.head_dim // 2)
+    got = rope(positions, torch.bfloat16)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.stride(1) == 1
+        if device == "cuda":
+            assert torch.equal(g, w)
+        else:
+            assert torch.allclose(g.float(), w.float(), atol=1e-2)
+    # Another dtype than the table's: computed, not gathered.
+    f32 = rope(positions, torch.float32)
+    assert f32[0].dtype == torch.float32

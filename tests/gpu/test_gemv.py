@@ -1,0 +1,69 @@
+"""kernels/gemv.dense_gemv (the projections' decode GEMV) against an fp32 reference and F.linear."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+
+@pytest.fixture
+def cuda(device: str, interpreted: bool) -> str:
+    if interpreted:
+        pytest.skip("Gluon cp.async ring: GPU only")
+    return device
+
+
+@pytest.mark.parametrize("n,k", [(5120, 2880), (2880, 4096), (37, 272), (3, 16)])
+@pytest.mark.parametrize("t", [1, 2])
+def test_dense_gemv_matches_fp32_reference(cuda: str, n: int, k: int, t: int) -> None:
+    """Row counts that leave a partial program, K that leaves a partial trip (272 = 256 + 16) or is
+    shorter than one (16), one and two tokens, with and without bias, every ring config."""
+    from gptoss_engine.kernels import gemv
+    gen = torch.Generator(device=cuda).manual_seed(n * 31 + k + t)
+    x = torch.randn(t, k, generator=gen, device=cuda).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device=cuda) * 0.05).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen, device=cuda).to(torch.bfloat16)
+    # float64 on the CPU: no TF32 or split-K in the reference.
+    ref = (x.double().cpu() @ w.double().cpu().T + b.double().cpu()).float().to(cuda)
+    for cfg in ((1, 3), (2, 4), (4, 8)):
+        gemv._CONFIG_OVERRIDE = cfg
+        try:
+            y = gemv.dense_gemv(x, w, b)
+            y_nb = gemv.dense_gemv(x, w)
+        finally:
+            gemv._CONFIG_OVERRIDE = None
+        assert y.shape == (t, n) and y.dtype == torch.bfloat16
+        # One bf16 rounding of an fp32 sum: within 2 ulp of the reference's rounding.
+        tol = ref.abs() * 2 ** -7 + 1e-3
+        assert ((y.float() - ref).abs() <= tol).all(), (cfg, (y.float() - ref).abs().max().item())
+        ref_nb = ref - b.float()
+        assert ((y_nb.float() - ref_nb).abs() <= ref_nb.abs() * 2 ** -7 + 1e-3).all(), cfg
+        lin = F.linear(x, w, b).float()
+        assert ((y.float() - lin).abs() <= 2 * tol).all(), cfg
+
+
+def test_dense_gemv_strided_x_rows(cuda: str) -> None:
+    """x may be a row slice of a wider tensor (the attention output view), rows 16-byte aligned."""
+    from gptoss_engine.kernels.gemv import dense_gemv, gemv_takes
+    gen = torch.Generator(device=cuda).manual_seed(3)
+    wide = torch.randn(2, 4096 + 64, generator=gen, device=cuda).to(torch.bfloat16)
+    x = wide[:, :4096]
+    w = (torch.randn(64, 4096, generator=gen, device=cuda) * 0.05).to(torch.bfloat16)
+    assert gemv_takes(x, w)
+    ref = x.float() @ w.float().T
+    assert ((dense_gemv(x, w).float() - ref).abs() <= ref.abs() * 2 ** -7 + 1e-3).all()
+
+
+def test_dense_gemv_refuses_what_it_cannot_read(cuda: str) -> None:
+    from gptoss_engine.kernels.gemv import MAX_TOKENS, dense_gemv, gemv_takes
+    w = torch.zeros(16, 64, device=cuda, dtype=torch.bfloat16)
+    bad = {"fp32 x": torch.zeros(1, 64, device=cuda),
+           "too many tokens": torch.zeros(MAX_TOKENS + 1, 64, device=cuda, dtype=torch.bfloat16),
+           "misaligned rows": torch.zeros(2, 65, device=cuda, dtype=torch.bfloat16)[:, 1:],
+           "row stride 72": torch.zeros(2, 72, device=cuda, dtype=torch.bfloat16)[:, :64],
+           "K mismatch": torch.zeros(1, 72, device=cuda, dtype=torch.bfloat16)}
+    for why, x in bad.items():
+        if why != "K mismatch":
+            assert not gemv_takes(x, w), why
+        with pytest.raises(ValueError, match="dense_gemv"):
+            dense_gemv(x, w)
