@@ -2,8 +2,9 @@
 
 The two gpt-oss projection shapes (q|k|v 5120 x 2880 and o 2880 x 4096, both models) and lm_head
 (201088 x 2880) at T = 1..8 tokens. Each timing is a CUDA graph of calls that cycle through copies of
-the weight (200 MB or more in all, 4x the 50 MB L2), as a decode step meets each layer's weights cold; median of 20 replays.
-Every form is first checked against an fp32 reference. Prints us and weight GB/s; --sweep times
+the weight (200 MB or more in all, 4x the 50 MB L2), as a decode step meets each layer's weights
+cold; median of 20 replays.
+Every form is first checked against an fp32 reference. Prints us and weight TB/s; --sweep times
 every (rows a program, ring stages) config; writes JSON to --out.
 
     python3 -m bench.gemv_bench --sweep --out $OUT

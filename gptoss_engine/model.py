@@ -281,8 +281,9 @@ class GptOssForCausalLM(nn.Module):
         # On CUDA the last layer's fused add + norm applies the final norm to every row (one launch,
         # where the add, the gather and the torch norm took ~9 at decode).
         fused_tail = x.is_cuda and _add_rmsnorm() is not None
+        last_norm = self.model.norm if fused_tail else None
         for i, layer in enumerate(layers):
-            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else (self.model.norm if fused_tail else None)
+            next_norm = layers[i + 1].input_layernorm if i + 1 < len(layers) else last_norm
             x, h = layer(x, h, cos, sin, batch, kv, next_norm)
         if fused_tail:
             # Every sequence has at least one token, so as many logits rows as tokens (a decode step)

@@ -94,7 +94,8 @@ def _has_cp_async(device: torch.device) -> bool:
 
 def gemv_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether dense_gemv takes these operands (the caller's test; cuBLAS otherwise)."""
-    return (x.is_cuda and _has_cp_async(x.device) and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS and x.dtype == w.dtype == torch.bfloat16
+    return (x.is_cuda and _has_cp_async(x.device) and x.dim() == 2 and 0 < x.shape[0] <= MAX_TOKENS
+            and x.dtype == w.dtype == torch.bfloat16
             and x.stride(1) == 1 and w.stride(1) == 1 and w.shape[1] % 8 == 0
             and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
             # Row strides that Triton's launcher marks divisible by 16 elements: only then does it
