@@ -5,7 +5,7 @@ At batch 1 the q|k|v (5120 x 2880) and o (2880 x 4096) projections are 53 MB of 
 cuBLAS streamed at ~2 TB/s (ncu at 7fbf131: GEMV-shaped GEMMs of 80-96 CTAs, 56-62% of DRAM's
 peak, and o adds a split-K reduce launch); lm_head (1.16 GB) ran at 2.4-2.8 TB/s. A GEMV does one
 FMA a weight a token, so what matters is the bytes each SM keeps in flight. Here one warp is one
-program: it owns R weight rows and streams them in trips of 256 columns through a ring of S
+program: it owns R weight rows and streams them in trips of 256 columns (32 lanes x 8 bf16) through a ring of S
 shared-memory stages filled by cp.async (16 bytes a lane a row a trip), so S - 1 trips are in flight
 without holding registers; x's columns of the trip travel in the same stage. Every lane reads back
 only the bytes it copied itself (cp.async.wait_group orders a thread's own copies), so the ring
@@ -15,7 +15,7 @@ SM, all resident at once).
 Measured (bench/gemv_bench.py, weights cold, H100): 1 token q|k|v 13.4 us against cuBLAS's 13.3,
 o 10.4 against 13.8, lm_head 386 against 485 (3.0 TB/s). The kernel takes any token count (one
 accumulator a token), but from 3 tokens cuBLAS is as fast or faster on q|k|v (4 tokens: 13.6
-against 15.3-16.7 us): MAX_TOKENS is 2.
+against 15.3-17.6 us): MAX_TOKENS is 2.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-BK = 256             # columns a trip: 32 lanes x 8 bf16 (one 16-byte copy a lane a row)
 MAX_TOKENS = 2       # see the docstring
 _CONFIG = (2, 4)     # (R rows a program, S ring stages)
 _CONFIG_OVERRIDE: tuple[int, int] | None = None   # bench sweeps
