@@ -141,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--commit", default="unknown")
     p.add_argument("--gemv-sweep", action="store_true", help="sweep the small-batch GEMV's tile constants")
     p.add_argument("--mma-sweep", action="store_true", help="sweep the mma GEMV's warp arrangement")
+    p.add_argument("--split-sweep", default="", help="token counts (e.g. 64,256) at which to vary the grouped "
+                   "kernel's gate_up and down tiles one kernel at a time")
     p.add_argument("--profile-tokens", type=int, default=0, help="kernel table of both prefill paths at this T")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -246,6 +248,37 @@ def main(argv: list[str] | None = None) -> int:
                 torch.cuda.synchronize()
             table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=8, max_name_column_width=50)
             print(f"kernels T=1 {name} (20 calls):\n{table}", flush=True)
+    if args.split_sweep:
+        # Tiles.down lets the down kernel differ from gate_up: each kernel's tiles varied with the
+        # other's at the default.
+        res = {}
+        for T in (int(t) for t in args.split_sweep.split(",")):
+            ids, wts = routing(T, E, k, gen)
+            x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+            base = dataclasses.replace(_tiles(T * k, E, True), down=None)
+            down0 = _tiles(T * k, E, True).down or base
+            # (bn 32 and 256, 8 warps, and register caps of 96 or 128 lost at T = 64 and 256 for both
+            # kernels: bench/results/decode_v14/split_sweep*.json.)
+            grid = [dataclasses.replace(base, bn=n, stages=st) for n in (64, 128) for st in (3, 4)]
+            grid += [dataclasses.replace(base, bn=n, bk=256) for n in (64, 128)]
+            rows = [(time_us(lambda: call(x, ids, wts, w, {}), graph=True), "default")]
+            ref = call(x, ids, wts, w, {}).float()
+            for which in ("gate_up", "down"):
+                for c in grid:
+                    if c == base:
+                        continue
+                    t = dataclasses.replace(base, down=c) if which == "down" else dataclasses.replace(c, down=down0)
+                    try:
+                        got = call(x, ids, wts, w, dict(tiles=t)).float()
+                        if not ((got - ref).norm() / ref.norm()).item() < 1e-2:
+                            bad.append(f"split sweep T={T} {which} {c}")
+                        us = time_us(lambda: call(x, ids, wts, w, dict(tiles=t)), graph=True)
+                    except Exception as e:  # noqa: BLE001 -- a config Triton cannot build (registers, smem)
+                        print(f"T={T} {which} {c}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                        continue
+                    rows.append((us, f"{which} bn{c.bn} bk{c.bk} w{c.warps} st{c.stages}"))
+            res[str(T)] = sweep_rows(f"split sweep T={T} (default {base})", rows)
+        (args.out / "split_sweep.json").write_text(json.dumps(res))
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile
         T = args.profile_tokens

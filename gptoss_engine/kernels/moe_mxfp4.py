@@ -249,6 +249,9 @@ class Tiles:
     stages: int
     mode: int = 0       # MODE_DOT_SCALED / MODE_FP32 / MODE_ASM / MODE_ASM1 (the kernel's constexprs)
     swap: bool = False  # weights as the left MMA operand (_expert_tile)
+    # The down kernel's own tiles where they differ (its bm and mode are this one's: the two share the
+    # routing and the dequant); None: these.
+    down: Tiles | None = None
 
 
 @functools.cache
@@ -264,11 +267,15 @@ def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
     row blocks as possible (every block dequantizes the weights again)."""
     rows_per_expert = num_pairs / num_experts
     if sm90:
+        # The down kernel (K = I, N = H) takes twice the output rows a program: T=64 270 -> 255 us a
+        # layer, T=256 463 -> 438, T=1024 1166 -> 1085 (each kernel's tiles swept with the other's
+        # fixed; gate_up keeps 64, PERF_NOTES v14).
+        down = Tiles(0, 128, 128, 4, 3, MODE_ASM, True)
         if rows_per_expert <= 16:
-            return Tiles(16, 64, 128, 4, 3, MODE_ASM, True)
+            return Tiles(16, 64, 128, 4, 3, MODE_ASM, True, down=down)
         if rows_per_expert <= 48:
-            return Tiles(32, 64, 128, 4, 3, MODE_ASM, True)
-        return Tiles(64, 64, 128, 4, 3, MODE_ASM, True)     # T=1024: 1211 us; 128-row blocks 1258
+            return Tiles(32, 64, 128, 4, 3, MODE_ASM, True, down=down)
+        return Tiles(64, 64, 128, 4, 3, MODE_ASM, True, down=down)     # 128-row blocks lost (v6)
     if rows_per_expert <= 16:
         return Tiles(16, 64, 128, 4, 4)
     if rows_per_expert <= 64:
@@ -348,8 +355,9 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     elif t.mode == MODE_ASM and one_mul:
         t = dataclasses.replace(t, mode=int(MODE_ASM1))
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
+    td = t if t.down is None else dataclasses.replace(t.down, bm=bm, mode=t.mode)
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
-    pad_gu, pad_d = mxfp4.unmasked_scale_reads(gu_scl, bk), mxfp4.unmasked_scale_reads(d_scl, bk)
+    pad_gu, pad_d = mxfp4.unmasked_scale_reads(gu_scl, bk), mxfp4.unmasked_scale_reads(d_scl, td.bk)
     r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
@@ -362,11 +370,12 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, num_warps=warps, num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
-    grid = (cap // bm, triton.cdiv(H, bn))
+    grid = (cap // bm, triton.cdiv(H, td.bn))
     _down_kernel[grid](
         inter, d_blk, d_scl, d_bias, weights, pair_out, r.sorted_pair, r.block_expert,
         num_pairs, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
-        BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_d, num_warps=warps, num_stages=stages)
+        BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, num_warps=td.warps,
+        num_stages=td.stages)
     return PairOutputs(pair_out, k, x.dtype)

@@ -49,6 +49,9 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
     for mode in (0, 3):
         for swap in (False, True):
             out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
+            # The down kernel on tiles of its own (as _tiles picks at decode sizes), even the other swap.
+            split = Tiles(16, 64, 128, 4, 3, mode, swap, down=Tiles(0, 32, 64, 8, 2, mode, not swap))
+            out.append((f"mode{mode} swap{swap} split", dict(tiles=split)))
             if tokens > 64:
                 out.append((f"mode{mode} swap{swap} big", dict(tiles=Tiles(64, 128, 64, 4, 3, mode, swap))))
     return out
