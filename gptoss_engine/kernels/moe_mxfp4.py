@@ -45,8 +45,19 @@ GEMV_MAX_PAIRS = 16
 # The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x). At 32 pairs the kernel bench had the two
 # even (mma 183-185 us, grouped 171-190 over three runs), but decode batch 8 went 1,236 -> 1,289 tok/s
 # (20b, same run) and 722 -> 836 (120b: 32 pairs spread over 128 experts' tiles); at 64 pairs the
-# GEMV lost, 314-346 against 232-237 (PERF_NOTES v12).
+# GEMV lost, 314-346 against 232-237 (PERF_NOTES v12). With many experts the pairs rarely share one,
+# so the grouped kernel's one read an expert saves little: up to E/2 pairs take the GEMV when that is
+# more (120b, E = 128: batch 16 went 950 -> 1,028 tok/s; at 128 pairs, batch 32, the grouped kernel
+# still won, 1,258 against 1,143; 20b batch 8 was even with the grouped kernel's new down tiles,
+# 1,286 against 1,274, so 32 stays; PERF_NOTES v14).
 GEMV_MMA_MAX_PAIRS = 32
+
+
+def gemv_mma_max_pairs(num_experts: int) -> int:
+    """Most (token, expert) pairs the mma GEMV takes for experts of this count."""
+    return max(GEMV_MMA_MAX_PAIRS, num_experts // 2)
+
+
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
 # multiplied by torch's grouped GEMM (moe_grouped_mm) instead of the fused kernels. The same with bf16
 # expert copies kept (no dequant pass): below it the bf16 grouped GEMM lost to the packed kernels too
@@ -305,7 +316,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     interpret=True runs the fp32 hand-dequant mode (Triton's CPU interpreter has no dot_scaled and no
     bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
     gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS
-    (GEMV_MMA_MAX_PAIRS where the mma form runs).
+    (gemv_mma_max_pairs(E) where the mma form runs).
     grouped_mm: likewise for the prefill path (moe_grouped_mm); None picks it on sm_90 from
     GROUPED_MM_MIN_ROWS mean rows per expert. gemv_asm: the GEMV's PTX dequant (default: on sm_90).
     gemv_mma: the GEMV on mma.sync (moe_gemv_mma; default: where the PTX dequant runs, x is bf16 and
@@ -339,7 +350,8 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     one_mul = w.scale_max is not None and w.scale_max <= 128
     asm = sm90 if gemv_asm is None else gemv_asm
     mma = gemv_mma if gemv_mma is not None else (asm and mma_gemv_takes(x))
-    if gemv if gemv is not None else (num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS) and tiles is None):
+    gemv_pairs = gemv_mma_max_pairs(E) if mma else GEMV_MAX_PAIRS
+    if gemv if gemv is not None else (num_pairs <= gemv_pairs and tiles is None):
         if mma:
             return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                         swiglu_limit, alpha, one_mul=one_mul)
