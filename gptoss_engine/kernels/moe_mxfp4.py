@@ -350,8 +350,9 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     one_mul = w.scale_max is not None and w.scale_max <= 128
     asm = sm90 if gemv_asm is None else gemv_asm
     mma = gemv_mma if gemv_mma is not None else (asm and mma_gemv_takes(x))
-    gemv_pairs = gemv_mma_max_pairs(E) if mma else GEMV_MAX_PAIRS
-    if gemv if gemv is not None else (num_pairs <= gemv_pairs and tiles is None):
+    if gemv is None:
+        gemv = tiles is None and num_pairs <= (gemv_mma_max_pairs(E) if mma else GEMV_MAX_PAIRS)
+    if gemv:
         if mma:
             return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                         swiglu_limit, alpha, one_mul=one_mul)
