@@ -12,13 +12,13 @@ import base64
 import json
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
 
+from registry.embedded_etcd import free_ports
 from registry.keys import namespace_prefix
 from registry.record import InstanceRecord
 from tests.systemd.nspawn import Container, booted, rootfs, wait_for, why_unusable
@@ -34,16 +34,6 @@ SERVED = "tiny-gptoss"
 WORKERS = ("gptoss-prefill.service", "gptoss-decode.service")
 STACK = (*WORKERS, "gptoss-frontend.service")
 START_TIMEOUT = 240                # three daemons importing torch on two shared cores
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 class Stack:
