@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mma-sweep", action="store_true", help="sweep the mma GEMV's warp arrangement")
     p.add_argument("--split-sweep", default="", help="token counts (e.g. 64,256) at which to vary the grouped "
                    "kernel's gate_up and down tiles one kernel at a time")
+    p.add_argument("--token-sweep", default="", help="token counts (e.g. 1,8,64) at which to time the "
+                   "token-grouped mma GEMV (each chunk count and warp arrangement) against the other forms")
     p.add_argument("--profile-tokens", type=int, default=0, help="kernel table of both prefill paths at this T")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -281,6 +283,35 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append((us, f"{which} bn{c.bn} bk{c.bk} w{c.warps} st{c.stages}"))
             res[str(T)] = sweep_rows(f"split sweep T={T} (default {base})", rows)
         (args.out / "split_sweep.json").write_text(json.dumps(res))
+    if args.token_sweep:
+        # The token-grouped mma GEMV (moe_gemv_mma._gate_up_tok / _down_tok) against the per-pair mma
+        # GEMV and the grouped kernel, routing included, each checked against the first's output.
+        from gptoss_engine.kernels import moe_gemv_mma
+        res = {}
+        for T in (int(t) for t in args.token_sweep.split(",")):
+            ids, wts = routing(T, E, k, gen)
+            x = torch.randn(T, H, generator=gen, device="cuda").to(torch.bfloat16)
+            ref = call(x, ids, wts, w, dict(gemv=False)).float()
+            forms = [("grouped", dict(gemv=False)), ("default", {}), ("tokens", dict(gemv_tokens=True))]
+            if T * k <= 64:
+                forms.append(("per-pair mma", dict(gemv=True, gemv_mma=True)))
+            rows = []
+            for name, kw in forms:
+                rel = ((call(x, ids, wts, w, kw).float() - ref).norm() / ref.norm()).item()
+                if not rel < 1e-2:
+                    bad.append(f"token sweep T={T} {name}: rel {rel:.3g}")
+                rows.append((time_us(lambda: call(x, ids, wts, w, kw), graph=True), name))
+            # (WN, WK, U, prefetch) of both kernels, around the default (1, 4, 1, True).
+            for tile in ((1, 2, 1, True), (2, 2, 1, True), (1, 8, 1, True), (1, 4, 1, False), (1, 4, 2, False)):
+                moe_gemv_mma._TOK_TILES_OVERRIDE = (tile, tile)
+                rel = ((call(x, ids, wts, w, dict(gemv_tokens=True)).float() - ref).norm() / ref.norm()).item()
+                if not rel < 1e-2:
+                    bad.append(f"token sweep T={T} {tile}: rel {rel:.3g}")
+                rows.append((time_us(lambda: call(x, ids, wts, w, dict(gemv_tokens=True)), graph=True),
+                             f"tokens {tile}"))
+            moe_gemv_mma._TOK_TILES_OVERRIDE = None
+            res[str(T)] = sweep_rows(f"token sweep T={T} (E={E}, tiles {moe_gemv_mma._TOK_TILES})", rows)
+        (args.out / f"token_sweep{args.tag}.json").write_text(json.dumps(res))
     if args.profile_tokens:
         from torch.profiler import ProfilerActivity, profile
         T = args.profile_tokens

@@ -92,17 +92,16 @@ _TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] |
 
 
 @gluon.jit
-def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
-           L: gl.constexpr, W: gl.constexpr):
-    """One trip from word kw0: words [R, W] of rows a and b (int32), their scale operands, and x's
-    words as two int64 [W] (codes 0-3, 4-7 of each word). Zeros (no memory touched) past KW."""
+def _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
+                  L: gl.constexpr, W: gl.constexpr):
+    """One trip's weights from word kw0: words [R, W] of rows a and b (int32) and their scale
+    operands. Zeros (no memory touched) past KW."""
     j = gl.arange(0, W, layout=gl.SliceLayout(0, L))
     wd = kw0 + j
     # Masked by scale group (4 words; KW is a multiple of 4): a mask constant over a thread's 4 words
     # lets their load be one 16-byte load, where `wd < KW` would split it (KW's divisibility is unknown).
     g1 = kw0 // 4 + j // 4
-    live = g1 < KW // 4
-    live2 = gl.expand_dims(live, 0)
+    live2 = gl.expand_dims(g1 < KW // 4, 0)
     wd2 = gl.expand_dims(wd, 0)
     grp = gl.expand_dims(g1, 0)
     ma = gl.expand_dims(ok_a, 1) & live2
@@ -121,6 +120,18 @@ def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn,
     else:
         sa = sa * 0x00800080 + 63 * 0x00800080
         sb = sb * 0x00800080 + 63 * 0x00800080
+    return wa, wb, sa, sb
+
+
+@gluon.jit
+def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
+           L: gl.constexpr, W: gl.constexpr):
+    """One trip from word kw0: _weight_loads, and x's words as two int64 [W] (codes 0-3, 4-7 of each
+    word). Zeros (no memory touched) past KW."""
+    wa, wb, sa, sb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL, L, W)
+    j = gl.arange(0, W, layout=gl.SliceLayout(0, L))
+    wd = kw0 + j
+    live = (kw0 // 4 + j // 4) < KW // 4
     xp = x_ptr.to(gl.pointer_type(gl.int64))
     x_lo = gl.expand_dims(gl.load(xp + 2 * wd, mask=live, other=0), 0)
     x_hi = gl.expand_dims(gl.load(xp + 2 * wd + 1, mask=live, other=0), 0)
@@ -251,3 +262,210 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
         part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, num_warps=wn_d * wk_d)
     return PairOutputs(part, k, x.dtype)
 
+
+
+# ---------------------------------------------------------------------------------------------------
+# The token-grouped form: one read of an expert's rows for up to 8 of its tokens.
+#
+# The per-pair kernels above put one token in all 8 of B's columns, so each (token, expert) pair
+# streams the expert's rows again and 7/8 of every mma is a copy. Here the pairs are sorted by expert
+# (routing.sort_by_expert, each expert's run padded to 8 rows) and B's column g is sorted row g of a
+# block: a program (row block of one expert, n-tile) dequantizes each weight word once for up to 8
+# tokens, so an expert's rows are read once per 8 of its pairs instead of once per pair. The loop is
+# the per-pair one (_mma, the same asm) with x loaded per lane.
+#
+# Thread (g, t) then holds D[g][2t], D[g][2t+1], D[g+8][2t], D[g+8][2t+1]: row a's and row b's sums for
+# the block's tokens 2t and 2t+1, split over its 4 U chains and the WK warps along k. The epilogue
+# sums those (not across the lane-mates t, which hold other tokens): a reshape of [R, W] to
+# [R, WK, 4, 4 U] names the chain and the lane-mate, and the sums over axes 3 and 1 leave [R, 4].
+#
+# Blocks of 16 or 32 tokens (two or four B operands a dequantized word) were measured and lost at
+# every batch: their registers (96-134 a thread) cost more occupancy than the shared dequant saved
+# (PERF_NOTES v15).
+# ---------------------------------------------------------------------------------------------------
+
+# (WN, WK, U, prefetch) of the token-grouped gate_up and down kernels; x is loaded in the trip that
+# uses it (prefetching it too took 24 more registers and was slower at every size, PERF_NOTES v15).
+_TOK_TILES = ((1, 4, 1, True), (1, 4, 1, True))
+_TOK_TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # sweeps
+
+
+@gluon.jit
+def _tok_x(x_ptr, x_off, x_ok, kw0, KW, L: gl.constexpr, W: gl.constexpr):
+    """One trip's x: the words of the token in row r's column (r mod 8), from x_off [R, 1] (int64
+    units) where x_ok; two int64 [R, W] (codes 0-3, 4-7 a word). Loaded as [R, 2 W] int64 with a
+    thread's 4 U words' 8 U int64 side by side (16-byte loads), then split into the two halves."""
+    LX: gl.constexpr = gl.BlockedLayout([1, 2 * L.size_per_thread[1]], L.threads_per_warp, L.warps_per_cta, [1, 0])
+    R: gl.constexpr = x_off.shape[0]
+    q = gl.arange(0, 2 * W, layout=gl.SliceLayout(0, LX))
+    live = gl.expand_dims((kw0 // 4 + q // 8) < KW // 4, 0)
+    xp = x_ptr.to(gl.pointer_type(gl.int64))
+    v = gl.load(xp + gl.convert_layout(x_off, LX) + gl.expand_dims(2 * kw0 + q, 0),
+                mask=gl.convert_layout(x_ok, LX) & live, other=0)
+    lo, hi = gl.split(gl.reshape(v, [R, W, 2]))
+    return gl.convert_layout(lo, L), gl.convert_layout(hi, L)
+
+
+@gluon.jit
+def _tok_rows(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn,
+              ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr):
+    """The accumulator quad [R, W] x 4 over k in [0, 8 KW). PREFETCH: the next trip's weights are
+    loaded before this trip's mmas."""
+    z = gl.zeros([R, W], gl.float32, L)
+    acc = (z, z, z, z)
+    if PREFETCH:
+        wa, wb, sa, sb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, 0, KW, s_wn, s_sn, ONE_MUL, L, W)
+        for kw0 in range(0, KW, W):
+            nwa, nwb, nsa, nsb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0 + W, KW, s_wn, s_sn,
+                                               ONE_MUL, L, W)
+            x_lo, x_hi = _tok_x(x_ptr, x_off, x_ok, kw0, KW, L, W)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            wa, wb, sa, sb = nwa, nwb, nsa, nsb
+    else:
+        for kw0 in range(0, KW, W):
+            wa, wb, sa, sb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL,
+                                           L, W)
+            x_lo, x_hi = _tok_x(x_ptr, x_off, x_ok, kw0, KW, L, W)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+    return acc
+
+
+@gluon.jit
+def _col_sums(acc, L2: gl.constexpr, R: gl.constexpr, WK: gl.constexpr, U: gl.constexpr):
+    """[R, W] accumulator -> [R, 4] (row, lane-mate t): each thread's chains and the WK warps summed."""
+    return gl.convert_layout(gl.sum(gl.sum(gl.reshape(acc, [R, WK, 4, 4 * U]), axis=3), axis=1), L2)
+
+
+@gluon.jit
+def _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_x, TOPK: gl.constexpr, BY_TOKEN: gl.constexpr):
+    """([R, 1] int64-unit offset of row r's column's x, [R, 1] whether that sorted row is a pair).
+    BY_TOKEN: x rows are tokens (gate_up reads x[pair // k]); else sorted rows (down reads inter)."""
+    row = blk_row0 + r % 8
+    pair = gl.load(sorted_ptr + row)
+    ok = pair < num_pairs
+    if BY_TOKEN:
+        src = (pair // TOPK).to(gl.int64)
+    else:
+        src = row.to(gl.int64)
+    return gl.expand_dims(gl.where(ok, src, 0) * (s_x // 4), 1), gl.expand_dims(ok, 1)
+
+
+@gluon.jit
+def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, num_pairs, H, I, limit,
+                 alpha, s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
+                 TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
+                 PREFETCH: gl.constexpr):
+    """Program (row block m of 8 sorted rows, n-tile of R (gate, up) row pairs) -> inter[sorted row]."""
+    L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
+    L2: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 4 * U], [8, 1, 4, 1],
+                                                                            [WN, WK, 1, 1], [3, 2, 1, 0])))
+    R: gl.constexpr = 8 * WN
+    m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    expert = gl.load(blk_exp_ptr + m)
+    if expert >= 0:     # -1: a block past the last expert's run
+        e64 = expert.to(gl.int64)
+        blk_row0 = m * 8
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        cols = pid_n * R + r
+        ok = cols < I
+        # Biases first, in the epilogue's layout: their latency hides under the loop.
+        cols2 = pid_n * R + gl.arange(0, R, layout=gl.SliceLayout(1, L2))
+        ok2 = cols2 < I
+        b_gate = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + 2 * cols2, mask=ok2, other=0.0), 1)
+        b_up = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + 2 * cols2 + 1, mask=ok2, other=0.0), 1)
+        x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_xt, TOPK, True)
+        acc = _tok_rows(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols, 2 * cols + 1,
+                        ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+        t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
+        for h in gl.static_range(2):
+            # acc[h] (row a = gate) and acc[2 + h] (row b = up): the block's token column 2t + h.
+            gate = gl.minimum(_col_sums(acc[h], L2, R, WK, U) + b_gate.to(gl.float32), limit)
+            up = _col_sums(acc[2 + h], L2, R, WK, U) + b_up.to(gl.float32)
+            up = gl.minimum(gl.maximum(up, -limit), limit)
+            act = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
+            row = blk_row0 + 2 * t + h
+            live = gl.load(sorted_ptr + row) < num_pairs
+            gl.store(inter_ptr + row.to(gl.int64) * s_it + gl.expand_dims(cols2, 1), act.to(gl.bfloat16),
+                     mask=gl.expand_dims(ok2, 1) & live)
+
+
+@gluon.jit
+def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, num_pairs, H, I,
+              s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr):
+    """Program (row block m of 8 sorted rows, n-tile of 2 R output rows) -> part[pair] (weighted,
+    biased; fp32)."""
+    L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
+    L2: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 4 * U], [8, 1, 4, 1],
+                                                                            [WN, WK, 1, 1], [3, 2, 1, 0])))
+    R: gl.constexpr = 8 * WN
+    m = gl.program_id(0)
+    pid_n = gl.program_id(1)
+    expert = gl.load(blk_exp_ptr + m)
+    if expert >= 0:
+        e64 = expert.to(gl.int64)
+        blk_row0 = m * 8
+        r = gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        rows_a = pid_n * 2 * R + r
+        rows_b = rows_a + R
+        ra2 = pid_n * 2 * R + gl.arange(0, R, layout=gl.SliceLayout(1, L2))
+        rb2 = ra2 + R
+        b_a = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + ra2, mask=ra2 < H, other=0.0), 1)
+        b_b = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + rb2, mask=rb2 < H, other=0.0), 1)
+        x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_it, 1, False)
+        acc = _tok_rows(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a, rows_b,
+                        rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+        t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
+        for h in gl.static_range(2):
+            row = blk_row0 + 2 * t + h
+            pair = gl.load(sorted_ptr + row)
+            live = pair < num_pairs
+            wt = gl.load(wts_ptr + pair, mask=live, other=0.0).to(gl.float32)
+            base = part_ptr + pair.to(gl.int64) * s_pt
+            ya = (_col_sums(acc[h], L2, R, WK, U) + b_a.to(gl.float32)) * wt
+            yb = (_col_sums(acc[2 + h], L2, R, WK, U) + b_b.to(gl.float32)) * wt
+            gl.store(base + gl.expand_dims(ra2, 1), ya, mask=gl.expand_dims(ra2 < H, 1) & live)
+            gl.store(base + gl.expand_dims(rb2, 1), yb, mask=gl.expand_dims(rb2 < H, 1) & live)
+
+
+# Rows of a token-grouped block: B's 8 columns.
+TOKEN_BLOCK = 8
+
+
+def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                                sorted_pair: torch.Tensor, block_expert: torch.Tensor,
+                                gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
+                                d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
+                                swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
+    """moe_experts_gemv_mma's contract, token-grouped: sorted_pair / block_expert are
+    routing.sort_by_expert's for row blocks of TOKEN_BLOCK rows."""
+    T, H = x.shape
+    k = topk_ids.shape[1]
+    I = gu_blk.shape[1] // 2
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"the mma GEMV takes bf16 activations, got {x.dtype}")
+    if H % 8 or I % 8:
+        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 8")
+    if not (_aligned(gu_blk, 4) and _aligned(d_blk, 4) and _aligned(x, 8)):
+        raise ValueError("the mma GEMV needs 4-byte aligned packed rows and 8-byte aligned x rows")
+    cap = sorted_pair.numel()
+    if cap % TOKEN_BLOCK or block_expert.numel() != cap // TOKEN_BLOCK:
+        raise ValueError(f"routing for row blocks of {TOKEN_BLOCK}: {cap} rows, {block_expert.numel()} blocks")
+    (wn_gu, wk_gu, u_gu, pf_gu), (wn_d, wk_d, u_d, pf_d) = _TOK_TILES_OVERRIDE or _TOK_TILES
+    n = T * k
+    wts = topk_weights.reshape(-1).contiguous()
+    # inter by sorted row. Who reads what: gate_up writes the rows that hold a pair; down reads only
+    # those (padding rows' x loads are masked), so the rest of the buffer is never touched.
+    inter = torch.empty((cap, I), dtype=torch.bfloat16, device=x.device)
+    _gate_up_tok[(cap // TOKEN_BLOCK, triton.cdiv(I, 8 * wn_gu))](
+        x, sorted_pair, block_expert, gu_blk, gu_scl, gu_bias, inter, n, H, I, float(swiglu_limit), float(alpha),
+        x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
+        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu,
+        num_warps=wn_gu * wk_gu)
+    part = torch.empty((n, H), dtype=torch.float32, device=x.device)
+    _down_tok[(cap // TOKEN_BLOCK, triton.cdiv(H, 16 * wn_d))](
+        inter, sorted_pair, block_expert, wts, d_blk, d_scl, d_bias, part, n, H, I,
+        inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, num_warps=wn_d * wk_d)
+    return PairOutputs(part, k, x.dtype)

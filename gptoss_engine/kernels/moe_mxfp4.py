@@ -3,8 +3,9 @@
 The experts stay in the checkpoint's packed form on the GPU (4.25 bits per weight, so 120b fits
 one 80 GB card; only the scale rows are padded at load, mxfp4.pad_scales) and are dequantized
 inside the kernel: on sm_90 by inline PTX (kernels/e2m1.py) into the register operand of wgmma,
-elsewhere by `tl.dot_scaled` (bf16 activations x e2m1 weights with e8m0 scales). Between 9 and
-~2k tokens this kernel runs; below, the GEMVs (moe_gemv); above, dequant + CUTLASS (moe_grouped_mm).
+elsewhere by `tl.dot_scaled` (bf16 activations x e2m1 weights with e8m0 scales). From a few tokens
+to ~2k this kernel runs; below, the GEMVs (moe_gemv_mma on sm_90 with bf16 activations, up to 4
+mean rows an expert; moe_gemv elsewhere); above, dequant + CUTLASS (moe_grouped_mm).
 
 Routing is turned into a static-shape layout without a host sync (so the whole thing can be
 captured in a CUDA graph): the T*k (token, expert) pairs are sorted by expert (one launch,
@@ -32,7 +33,8 @@ import triton.language as tl
 from gptoss_engine import mxfp4
 from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
-from gptoss_engine.kernels.moe_gemv_mma import mma_gemv_takes, moe_experts_gemv_mma
+from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe_experts_gemv_mma,
+                                                 moe_experts_gemv_mma_tokens)
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
@@ -42,20 +44,14 @@ from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 # At 32 pairs (20b batch 8) the grouped kernel won, 189 against 213 us (its dequant costs fewer
 # instructions a weight; PERF_NOTES v11); at 16 the GEMV, 118 against 126.
 GEMV_MAX_PAIRS = 16
-# The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x). At 32 pairs the kernel bench had the two
-# even (mma 183-185 us, grouped 171-190 over three runs), but decode batch 8 went 1,236 -> 1,289 tok/s
-# (20b, same run) and 722 -> 836 (120b: 32 pairs spread over 128 experts' tiles); at 64 pairs the
-# GEMV lost, 314-346 against 232-237 (PERF_NOTES v12). With many experts the pairs rarely share one,
-# so the grouped kernel's one read an expert saves little: up to E/2 pairs take the GEMV when that is
-# more (120b, E = 128: batch 16 went 950 -> 1,028 tok/s; at 128 pairs, batch 32, the grouped kernel
-# still won, 1,258 against 1,143; 20b batch 8 was even with the grouped kernel's new down tiles,
-# 1,286 against 1,274, so 32 stays; PERF_NOTES v14).
-GEMV_MMA_MAX_PAIRS = 32
-
-
-def gemv_mma_max_pairs(num_experts: int) -> int:
-    """Most (token, expert) pairs the mma GEMV takes for experts of this count."""
-    return max(GEMV_MMA_MAX_PAIRS, num_experts // 2)
+# The same for the mma GEMV (moe_gemv_mma, sm_90 with bf16 x): one (token, expert) pair a program row.
+# Beyond, up to TOKENS_GEMV_MAX_ROWS mean rows per expert, its token-grouped form (an expert's rows read
+# once for up to 8 of its tokens), then the grouped kernel. Kernel times with routing, us a layer
+# (PERF_NOTES v15; per-pair / token-grouped / grouped): 20b T=1 34.0 / 38.9 / 57.5, T=4 101 / 98 / 124,
+# T=8 179 / 133 / 165, T=32 (4 rows an expert) – / 217 / 250, T=64 (8 rows) – / 282 / 254;
+# 120b T=16 358 / 344 / 419, T=64 (2 rows) – / 710 / 848, T=128 (4 rows) – / 842 / 981.
+GEMV_MMA_MAX_PAIRS = 16
+TOKENS_GEMV_MAX_ROWS = 4
 
 
 # From this many mean rows per expert (prefill) the experts are dequantized to bf16 once per layer and
@@ -307,7 +303,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                      swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
                      tiles: Tiles | None = None, gemv: bool | None = None,
                      grouped_mm: bool | None = None, gemv_asm: bool | None = None,
-                     gemv_mma: bool | None = None) -> torch.Tensor | PairOutputs:
+                     gemv_mma: bool | None = None, gemv_tokens: bool | None = None) -> torch.Tensor | PairOutputs:
     """moe_experts before its last step: the k weighted expert outputs of every token, as PairOutputs
     (each path's own form of them), for the next fused add + RMSNorm to sum; dense `w`: the sum.
 
@@ -315,12 +311,15 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     [E, 2I, H/32] u8, gate_up_bias [E, 2I]; down_* likewise with [E, H, I/32, ...]).
     interpret=True runs the fp32 hand-dequant mode (Triton's CPU interpreter has no dot_scaled and no
     bf16 dot). `tiles` overrides _tiles' choice (tests and the bench's sweeps use it).
-    gemv: True/False forces the small-batch GEMV path on/off; None picks it for T*k <= GEMV_MAX_PAIRS
-    (gemv_mma_max_pairs(E) where the mma form runs).
+    gemv: True/False forces the small-batch (per-pair) GEMV path on/off; None picks it for
+    T*k <= GEMV_MAX_PAIRS (GEMV_MMA_MAX_PAIRS where the mma form runs).
     grouped_mm: likewise for the prefill path (moe_grouped_mm); None picks it on sm_90 from
     GROUPED_MM_MIN_ROWS mean rows per expert. gemv_asm: the GEMV's PTX dequant (default: on sm_90).
     gemv_mma: the GEMV on mma.sync (moe_gemv_mma; default: where the PTX dequant runs, x is bf16 and
     its rows are 8-byte aligned); False keeps the FMA GEMV.
+    gemv_tokens: True forces the token-grouped mma GEMV (moe_gemv_mma), False keeps it off; None
+    picks it where the mma form runs, no other path was asked for, and GEMV_MMA_MAX_PAIRS < T*k <=
+    TOKENS_GEMV_MAX_ROWS * E.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -350,8 +349,16 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     one_mul = w.scale_max is not None and w.scale_max <= 128
     asm = sm90 if gemv_asm is None else gemv_asm
     mma = gemv_mma if gemv_mma is not None else (asm and mma_gemv_takes(x))
+    if gemv_tokens is None:
+        gemv_tokens = (mma and gemv is None and tiles is None and grouped_mm is None
+                       and GEMV_MMA_MAX_PAIRS < num_pairs <= TOKENS_GEMV_MAX_ROWS * E)
+    if gemv_tokens:
+        r = _route(topk_ids, E, TOKEN_BLOCK)
+        return moe_experts_gemv_mma_tokens(x, topk_ids, topk_weights, r.sorted_pair, r.block_expert,
+                                           gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias, swiglu_limit, alpha,
+                                           one_mul=one_mul)
     if gemv is None:
-        gemv = tiles is None and num_pairs <= (gemv_mma_max_pairs(E) if mma else GEMV_MAX_PAIRS)
+        gemv = tiles is None and num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS)
     if gemv:
         if mma:
             return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,

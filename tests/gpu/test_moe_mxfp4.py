@@ -46,6 +46,7 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
                 ("gemv", dict(gemv=True))]
     out = [("default", {}), ("gemv", dict(gemv=True)), ("gemv fma", dict(gemv=True, gemv_mma=False)),
            ("gemv no asm", dict(gemv=True, gemv_asm=False))]
+    out.append(("gemv tokens", dict(gemv_tokens=True)))
     for mode in (0, 3):
         for swap in (False, True):
             out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
@@ -197,6 +198,36 @@ def test_mma_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch
             assert rel < 2e-2, (hidden, wn, wk, u, rel)
 
 
+@pytest.mark.parametrize("tokens", [3, 37])
+def test_token_grouped_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The token-grouped mma GEMV at every warp arrangement: 37 tokens over 4 experts (top-2: ~18 an
+    expert, so an expert spans several row blocks, its last partly padding), rows that end inside a
+    program (hidden 160) and k inside a trip (2880): against the fp32 reference, the prefetch form
+    bit-equal to the plain loop, and within rounding of the per-pair mma GEMV."""
+    if interpreted:
+        pytest.skip("inline PTX mma: GPU only")
+    from gptoss_engine.kernels import moe_gemv_mma
+    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
+    for hidden, inter in ((160, 64), (2880, 64)):
+        gen = torch.Generator().manual_seed(57 + tokens + hidden)
+        w = padded(random_packed_experts(4, hidden, inter, device, gen))
+        x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+        ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(tokens)]).to(device)
+        wts = torch.rand(tokens, 2, generator=gen).to(device)
+        ref = fp32_reference(x, ids, wts, w, 7.0)
+        per_pair = moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True).float()
+        for wn, wk, u in ((1, 4, 1), (2, 2, 1), (1, 1, 1), (1, 4, 2)):
+            outs = []
+            for prefetch in (True, False):
+                tile = (wn, wk, u, prefetch)
+                monkeypatch.setattr(moe_gemv_mma, "_TOK_TILES_OVERRIDE", (tile, tile))
+                outs.append(moe_experts(x, ids, wts, w, 7.0, gemv_tokens=True))
+            case = (hidden, wn, wk, u)
+            assert torch.equal(outs[0], outs[1]), case
+            assert ((outs[0].float() - ref).norm() / ref.norm()).item() < 2e-2, case
+            assert ((outs[0].float() - per_pair).norm() / per_pair.norm()).item() < 5e-3, case
+
+
 def test_mma_gemv_refuses_what_it_cannot_read(device: str, interpreted: bool) -> None:
     """fp32 or misaligned x goes to the FMA GEMV by default; forced onto the mma GEMV it is refused."""
     if interpreted:
@@ -229,10 +260,11 @@ def test_untouched_experts_do_not_matter(device: str, interpreted: bool) -> None
     ids = torch.tensor([[0, 1], [2, 3], [4, 0], [1, 2]], device=device)
     wts = torch.full((4, 2), 0.5, device=device)
     ref = fp32_reference(x, ids, wts, w, 7.0)
-    for gemv in (False, True):
-        out = moe_experts(x, ids, wts, w, 7.0, interpret=interpreted, gemv=gemv)
+    paths = [dict(gemv=False), dict(gemv=True)] + ([] if interpreted else [dict(gemv_tokens=True)])
+    for kw in paths:
+        out = moe_experts(x, ids, wts, w, 7.0, interpret=interpreted, **kw)
         assert torch.isfinite(out).all()
-        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, gemv
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2, kw
 
 
 @pytest.mark.parametrize("rows,hidden,dtype", [(9, 2880, torch.bfloat16), (1, 100, torch.float32), (0, 64, torch.bfloat16)])
