@@ -228,14 +228,9 @@ def mma_gemv_takes(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.shape[1] % 8 == 0 and _aligned(x, 8)
 
 
-def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                         gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
-                         d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                         swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
-    """moe_gemv.moe_experts_gemv's contract (x [T, H] -> the T*k weighted, biased expert outputs, fp32)
-    on the tensor cores; x must be bf16 (the mma's operand type). Shapes were checked by the caller."""
+def _checked(x: torch.Tensor, gu_blk: torch.Tensor, d_blk: torch.Tensor) -> tuple[int, int, int]:
+    """(T, H, I) of operands these kernels can read; ValueError otherwise."""
     T, H = x.shape
-    k = topk_ids.shape[1]
     I = gu_blk.shape[1] // 2
     if x.dtype != torch.bfloat16:
         raise ValueError(f"the mma GEMV takes bf16 activations, got {x.dtype}")
@@ -244,6 +239,17 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     # Packed rows are read as int32 words and x as int64 (four bf16): their rows must be aligned so.
     if not (_aligned(gu_blk, 4) and _aligned(d_blk, 4) and _aligned(x, 8)):
         raise ValueError("the mma GEMV needs 4-byte aligned packed rows and 8-byte aligned x rows")
+    return T, H, I
+
+
+def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                         gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
+                         d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
+                         swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
+    """moe_gemv.moe_experts_gemv's contract (x [T, H] -> the T*k weighted, biased expert outputs, fp32)
+    on the tensor cores; x must be bf16 (the mma's operand type). Shapes were checked by the caller."""
+    T, H, I = _checked(x, gu_blk, d_blk)
+    k = topk_ids.shape[1]
     (wn_gu, wk_gu, u_gu, pf_gu), (wn_d, wk_d, u_d, pf_d) = _TILES_OVERRIDE or _TILES
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
@@ -330,6 +336,14 @@ def _tok_rows(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, 
     return acc
 
 
+@gluon.constexpr_function
+def _sums_layout(WN, WK, U):
+    """The layout of _col_sums' [R, 4]: (row, lane-mate t) where thread (g, t) of every warp along k
+    holds row g's sums for its two token columns."""
+    return gl.SliceLayout(1, gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 4 * U], [8, 1, 4, 1], [WN, WK, 1, 1],
+                                                                [3, 2, 1, 0])))
+
+
 @gluon.jit
 def _col_sums(acc, L2: gl.constexpr, R: gl.constexpr, WK: gl.constexpr, U: gl.constexpr):
     """[R, W] accumulator -> [R, 4] (row, lane-mate t): each thread's chains and the WK warps summed."""
@@ -357,8 +371,7 @@ def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, int
                  PREFETCH: gl.constexpr):
     """Program (row block m of 8 sorted rows, n-tile of R (gate, up) row pairs) -> inter[sorted row]."""
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
-    L2: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 4 * U], [8, 1, 4, 1],
-                                                                            [WN, WK, 1, 1], [3, 2, 1, 0])))
+    L2: gl.constexpr = _sums_layout(WN, WK, U)
     R: gl.constexpr = 8 * WN
     m = gl.program_id(0)
     pid_n = gl.program_id(1)
@@ -397,8 +410,7 @@ def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bia
     """Program (row block m of 8 sorted rows, n-tile of 2 R output rows) -> part[pair] (weighted,
     biased; fp32)."""
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
-    L2: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 4 * U], [8, 1, 4, 1],
-                                                                            [WN, WK, 1, 1], [3, 2, 1, 0])))
+    L2: gl.constexpr = _sums_layout(WN, WK, U)
     R: gl.constexpr = 8 * WN
     m = gl.program_id(0)
     pid_n = gl.program_id(1)
@@ -440,15 +452,8 @@ def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_we
                                 swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
     """moe_experts_gemv_mma's contract, token-grouped: sorted_pair / block_expert are
     routing.sort_by_expert's for row blocks of TOKEN_BLOCK rows."""
-    T, H = x.shape
+    T, H, I = _checked(x, gu_blk, d_blk)
     k = topk_ids.shape[1]
-    I = gu_blk.shape[1] // 2
-    if x.dtype != torch.bfloat16:
-        raise ValueError(f"the mma GEMV takes bf16 activations, got {x.dtype}")
-    if H % 8 or I % 8:
-        raise ValueError(f"hidden {H} and intermediate {I} must be multiples of 8")
-    if not (_aligned(gu_blk, 4) and _aligned(d_blk, 4) and _aligned(x, 8)):
-        raise ValueError("the mma GEMV needs 4-byte aligned packed rows and 8-byte aligned x rows")
     cap = sorted_pair.numel()
     if cap % TOKEN_BLOCK or block_expert.numel() != cap // TOKEN_BLOCK:
         raise ValueError(f"routing for row blocks of {TOKEN_BLOCK}: {cap} rows, {block_expert.numel()} blocks")

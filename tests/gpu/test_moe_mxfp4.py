@@ -171,15 +171,24 @@ def test_gemv_prefetch_changes_no_bits(device: str, interpreted: bool, tokens: i
     assert ((outs[0].float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
-@pytest.mark.parametrize("tokens", [1, 5])
-def test_mma_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mma GEMV (moe_gemv_mma) at every warp arrangement, with rows that end inside a program
-    (hidden 160: 2.5 down programs of 64 rows) and k that ends inside a trip (hidden 2880 is 5.6
-    trips of 512): against the fp32 reference, and its prefetch form bit-equal to the plain loop."""
+@pytest.mark.parametrize("form,tokens", [("per-pair", 1), ("per-pair", 5), ("tokens", 3), ("tokens", 37)])
+def test_mma_gemv_tiles(device: str, interpreted: bool, form: str, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mma GEMV (moe_gemv_mma), per pair and token-grouped, at every warp arrangement, with rows
+    that end inside a program (hidden 160: 2.5 down programs of 64 rows) and k that ends inside a trip
+    (hidden 2880 is 5.6 trips of 512): against the fp32 reference, the prefetch form bit-equal to the
+    plain loop. Token-grouped with 37 tokens over 4 experts (top-2: ~18 an expert), an expert spans
+    several row blocks, its last partly padding; it stays within rounding of the per-pair form."""
     if interpreted:
         pytest.skip("inline PTX mma: GPU only")
     from gptoss_engine.kernels import moe_gemv_mma
     from gptoss_engine.kernels.moe_mxfp4 import moe_experts
+    per_pair_kw = dict(gemv=True, gemv_mma=True)
+    if form == "per-pair":
+        override, kw = "_TILES_OVERRIDE", per_pair_kw
+        arrangements = ((1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 8, 1), (1, 1, 1), (1, 4, 2))
+    else:
+        override, kw = "_TOK_TILES_OVERRIDE", dict(gemv_tokens=True)
+        arrangements = ((1, 4, 1), (2, 2, 1), (1, 1, 1), (1, 4, 2))
     for hidden, inter in ((160, 64), (2880, 64)):
         gen = torch.Generator().manual_seed(31 + tokens + hidden)
         w = padded(random_packed_experts(4, hidden, inter, device, gen))
@@ -187,41 +196,13 @@ def test_mma_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch
         ids = torch.randint(0, 4, (tokens, 2), generator=gen).to(device)
         wts = torch.rand(tokens, 2, generator=gen).to(device)
         ref = fp32_reference(x, ids, wts, w, 7.0)
-        for wn, wk, u in ((1, 4, 1), (2, 2, 1), (4, 1, 1), (1, 8, 1), (1, 1, 1), (1, 4, 2)):
+        per_pair = moe_experts(x, ids, wts, w, 7.0, **per_pair_kw).float()
+        for wn, wk, u in arrangements:
             outs = []
             for prefetch in (True, False):
                 tile = (wn, wk, u, prefetch)
-                monkeypatch.setattr(moe_gemv_mma, "_TILES_OVERRIDE", (tile, tile))
-                outs.append(moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True))
-            assert torch.equal(outs[0], outs[1]), (hidden, wn, wk, u)
-            rel = ((outs[0].float() - ref).norm() / ref.norm()).item()
-            assert rel < 2e-2, (hidden, wn, wk, u, rel)
-
-
-@pytest.mark.parametrize("tokens", [3, 37])
-def test_token_grouped_gemv_tiles(device: str, interpreted: bool, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The token-grouped mma GEMV at every warp arrangement: 37 tokens over 4 experts (top-2: ~18 an
-    expert, so an expert spans several row blocks, its last partly padding), rows that end inside a
-    program (hidden 160) and k inside a trip (2880): against the fp32 reference, the prefetch form
-    bit-equal to the plain loop, and within rounding of the per-pair mma GEMV."""
-    if interpreted:
-        pytest.skip("inline PTX mma: GPU only")
-    from gptoss_engine.kernels import moe_gemv_mma
-    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
-    for hidden, inter in ((160, 64), (2880, 64)):
-        gen = torch.Generator().manual_seed(57 + tokens + hidden)
-        w = padded(random_packed_experts(4, hidden, inter, device, gen))
-        x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
-        ids = torch.stack([torch.randperm(4, generator=gen)[:2] for _ in range(tokens)]).to(device)
-        wts = torch.rand(tokens, 2, generator=gen).to(device)
-        ref = fp32_reference(x, ids, wts, w, 7.0)
-        per_pair = moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True).float()
-        for wn, wk, u in ((1, 4, 1), (2, 2, 1), (1, 1, 1), (1, 4, 2)):
-            outs = []
-            for prefetch in (True, False):
-                tile = (wn, wk, u, prefetch)
-                monkeypatch.setattr(moe_gemv_mma, "_TOK_TILES_OVERRIDE", (tile, tile))
-                outs.append(moe_experts(x, ids, wts, w, 7.0, gemv_tokens=True))
+                monkeypatch.setattr(moe_gemv_mma, override, (tile, tile))
+                outs.append(moe_experts(x, ids, wts, w, 7.0, **kw))
             case = (hidden, wn, wk, u)
             assert torch.equal(outs[0], outs[1]), case
             assert ((outs[0].float() - ref).norm() / ref.norm()).item() < 2e-2, case
