@@ -123,14 +123,15 @@ class EmbeddedEtcd:
             raise RuntimeError("etcd already running")
         member_dir = self.data_dir / "data"
         fresh = not member_dir.exists()
-        for attempt in range(1, (attempts if not self._started_once else 1) + 1):
+        attempts = 1 if self._started_once else max(1, attempts)
+        for attempt in range(1, attempts + 1):
             log_from = self.log_path.stat().st_size if self.log_path.exists() else 0
             self._spawn(member_dir)
             try:
                 self._wait_healthy(timeout_s, log_from)
                 break
             except EtcdExited:
-                if attempt >= attempts or self._started_once:
+                if attempt == attempts:
                     raise
                 self._proc = None
                 if fresh:
