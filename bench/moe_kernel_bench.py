@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
                     bad.append(f"token sweep T={T} {name}: rel {rel:.3g}")
                 rows.append((time_us(lambda: call(x, ids, wts, w, kw), graph=True), name))
             # (WN, WK, U, prefetch) of both kernels, around the default (1, 4, 1, True).
-            for tile in ((1, 2, 1, True), (2, 2, 1, True), (1, 8, 1, True), (1, 4, 1, False), (1, 4, 2, False)):
+            for tile in ((1, 2, 1, True), (2, 2, 1, True), (2, 4, 1, True), (4, 1, 1, True), (4, 2, 1, True),
+                         (8, 1, 1, True), (1, 4, 1, False)):
                 moe_gemv_mma._TOK_TILES_OVERRIDE = (tile, tile)
                 rel = ((call(x, ids, wts, w, dict(gemv_tokens=True)).float() - ref).norm() / ref.norm()).item()
                 if not rel < 1e-2:
