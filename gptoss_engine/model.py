@@ -65,6 +65,15 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 
 @functools.cache
+def _add_rmsnorm_route() -> Callable[..., tuple[torch.Tensor, ...]] | None:
+    try:
+        from gptoss_engine.kernels.routing import add_rmsnorm_route
+    except ImportError:
+        return None
+    return add_rmsnorm_route
+
+
+@functools.cache
 def _dense_gemv() -> tuple[Callable[..., bool], Callable[..., torch.Tensor]] | None:
     try:
         from gptoss_engine.kernels.gemv import dense_gemv, gemv_takes
@@ -204,9 +213,11 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config, packed)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor | PairOutputs:
-        """The MoE's delta; on CUDA as PairOutputs, summed by the next RMSNorm.add_forward's launch."""
-        topk_ids, topk_weights = route(x, self.router.weight, self.router.bias, self.top_k)
+    def forward(self, x: torch.Tensor,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | PairOutputs:
+        """The MoE's delta; on CUDA as PairOutputs, summed by the next RMSNorm.add_forward's launch.
+        routing: (topk_ids, topk_weights) of x when the caller already routed it."""
+        topk_ids, topk_weights = routing or route(x, self.router.weight, self.router.bias, self.top_k)
         return moe_expert_pairs(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
 
 
@@ -223,8 +234,15 @@ class DecoderLayer(nn.Module):
         """x: residual stream, h: input_layernorm(x) (computed by the previous layer's fused add+norm).
         Returns (x + attn + mlp, next_norm of it); with next_norm None (the last layer off CUDA, where
         the final norm runs on the logits rows only) just x + attn + mlp."""
-        x, h = self.post_attention_layernorm.add_forward(x, self.self_attn(h, cos, sin, batch, kv))
-        delta = self.mlp(h)
+        attn = self.self_attn(h, cos, sin, batch, kv)
+        norm, router = self.post_attention_layernorm, self.mlp.router
+        if x.is_cuda and (fused := _add_rmsnorm_route()) is not None:
+            # The residual add, the norm and the router in one launch (kernels/routing.py).
+            x, h, ids, wts = fused(x, attn, norm.weight, norm.eps, router.weight, router.bias, self.mlp.top_k)
+            delta = self.mlp(h, (ids, wts))
+        else:
+            x, h = norm.add_forward(x, attn)
+            delta = self.mlp(h)
         if next_norm is None:
             return x + summed(delta), None
         return next_norm.add_forward(x, delta)

@@ -50,6 +50,14 @@ def _sum_pairs(y_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, out_ptr, H, s_y, s_bias
 
 
 @triton.jit
+def normed(s, w_ptr, cols, ok, H, eps):
+    """RMSNorm of one row s [BLOCK] (zero past H) in fp32, times the fp32 weight at `cols`."""
+    h = s.to(tl.float32)
+    h = h * tl.rsqrt(tl.sum(h * h, 0) / H + eps)
+    return tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) * h
+
+
+@triton.jit
 def _add_rmsnorm(x_ptr, d_ptr, w_ptr, sum_ptr, h_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, H, eps,
                  s_x, s_d, s_s, s_h, s_bias,
                  BLOCK: tl.constexpr, TOPK: tl.constexpr, ROWS: tl.constexpr, WEIGHTED: tl.constexpr):
@@ -70,10 +78,7 @@ def _add_rmsnorm(x_ptr, d_ptr, w_ptr, sum_ptr, h_ptr, row_ptr, wt_ptr, id_ptr, b
             d = d.to(sum_ptr.dtype.element_ty).to(tl.float32)
         s = (x.to(tl.float32) + d).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + row * s_s + cols, s, mask=ok)
-    h = s.to(tl.float32)
-    h = h * tl.rsqrt(tl.sum(h * h, 0) / H + eps)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(h_ptr + row * s_h + cols, (w * h).to(h_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_ptr + row * s_h + cols, normed(s, w_ptr, cols, ok, H, eps).to(h_ptr.dtype.element_ty), mask=ok)
 
 
 def _pair_args(p: PairOutputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, dict[str, object]]:

@@ -3,6 +3,10 @@
 route: at decode sizes the router GEMM (x @ W^T + b) is a Triton GEMV spread over many programs, and
 the last of a token's programs to finish takes its top-k (one launch).
 
+add_rmsnorm_route: the post-attention residual add + RMSNorm (norm.add_rmsnorm) and route on its
+output in one launch: each router program recomputes its token's add + norm (a row of L2-resident
+reads) rather than waiting for a launch of its own.
+
 topk_softmax: logits [T, E] -> (topk_ids [T, k] int64, weights [T, k] fp32) in one launch, replacing
 torch.topk + softmax (two launches and a sort per layer at decode). One program per token holds its
 E logits in registers and takes the k largest by repeated max (ties -> lowest expert id, as
@@ -19,6 +23,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from gptoss_engine.kernels.norm import add_rmsnorm, normed
 
 
 @triton.jit
@@ -52,22 +58,11 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
 
 
 @triton.jit
-def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, H, s_xt, s_we, s_lt,
-                   EB: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                   BLOCK_K: tl.constexpr):
-    """Program (token t, expert block): EB router logits of t, x[t] @ W[e]^T + b[e] with an fp32
-    sum, rounded to x's dtype (as F.linear's output is) and stored as fp32. The last of t's programs
-    to finish takes the top-k and softmax of all E (_topk_softmax_row): one launch, not two."""
-    t = tl.program_id(0).to(tl.int64)
-    e = tl.program_id(1) * EB + tl.arange(0, EB)
-    e_ok = e < E
-    acc = tl.zeros((EB,), dtype=tl.float32)
-    for h0 in range(0, H, BLOCK_H):
-        hh = h0 + tl.arange(0, BLOCK_H)
-        h_ok = hh < H
-        xv = tl.load(x_ptr + t * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
-        acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+def _logits_topk(acc, t, e, e_ok, x_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt,
+                 TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
+    """A program's EB router sums acc (fp32) of token t -> + b[e], rounded to x's dtype (as F.linear's
+    output is) and stored as fp32 logits; the last of t's programs to finish takes the top-k and
+    softmax of all E (_topk_softmax_row)."""
     bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     tl.store(logits_ptr + t * s_lt + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # Arrival count of t's programs (zero between launches: the last one resets it). The barrier puts
@@ -79,6 +74,53 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr,
         logits = tl.load(logits_ptr + t * s_lt + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
         _topk_softmax_row(logits, ee, t, ids_ptr, wts_ptr, TOPK, BLOCK_K)
         tl.atomic_xchg(count_ptr + t, 0)
+
+
+@triton.jit
+def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, H, s_xt, s_we, s_lt,
+                   EB: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Program (token t, expert block): EB router logits of t, x[t] @ W[e]^T + b[e] with an fp32
+    sum, then _logits_topk: one launch, not two."""
+    t = tl.program_id(0).to(tl.int64)
+    e = tl.program_id(1) * EB + tl.arange(0, EB)
+    e_ok = e < E
+    acc = tl.zeros((EB,), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        hh = h0 + tl.arange(0, BLOCK_H)
+        h_ok = hh < H
+        xv = tl.load(x_ptr + t * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
+        acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
+    _logits_topk(acc, t, e, e_ok, x_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+                 BLOCK_K)
+
+
+@triton.jit
+def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr,
+                            wts_ptr, E, H, eps, s_x, s_d, s_s, s_h, s_we, s_lt,
+                            EB: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
+                            BLOCK_K: tl.constexpr):
+    """_router_kernel on the post-attention residual add + RMSNorm it computes itself: each of token
+    t's programs forms s = x[t] + d[t] and h = rmsnorm(s) (norm.add_rmsnorm's arithmetic, the same
+    bits) from L2-resident rows, and the expert block 0's program stores them for the MoE and the
+    next residual add. One launch where add_rmsnorm + route were two."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    ok = cols < H
+    x = tl.load(x_ptr + t * s_x + cols, mask=ok, other=0.0)
+    d = tl.load(d_ptr + t * s_d + cols, mask=ok, other=0.0).to(tl.float32)
+    s = (x.to(tl.float32) + d).to(sum_ptr.dtype.element_ty)
+    h = normed(s, nw_ptr, cols, ok, H, eps).to(h_ptr.dtype.element_ty)
+    if tl.program_id(1) == 0:
+        tl.store(sum_ptr + t * s_s + cols, s, mask=ok)
+        tl.store(h_ptr + t * s_h + cols, h, mask=ok)
+    e = tl.program_id(1) * EB + tl.arange(0, EB)
+    e_ok = e < E
+    wv = tl.load(w_ptr + e[:, None] * s_we + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0)
+    acc = tl.zeros((EB,), dtype=tl.float32) + tl.sum(wv.to(tl.float32) * h.to(tl.float32)[None, :], 1)
+    _logits_topk(acc, t, e, e_ok, h_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+                 BLOCK_K)
 
 
 # Up to this many tokens the router is one launch (_router_kernel) spread over (token, block of
@@ -123,6 +165,38 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
             logits.stride(0), EB=ROUTER_EB, BLOCK_H=min(triton.next_power_of_2(H), 4096), TOPK=top_k,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)
     return ids, wts
+
+
+# The fused add + norm + router holds a whole row in one program's registers.
+_FUSED_MAX_HIDDEN = 4096
+
+
+def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
+                      weight: torch.Tensor, bias: torch.Tensor,
+                      top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x + delta, h = rmsnorm(x + delta) * norm_weight, topk_ids, topk_weights of route(h, weight,
+    bias, top_k)): norm.add_rmsnorm then route, the same bits, in one launch up to
+    ROUTER_GEMV_MAX_TOKENS tokens (x, delta [T, H] in one dtype); two launches beyond."""
+    T, H = x.shape
+    E = weight.shape[0]
+    if (T > ROUTER_GEMV_MAX_TOKENS or H > _FUSED_MAX_HIDDEN or tuple(delta.shape) != (T, H)
+            or delta.dtype != x.dtype or norm_weight.shape != (H,) or weight.shape[1] != H or weight.stride(1) != 1):
+        total, h = add_rmsnorm(x, delta, norm_weight, eps)
+        return (total, h, *route(h, weight, bias, top_k))
+    if not 1 <= top_k <= E:
+        raise ValueError(f"route(): top_k must be in [1, {E}], got {top_k}")
+    x, delta = x.contiguous(), delta.contiguous()
+    total, h = torch.empty_like(x), torch.empty_like(x)
+    logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
+    ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
+    wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
+    if T:
+        _add_norm_router_kernel[(T, triton.cdiv(E, ROUTER_EB))](
+            x, delta, norm_weight, total, h, weight, bias, logits, _arrival_counters(x.device), ids, wts, E, H,
+            float(eps), x.stride(0), delta.stride(0), total.stride(0), h.stride(0), weight.stride(0),
+            logits.stride(0), EB=ROUTER_EB, BLOCK_H=triton.next_power_of_2(H), TOPK=top_k,
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)
+    return total, h, ids, wts
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,8 +29,8 @@ class ExpertShardMLP(MLP):
         self.router = Router(config)
         self.first_expert, self.num_owned = owned.start, len(owned)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        topk_ids, topk_weights = route(x, self.router.weight, self.router.bias, self.top_k)
+    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        topk_ids, topk_weights = routing or route(x, self.router.weight, self.router.bias, self.top_k)
         local = topk_ids - self.first_expert
         owned = (local >= 0) & (local < self.num_owned)
         return moe_experts(x, torch.where(owned, local, 0), torch.where(owned, topk_weights, 0),

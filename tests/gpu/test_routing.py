@@ -79,6 +79,31 @@ def test_router_matches_linear_and_topk(device: str, tokens: int, experts: int, 
     assert torch.equal(ids2, ids) and torch.equal(wts2, wts)
 
 
+@pytest.mark.parametrize("tokens,experts,hidden", [(1, 32, 2880), (64, 32, 2880), (5, 128, 2880), (3, 6, 160),
+                                                    (300, 32, 256), (2, 8, 5000)])
+def test_add_rmsnorm_route_is_add_rmsnorm_then_route(device: str, tokens: int, experts: int, hidden: int) -> None:
+    """The one-launch post-attention add + norm + router gives the bits of add_rmsnorm followed by
+    route on its output: the residual sum, the normed rows, the experts and their weights (300
+    tokens and hidden 5000 take the two-launch path); its arrival counters end at zero."""
+    from gptoss_engine.kernels import routing
+    from gptoss_engine.kernels.norm import add_rmsnorm
+    gen = torch.Generator().manual_seed(tokens * 11 + experts + hidden)
+    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+    d = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+    nw = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(device)       # fp32, as the model keeps norms
+    w = (torch.randn(experts, hidden, generator=gen) * hidden ** -0.5).to(device, torch.bfloat16)
+    b = torch.randn(experts, generator=gen).to(device, torch.bfloat16)
+    total, h, ids, wts = routing.add_rmsnorm_route(x, d, nw, 1e-5, w, b, 4)
+    ref_total, ref_h = add_rmsnorm(x, d, nw, 1e-5)
+    ref_ids, ref_wts = routing.route(ref_h, w, b, 4)
+    assert torch.equal(total, ref_total) and torch.equal(h, ref_h)
+    assert torch.equal(ids, ref_ids) and torch.equal(wts, ref_wts)
+    if x.device in routing._counters:
+        assert torch.count_nonzero(routing._counters[x.device]) == 0
+    with pytest.raises(ValueError, match="top_k"):
+        routing.add_rmsnorm_route(x, d, nw, 1e-5, w, b, experts + 1)
+
+
 @pytest.mark.parametrize("pairs,experts", [(1, 8), (300, 8), (4100, 32), (32768, 32), (9000, 128)])
 def test_sort_pairs_matches_torch_argsort(device: str, pairs: int, experts: int) -> None:
     """The grouped-GEMM path's counting sort gives exactly torch's stable argsort and the bookkeeping
