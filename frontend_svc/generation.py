@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from gptoss_engine.types import InvalidRequest, SamplingParams, TokenOutput
 
 from . import errors
+from .detokenize import Detokenizer
 from .harmony_parse import Delta, HarmonyParser, HarmonySpecials, Kind
 from .metrics import Metrics
 from .pipeline import GenerateRequest, TokenSource
@@ -126,6 +127,7 @@ class Generation:
         self.prompt_ids = prompt_ids
         self.sampling = sampling
         self.parser = HarmonyParser(state.enc, state.specials, tool_names) if parse else None
+        self._text = Detokenizer(state.enc)   # the raw (parse=False) path's text
         self._stops = StopStrings(stop or [])
         self.usage = Usage(prompt_tokens=len(prompt_ids))
         self.finish_reason: str | None = None
@@ -167,8 +169,7 @@ class Generation:
                 if self.parser is not None:
                     deltas = self._filter(self.parser.feed_many(ids))
                 else:
-                    text = self._stops.push(self.state.enc.decode(ids)) if ids else ""
-                    deltas = [Delta(Kind.CONTENT, text)] if text else []
+                    deltas = self._filter([Delta(Kind.CONTENT, self._text.push(ids))])
                 yield Step(deltas, chunk.tokens)
                 worker_finish = chunk.finish_reason
                 if worker_finish is not None or self._stops.hit or self._turn_over():
@@ -177,8 +178,8 @@ class Generation:
             if queued:
                 m.queued.dec()
             await stream.aclose()   # cancels the worker calls when we stopped early
-        tail = self.parser.flush() if self.parser is not None else []
-        tail = self._filter(tail)
+        tail = self._filter(self.parser.flush() if self.parser is not None
+                            else [Delta(Kind.CONTENT, self._text.flush())])
         if not self._stops.hit:
             rest = self._stops.flush()
             if rest:

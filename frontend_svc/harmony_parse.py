@@ -24,6 +24,8 @@ import secrets
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .detokenize import Detokenizer, decode_lossy
+
 MAX_MESSAGES = 32
 FUNCTIONS_PREFIX = "functions."
 
@@ -142,7 +144,7 @@ class HarmonyParser:
         self._channel: list[int] | None = None
         self._in_constrain = False
         self._header: _Header | None = None
-        self._pending: list[int] = []      # body tokens not yet decodable (split UTF-8)
+        self._body_text = Detokenizer(enc)   # holds back a character split across body tokens
         self._num_messages = 0
         self._num_tools = 0
         self._tool_started = False
@@ -194,7 +196,7 @@ class HarmonyParser:
 
     def flush(self) -> list[Delta]:
         """End of the stream (length limit, stop string, ...): emit what is held back."""
-        out = self._emit_text(final=True) if self._state is _State.BODY else []
+        out = self._emit_text(self._body_text.flush()) if self._state is _State.BODY else []
         for d in out:
             self.result.apply(d)
         return out
@@ -234,22 +236,12 @@ class HarmonyParser:
             self._role.append(tid)
         return []
 
-    def _decode(self, ids: list[int]) -> str:
-        try:
-            return self._enc.decode_utf8(ids)
-        except Exception:   # incomplete UTF-8: decode lossily
-            pass
-        try:
-            return self._enc.decode(ids)
-        except Exception:   # an id outside the vocabulary: drop it
-            return ""
-
     def _open_message(self) -> None:
-        role_text = self._decode(self._role)
-        channel_text = self._decode(self._channel or [])
+        role_text = decode_lossy(self._enc, self._role)
+        channel_text = decode_lossy(self._enc, self._channel or [])
         self._header = parse_header(role_text, channel_text, self._tool_names)
         self._state = _State.BODY
-        self._pending = []
+        self._body_text = Detokenizer(self._enc)
         self._role = []
         self._tool_started = False
 
@@ -271,21 +263,11 @@ class HarmonyParser:
         if tid in sp.all_special:
             self.num_ignored += 1
             return []
-        self._pending.append(tid)
-        return self._emit_text(final=False)
+        return self._emit_text(self._body_text.push((tid,)))
 
-    def _emit_text(self, final: bool) -> list[Delta]:
+    def _emit_text(self, text: str) -> list[Delta]:
+        """The tool call's opening delta on its first body token, then the body text, if any."""
         out = self._start_tool_call_if_needed()
-        if not self._pending:
-            return out
-        try:
-            text = self._enc.decode_utf8(self._pending)
-        except Exception:
-            # Hold back a split multi-byte character; give up waiting after 4 tokens.
-            if not final and len(self._pending) < 4:
-                return out
-            text = self._decode(self._pending)
-        self._pending = []
         if text:
             h = self._header
             out.append(Delta(h.kind, text, tool_index=self._num_tools - 1 if h.kind is Kind.TOOL_CALL else -1))
@@ -300,7 +282,7 @@ class HarmonyParser:
         return [Delta(Kind.TOOL_CALL, "", self._num_tools - 1, "call_" + secrets.token_hex(12), h.tool_name)]
 
     def _close_message(self) -> list[Delta]:
-        out = self._emit_text(final=True)
+        out = self._emit_text(self._body_text.flush())
         h = self._header
         self._header = None
         self._num_messages += 1

@@ -28,8 +28,9 @@ class Rec:
 class Scripted:
     """Answers every request with the same harmony text, a few tokens per chunk."""
 
-    def __init__(self, enc, text: str, finish: str = "stop", workers: bool = True):
+    def __init__(self, enc, text: str, finish: str = "stop", workers: bool = True, per_chunk: int = 3):
         self.ids = enc.encode(text, allowed_special="all")
+        self.per_chunk = per_chunk
         self.finish = finish
         self.workers = workers
         self.requests = []
@@ -43,15 +44,16 @@ class Scripted:
     async def generate(self, req):
         self.requests.append(req)
         ids = self.ids[:req.sampling.max_tokens]
-        for i in range(0, len(ids), 3):
-            last = i + 3 >= len(ids)
-            yield TokenChunk([TokenOutput(t) for t in ids[i:i + 3]],
+        n = self.per_chunk
+        for i in range(0, len(ids), n):
+            last = i + n >= len(ids)
+            yield TokenChunk([TokenOutput(t) for t in ids[i:i + n]],
                              (self.finish if len(ids) == len(self.ids) else "length") if last else None)
 
 
 def client(enc, text="<|channel|>analysis<|message|>Think.<|end|><|start|>assistant<|channel|>final<|message|>Hello there.<|return|>",
            **cfg):
-    src = Scripted(enc, text, workers=cfg.pop("workers", True))
+    src = Scripted(enc, text, workers=cfg.pop("workers", True), per_chunk=cfg.pop("per_chunk", 3))
     app = create_app(FrontendConfig(**cfg), src)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t"), src
 
@@ -129,6 +131,18 @@ async def test_completions_text_and_ids(enc):
     assert b["choices"][0]["text"] == "plain words here"
     b = (await c.post("/v1/completions", json={"model": MODEL, "prompt": [1, 2, 3], "max_tokens": 2})).json()
     assert b["choices"][0]["finish_reason"] == "length" and src.requests[-1].prompt_ids == [1, 2, 3]
+
+
+async def test_completions_keep_characters_split_across_chunks(enc):
+    """' 🎉' is two tokens; streamed one token a chunk, neither half may go out as U+FFFD."""
+    text = "Party 🎉 time, 日本語のテキスト, café 👍🏽!"
+    assert any("\ufffd" in enc.decode([t]) for t in enc.encode(text))   # the premise: split characters
+    c, _ = client(enc, text, per_chunk=1)
+    body = {"model": MODEL, "prompt": "Once", "max_tokens": 100}
+    assert (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"] == text
+    events = sse_events((await c.post("/v1/completions", json={**body, "stream": True})).text)
+    pieces = [e["choices"][0]["text"] for e in events]
+    assert "".join(pieces) == text and not any("\ufffd" in p for p in pieces)
 
 
 @pytest.mark.parametrize("body,param", [
