@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from . import errors
 from .generation import AppState, Generation, check_model, make_sampling, require_workers
 from .harmony_parse import Kind, ParsedCompletion
-from .harmony_render import RenderError, render_chat
+from .harmony_render import RenderError, ToolChoice, render_chat
 from .logprobs import chat_logprobs
 from .openai_models import ChatCompletionRequest
 
@@ -25,13 +25,14 @@ def prepare(state: AppState, req: ChatCompletionRequest, request_id: str) -> Gen
         raise errors.invalid(str(e), param="stop") from None
     tools = [t.function for t in req.tools or []]
     try:
-        prompt = render_chat(state.enc, req.messages, tools, req.effort())
+        prompt = render_chat(state.enc, req.messages, tools, req.effort(), ToolChoice.of(req.tool_choice))
     except RenderError as e:
         raise errors.invalid(str(e), param=e.param) from None
     sampling = make_sampling(state, req, len(prompt.token_ids), req.requested_max_tokens(),
                              logprobs=req.logprobs, top_logprobs=req.top_logprobs or 0)
     require_workers(state)
-    return Generation(state, request_id, prompt.token_ids, sampling, prompt.tool_names, stops)
+    return Generation(state, request_id, prompt.token_ids, sampling, prompt.tool_names, stops,
+                      forced_header=prompt.forced_header)
 
 
 def _tool_call_json(c) -> dict:

@@ -121,12 +121,12 @@ class Generation:
     """Iterate `steps()`; afterwards `finish_reason` and `usage` are set."""
 
     def __init__(self, state: AppState, request_id: str, prompt_ids: list[int], sampling: SamplingParams,
-                 tool_names=(), stop: list[str] | None = None, parse: bool = True):
+                 tool_names=(), stop: list[str] | None = None, parse: bool = True, forced_header=()):
         self.state = state
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.sampling = sampling
-        self.parser = HarmonyParser(state.enc, state.specials, tool_names) if parse else None
+        self.parser = HarmonyParser(state.enc, state.specials, tool_names, forced_header) if parse else None
         self._text = Detokenizer(state.enc)   # the raw (parse=False) path's text
         self._stops = StopStrings(stop or [])
         self.usage = Usage(prompt_tokens=len(prompt_ids))
@@ -194,11 +194,12 @@ class Generation:
                 and self.usage.completion_tokens >= self.sampling.min_tokens)
 
     def _finish(self, worker_finish: str | None) -> str:
-        if self.parser is not None and self.parser.has_tool_calls:
+        # Cut by max_tokens before the turn ended (or run on to it under ignore_eos): "length",
+        # also in the middle of a tool call, whose arguments are then incomplete.
+        cut = worker_finish == "length" and not (self.parser is not None and self.parser.finished
+                                                 and not self.sampling.ignore_eos)
+        if self.parser is not None and self.parser.has_tool_calls and not cut:
             return "tool_calls"
         if self._stops.hit:
             return "stop"
-        if worker_finish == "length" and not (self.parser is not None and self.parser.finished
-                                              and not self.sampling.ignore_eos):
-            return "length"
-        return "stop"
+        return "length" if cut else "stop"

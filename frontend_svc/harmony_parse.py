@@ -132,7 +132,7 @@ class HarmonyParser:
     `<|start|>assistant`. Never raises on a token.
     """
 
-    def __init__(self, enc, specials: HarmonySpecials, tool_names: Iterable[str] = ()):
+    def __init__(self, enc, specials: HarmonySpecials, tool_names: Iterable[str] = (), forced_header: Iterable[int] = ()):
         self._enc = enc
         self._sp = specials
         self._tool_names = frozenset(tool_names)
@@ -148,6 +148,8 @@ class HarmonyParser:
         self._num_messages = 0
         self._num_tools = 0
         self._tool_started = False
+        for tid in forced_header:   # the prompt's end, which the model continues: no deltas yet
+            self._step(tid)
 
     @property
     def finished(self) -> bool:

@@ -7,10 +7,18 @@ Multi-turn rules (harmony format.md):
 - a tool result is authored by `functions.NAME`, addressed `to=assistant`, on commentary;
 - a stored assistant answer ends with `<|end|>` (openai-harmony renders history that way,
   never `<|return|>`).
+
+tool_choice: "none" offers no tool (the model is not told of any); a named function is forced by
+ending the prompt inside that call's header, ` to=functions.NAME<|channel|>commentary
+<|constrain|>json<|message|>` (the form openai-harmony renders calls in), so the model writes only
+the arguments; "required" does that for the only tool, and with several stops after
+` to=functions`, leaving the name to the model (no grammar holds it to the list: a name that is
+not a tool ends as reasoning, with no tool call).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 from openai_harmony import (
     Author,
@@ -38,9 +46,25 @@ class RenderError(ValueError):
 
 
 @dataclass(frozen=True)
+class ToolChoice:
+    mode: Literal["auto", "none", "required", "function"] = "auto"
+    name: str | None = None   # mode "function": the function to call
+
+    @classmethod
+    def of(cls, tool_choice) -> ToolChoice:
+        """From a request's tool_choice: None (auto), a mode string, or a named-function object."""
+        if tool_choice is None:
+            return cls()
+        return cls(tool_choice) if isinstance(tool_choice, str) else cls("function", tool_choice.name)
+
+
+@dataclass(frozen=True)
 class RenderedPrompt:
     token_ids: list[int]
-    tool_names: frozenset[str]
+    tool_names: frozenset[str]   # the tools offered: a call to any other name is not a tool call
+    # The completion's first tokens, already at the end of token_ids (a forced tool call's
+    # header): the parser reads them before the generated tokens.
+    forced_header: tuple[int, ...] = ()
 
 
 def _tool_descriptions(tools: list[FunctionDef]) -> list[ToolDescription]:
@@ -105,9 +129,30 @@ def build_messages(messages: list[ChatMessage], tools: list[FunctionDef], effort
     return out
 
 
-def render_chat(enc, messages: list[ChatMessage], tools: list[FunctionDef], effort: str | None) -> RenderedPrompt:
-    """Token ids of the prompt, ending with `<|start|>assistant` (the parser starts there)."""
-    convo = Conversation.from_messages(build_messages(messages, tools, effort))
+def _forced_header(choice: ToolChoice, tools: list[FunctionDef]) -> str:
+    """Text after `<|start|>assistant` that commits the model to a tool call ("" for none)."""
+    if choice.mode == "function":
+        name = choice.name
+    elif choice.mode == "required" and len(tools) == 1:
+        name = tools[0].name
+    elif choice.mode == "required":
+        return " to=functions"
+    else:
+        return ""
+    return f" to=functions.{name}<|channel|>commentary <|constrain|>json<|message|>"
+
+
+def render_chat(enc, messages: list[ChatMessage], tools: list[FunctionDef], effort: str | None,
+                choice: ToolChoice = ToolChoice()) -> RenderedPrompt:
+    """Token ids of the prompt, ending with `<|start|>assistant` (the parser starts there), or
+    with a forced tool call's header after it."""
+    if choice.mode == "function" and choice.name not in {t.name for t in tools}:
+        raise RenderError(f"tool_choice names {choice.name!r}, which is not one of the tools", "tool_choice")
+    if choice.mode == "required" and not tools:
+        raise RenderError("tool_choice 'required' needs at least one tool", "tool_choice")
+    offered = [] if choice.mode == "none" else tools
+    convo = Conversation.from_messages(build_messages(messages, offered, effort))
     # We drop analysis ourselves (rules above); harmony's own dropping must not interfere.
     ids = enc.render_conversation_for_completion(convo, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False))
-    return RenderedPrompt(list(ids), frozenset(t.name for t in tools))
+    header = enc.encode(_forced_header(choice, offered), allowed_special="all")
+    return RenderedPrompt(list(ids) + header, frozenset(t.name for t in offered), tuple(header))

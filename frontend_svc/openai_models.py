@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ReasoningEffortName = Literal["low", "medium", "high"]
+ToolChoiceMode = Literal["none", "auto", "required"]
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_\-]{1,64}$")
 
 
@@ -41,6 +42,20 @@ class FunctionDef(_Lenient):
 class ChatTool(_Lenient):
     type: Literal["function"]
     function: FunctionDef
+
+
+class FunctionName(_Lenient):
+    name: str
+
+
+class ChatToolChoice(_Lenient):
+    """tool_choice {"type": "function", "function": {"name": ...}}: call this function."""
+    type: Literal["function"]
+    function: FunctionName
+
+    @property
+    def name(self) -> str:
+        return self.function.name
 
 
 class ToolCallFunction(_Lenient):
@@ -131,7 +146,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ChatTool] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: ToolChoiceMode | ChatToolChoice | None = None   # None: "auto" with tools, else "none"
     reasoning_effort: ReasoningEffortName | None = None
     chat_template_args: dict[str, Any] | None = None
     logprobs: bool = False
@@ -170,6 +185,12 @@ class ResponsesTool(_Lenient):
         return FunctionDef(name=self.name, description=self.description, parameters=self.parameters)
 
 
+class ResponsesToolChoice(_Lenient):
+    """tool_choice {"type": "function", "name": ...} (the Responses API's flat form)."""
+    type: Literal["function"]
+    name: str
+
+
 class ResponsesReasoning(_Lenient):
     effort: ReasoningEffortName | None = None
 
@@ -190,6 +211,7 @@ class ResponsesRequest(_Sampling):
     instructions: str | None = None
     max_output_tokens: int | None = Field(default=None, ge=1)
     tools: list[ResponsesTool] | None = None
+    tool_choice: ToolChoiceMode | ResponsesToolChoice | None = None
     reasoning: ResponsesReasoning | None = None
 
     @field_validator("input")

@@ -13,10 +13,12 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+from pydantic import BaseModel
+
 from . import errors
 from .generation import AppState, Generation, check_model, make_sampling, require_workers
 from .harmony_parse import Delta, Kind
-from .harmony_render import RenderError, render_chat
+from .harmony_render import RenderError, ToolChoice, render_chat
 from .openai_models import ChatMessage, ResponsesRequest, ToolCallFunction, ToolCallIn
 
 
@@ -54,12 +56,13 @@ def prepare(state: AppState, req: ResponsesRequest, request_id: str) -> Generati
     tools = [t.as_function() for t in req.tools or []]
     effort = req.reasoning.effort if req.reasoning else None
     try:
-        prompt = render_chat(state.enc, to_chat_messages(req), tools, effort)
+        prompt = render_chat(state.enc, to_chat_messages(req), tools, effort, ToolChoice.of(req.tool_choice))
     except RenderError as e:
-        raise errors.invalid(str(e).replace("messages", "input"), param="input") from None
+        raise errors.invalid(str(e).replace("messages", "input"), param=e.param.replace("messages", "input")) from None
     sampling = make_sampling(state, req, len(prompt.token_ids), req.max_output_tokens)
     require_workers(state)
-    return Generation(state, request_id, prompt.token_ids, sampling, prompt.tool_names, stops)
+    return Generation(state, request_id, prompt.token_ids, sampling, prompt.tool_names, stops,
+                      forced_header=prompt.forced_header)
 
 
 def _usage(gen: Generation) -> dict:
@@ -76,7 +79,8 @@ def _envelope(gen: Generation, req: ResponsesRequest, created: int, status: str,
             "model": req.model, "output": output, "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
-            "parallel_tool_calls": False, "tool_choice": "auto",
+            "parallel_tool_calls": False,
+            "tool_choice": req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice or "auto",
             "tools": [t.model_dump() for t in req.tools or []],
             "temperature": req.temperature, "top_p": req.top_p,
             "usage": _usage(gen) if status != "in_progress" else None}

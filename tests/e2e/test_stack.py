@@ -88,6 +88,11 @@ def test_seed_tool_flow_round_trips(fe):
     second = c.chat.completions.create(model=MODEL, messages=messages, tools=[HEALTH_TOOL], max_tokens=30,
                                        extra_body={"chat_template_args": {"reasoning_effort": "low"}})
     assert second.choices[0].finish_reason in FINISH and second.usage.prompt_tokens > first.usage.prompt_tokens
+    # A named tool_choice: whatever the random weights write next are that call's arguments.
+    forced = c.chat.completions.create(model=MODEL, messages=messages[:1], tools=[HEALTH_TOOL], max_tokens=8,
+                                       tool_choice={"type": "function", "function": {"name": "get_system_health"}})
+    assert forced.choices[0].finish_reason in ("tool_calls", "length")
+    assert [t.function.name for t in forced.choices[0].message.tool_calls] == ["get_system_health"]
 
 
 def test_concurrent_streams_ignore_eos_min_tokens(fe):

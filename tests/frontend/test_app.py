@@ -111,6 +111,45 @@ async def test_chat_tool_call_and_stop_string(enc):
     assert b["choices"][0]["message"]["content"] == "Hello" and b["choices"][0]["finish_reason"] == "stop"
 
 
+@pytest.mark.parametrize("endpoint", ["chat", "responses"])
+async def test_forced_tool_call(enc, endpoint):
+    """tool_choice names a function: the prompt ends in that call's header, so the model writes
+    only the arguments; the answer is a tool call of that name."""
+    c, src = client(enc, '{"city": "Paris"}<|call|>')
+    forced = " to=functions.get_system_health<|channel|>commentary <|constrain|>json<|message|>"
+    if endpoint == "chat":
+        body = chat_body(tools=[HEALTH_TOOL], tool_choice={"type": "function", "function": {"name": "get_system_health"}})
+        ch = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
+        assert ch["finish_reason"] == "tool_calls"
+        assert ch["message"]["tool_calls"][0]["function"] == {"name": "get_system_health", "arguments": '{"city": "Paris"}'}
+        ev = sse_events((await c.post("/v1/chat/completions", json={**body, "stream": True})).text)
+        calls = [tc for e in ev for tc in e["choices"][0]["delta"].get("tool_calls") or []]
+        assert calls[0]["function"]["name"] == "get_system_health"
+        assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
+        # cut by max_tokens inside the arguments: an incomplete call is "length", not "tool_calls"
+        ch = (await c.post("/v1/chat/completions", json={**body, "max_tokens": 2})).json()["choices"][0]
+        cut = ch["message"]["tool_calls"][0]["function"]["arguments"]
+        assert ch["finish_reason"] == "length" and cut and '{"city": "Paris"}'.startswith(cut) and cut != '{"city": "Paris"}'
+    else:
+        tool = {"type": "function", **HEALTH_TOOL["function"]}
+        choice = {"type": "function", "name": "get_system_health"}
+        b = (await c.post("/v1/responses", json={"model": MODEL, "input": "up?", "tools": [tool],
+                                                 "tool_choice": choice})).json()
+        assert [(o["type"], o.get("name"), o.get("arguments")) for o in b["output"]] == [
+            ("function_call", "get_system_health", '{"city": "Paris"}')]
+        assert b["tool_choice"] == choice
+    assert enc.decode(src.requests[-1].prompt_ids).endswith("<|start|>assistant" + forced)
+
+
+async def test_tool_choice_errors(enc):
+    c, _ = client(enc)
+    for choice in ({"type": "function", "function": {"name": "other"}}, "sometimes"):
+        r = await c.post("/v1/chat/completions", json=chat_body(tools=[HEALTH_TOOL], tool_choice=choice))
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.json()
+    r = await c.post("/v1/responses", json={"model": MODEL, "input": "x", "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice"
+
+
 async def test_responses_non_stream_and_stream(enc):
     c, _ = client(enc)
     body = {"model": MODEL, "input": "Explain disaggregated serving in 3 sentences.", "max_output_tokens": 200,

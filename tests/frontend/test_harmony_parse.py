@@ -186,3 +186,19 @@ def test_streamed_tool_deltas(enc, specials):
     assert len(tool) > 2   # arguments arrive in several deltas
     assert "".join(d.text for d in tool[1:]) == '{"loc": "Paris, France"}'
     assert all(d.tool_index == 0 for d in tool)
+
+
+@pytest.mark.parametrize("forced,generated,name", [
+    # tool_choice names get_weather: the prompt holds the whole header, the model writes arguments
+    (" to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>", '{"city": "Oslo"}<|call|>',
+     "get_weather"),
+    # "required" with several tools: the prompt stops after " to=functions", the model names one
+    (" to=functions", '.get_system_health<|channel|>commentary <|constrain|>json<|message|>{"city": "Oslo"}<|call|>',
+     "get_system_health"),
+])
+def test_forced_header_starts_the_parser_inside_a_call(enc, specials, forced, generated, name):
+    p = HarmonyParser(enc, specials, TOOLS, T(enc, forced))
+    deltas = [d for t in T(enc, generated) for d in p.feed(t)]
+    assert deltas[0].kind is Kind.TOOL_CALL and deltas[0].name == name and deltas[0].call_id
+    assert [(c.name, c.arguments) for c in p.result.tool_calls] == [(name, '{"city": "Oslo"}')]
+    assert p.ended_by == "call" and not p.result.content and not p.result.reasoning

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from frontend_svc.harmony_render import RenderError, render_chat
+from frontend_svc.harmony_render import RenderError, ToolChoice, render_chat
 from frontend_svc.openai_models import ChatCompletionRequest
 
 HEALTH_TOOL = {"type": "function", "function": {
@@ -13,7 +13,8 @@ HEALTH_TOOL = {"type": "function", "function": {
 
 def render(enc, body):
     req = ChatCompletionRequest.model_validate({"model": "m", **body})
-    p = render_chat(enc, req.messages, [t.function for t in req.tools or []], req.effort())
+    p = render_chat(enc, req.messages, [t.function for t in req.tools or []], req.effort(),
+                    ToolChoice.of(req.tool_choice))
     return enc.decode(p.token_ids), p
 
 
@@ -69,3 +70,48 @@ def test_tool_message_without_known_call_is_an_error(enc):
     with pytest.raises(RenderError) as e:
         render(enc, {"messages": [{"role": "user", "content": "x"}, {"role": "tool", "tool_call_id": "nope", "content": "1"}]})
     assert e.value.param == "messages[1].tool_call_id"
+
+
+WEATHER_TOOL = {"type": "function", "function": {
+    "name": "get_weather", "description": "Weather in a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+ASK = {"messages": [{"role": "user", "content": "up?"}], "tools": [HEALTH_TOOL, WEATHER_TOOL]}
+
+
+def test_tool_choice_none_offers_no_tool(enc):
+    text, p = render(enc, {**ASK, "tool_choice": "none"})
+    assert "get_system_health" not in text and "get_weather" not in text
+    assert p.tool_names == frozenset() and p.forced_header == ()
+    assert text.endswith("<|start|>assistant")
+    _, auto = render(enc, ASK)
+    assert auto.tool_names == {"get_system_health", "get_weather"} and auto.forced_header == ()
+
+
+def test_named_tool_choice_ends_the_prompt_in_that_call_header_as_harmony_renders_it(enc):
+    """The forced header must be the very tokens openai-harmony writes for an assistant's call."""
+    call = {"role": "assistant", "tool_calls": [{"id": "c1", "function": {"name": "get_weather", "arguments": "{}"}}]}
+    _, history = render(enc, {**ASK, "messages": ASK["messages"] + [call]})
+    ids = history.token_ids   # ... <|start|>assistant HEADER<|message|>{}<|call|> <|start|>assistant
+    (start,), (assistant,), (message,) = (enc.encode(t, allowed_special="all")
+                                          for t in ("<|start|>", "assistant", "<|message|>"))
+    call_at = max(i for i in range(len(ids) - 2) if ids[i:i + 2] == [start, assistant])
+    rendered_call = ids[call_at + 2:ids.index(message, call_at) + 1]
+    text, p = render(enc, {**ASK, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
+    assert list(p.forced_header) == rendered_call
+    assert p.token_ids[-len(p.forced_header):] == rendered_call
+    assert text.endswith("<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>")
+
+
+def test_required_forces_the_only_tool_and_leaves_the_name_open_with_several(enc):
+    one, _ = render(enc, {**ASK, "tools": [WEATHER_TOOL], "tool_choice": "required"})
+    assert one.endswith("<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>")
+    several, _ = render(enc, {**ASK, "tool_choice": "required"})
+    assert several.endswith("<|start|>assistant to=functions")
+
+
+@pytest.mark.parametrize("body", [{**ASK, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+                                  {"messages": ASK["messages"], "tool_choice": "required"}])
+def test_impossible_tool_choice_is_refused(enc, body):
+    with pytest.raises(RenderError) as e:
+        render(enc, body)
+    assert e.value.param == "tool_choice"
