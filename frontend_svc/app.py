@@ -90,9 +90,8 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
     async def create_completion(body: CompletionRequest, request: Request):
         gen = completions.prepare(state, body, rid(request, "cmpl"))
         if body.stream:
-            include = bool(body.stream_options and body.stream_options.include_usage)
-            return sse_response(completions.stream(gen, body.model, include))
-        return await _unless_client_gone(request, completions.complete(gen, body.model))
+            return sse_response(completions.stream(gen, body))
+        return await _unless_client_gone(request, completions.complete(gen, body))
 
     @app.get("/v1/models")
     async def models():

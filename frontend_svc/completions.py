@@ -1,5 +1,6 @@
 """POST /v1/completions: a raw prompt (text or token ids), raw text out (no harmony parsing:
-the caller wrote the prompt, so the caller owns the format)."""
+the caller wrote the prompt, so the caller owns the format). `echo` puts the prompt's text before
+the completion's (with logprobs it would need the prompt's, which the workers do not compute)."""
 from __future__ import annotations
 
 import json
@@ -7,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 from . import errors
+from .detokenize import decode_lossy
 from .generation import AppState, Generation, check_model, make_sampling, require_workers
 from .logprobs import completion_logprobs
 from .openai_models import CompletionRequest
@@ -24,6 +26,8 @@ def prepare(state: AppState, req: CompletionRequest, request_id: str) -> Generat
         prompt = list(req.prompt)
     if not prompt:
         raise errors.invalid("prompt must not be empty", param="prompt")
+    if req.echo and req.logprobs is not None:
+        raise errors.invalid("echo with logprobs is not supported (no prompt logprobs)", param="echo")
     sampling = make_sampling(state, req, len(prompt), req.max_tokens, logprobs=req.logprobs is not None,
                              top_logprobs=req.logprobs or 0)
     require_workers(state)
@@ -44,19 +48,29 @@ def _logprobs(gen: Generation, tokens, text_offset: int) -> dict | None:
     return completion_logprobs(gen.state.enc, tokens, s.top_logprobs, text_offset) if s.logprobs else None
 
 
-async def complete(gen: Generation, model: str) -> dict:
-    text = ""
+def _echo(gen: Generation, req: CompletionRequest) -> str:
+    if not req.echo:
+        return ""
+    return req.prompt if isinstance(req.prompt, str) else decode_lossy(gen.state.enc, gen.prompt_ids)
+
+
+async def complete(gen: Generation, req: CompletionRequest) -> dict:
+    text = _echo(gen, req)
     tokens = []
     async for step in gen.steps():
         tokens += step.tokens
         text += "".join(d.text for d in step.deltas)
-    return _body(gen, model, int(time.time()), text, gen.finish_reason, usage=True,
+    return _body(gen, req.model, int(time.time()), text, gen.finish_reason, usage=True,
                  logprobs=_logprobs(gen, tokens, 0))
 
 
-async def stream(gen: Generation, model: str, include_usage: bool) -> AsyncIterator[str]:
+async def stream(gen: Generation, req: CompletionRequest) -> AsyncIterator[str]:
+    model, include_usage = req.model, bool(req.stream_options and req.stream_options.include_usage)
     created = int(time.time())
     offset = 0
+    echo = _echo(gen, req)
+    if echo:
+        yield f"data: {json.dumps(_body(gen, model, created, echo, None, False))}\n\n"
     try:
         async for step in gen.steps():
             text = "".join(d.text for d in step.deltas)

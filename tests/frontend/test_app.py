@@ -172,6 +172,19 @@ async def test_completions_text_and_ids(enc):
     assert b["choices"][0]["finish_reason"] == "length" and src.requests[-1].prompt_ids == [1, 2, 3]
 
 
+async def test_completions_echo(enc):
+    c, _ = client(enc, " and on.")
+    body = {"model": MODEL, "prompt": "Once upon 🎉", "max_tokens": 50, "echo": True}
+    assert (await c.post("/v1/completions", json=body)).json()["choices"][0]["text"] == "Once upon 🎉 and on."
+    ids = {**body, "prompt": enc.encode("Once upon")}
+    assert (await c.post("/v1/completions", json=ids)).json()["choices"][0]["text"] == "Once upon and on."
+    events = sse_events((await c.post("/v1/completions", json={**body, "stream": True})).text)
+    assert events[0]["choices"][0]["text"] == "Once upon 🎉"
+    assert "".join(e["choices"][0]["text"] for e in events) == "Once upon 🎉 and on."
+    r = await c.post("/v1/completions", json={**body, "logprobs": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "echo"
+
+
 async def test_completions_keep_characters_split_across_chunks(enc):
     """' 🎉' is two tokens; streamed one token a chunk, neither half may go out as U+FFFD."""
     text = "Party 🎉 time, 日本語のテキスト, café 👍🏽!"
