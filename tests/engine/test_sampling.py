@@ -55,3 +55,36 @@ def test_logprobs_are_of_the_raw_distribution():
     assert out[0].token_id == 2 and abs(out[0].logprob - float(ref[2])) < 1e-6
     assert [i for i, _ in out[0].top_logprobs] == [2, 1]
     assert out[1].logprob is None and out[1].token_id == 0
+
+
+def test_batched_draws_follow_each_rows_distribution():
+    """One step, rows with different temperature / top-k / top-p: each row's draws have its own
+    distribution (p = [.1, .2, .3, .4]; temperature 0.5 squares it; top_p 0.5 keeps {3, 2}, 4:3)."""
+    n = 20000
+    x = torch.log(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+    configs = {
+        "t1": (SamplingParams(temperature=1.0), [0.1, 0.2, 0.3, 0.4]),
+        "t0.5": (SamplingParams(temperature=0.5), [1 / 30, 4 / 30, 9 / 30, 16 / 30]),
+        "top_p": (SamplingParams(temperature=1.0, top_p=0.5), [0, 0, 3 / 7, 4 / 7]),
+        "top_k": (SamplingParams(temperature=1.0, top_k=2), [0, 0, 3 / 7, 4 / 7]),
+        "greedy": (SamplingParams(), [0, 0, 0, 1]),
+    }
+    reqs = [SampleRequest(p, i) for p, _ in configs.values() for i in range(n)]
+    out = Sampler((), "cpu")(x.repeat(len(reqs), 1), reqs)
+    for c, (name, (_, want)) in enumerate(configs.items()):
+        ids = torch.tensor([t.token_id for t in out[c * n:(c + 1) * n]])
+        freq = torch.bincount(ids, minlength=4).float() / n
+        assert torch.allclose(freq, torch.tensor(want, dtype=torch.float32), atol=0.02), (name, freq.tolist(), want)
+
+
+def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
+    """What a prefill process (token 0) and a decode process (tokens 1..) rely on: a seeded row
+    draws the same token alone and beside any other rows, whatever their parameters."""
+    seeded = [SampleRequest(SamplingParams(temperature=1.0, seed=11, top_p=0.9), i) for i in range(4)] + \
+             [SampleRequest(SamplingParams(temperature=0.7, seed=5, top_k=40), 2)]
+    others = [SampleRequest(SamplingParams(temperature=1.3), 0), SampleRequest(SamplingParams(), 0),
+              SampleRequest(SamplingParams(temperature=1.0, top_k=3, top_p=0.5, seed=9), 1)]
+    x = torch.randn(len(seeded) + len(others), 5000) * 3
+    alone = [Sampler((), "cpu")(x[i:i + 1], [r])[0].token_id for i, r in enumerate(seeded)]
+    mixed = Sampler((), "cpu")(torch.cat([x[len(seeded):], x[:len(seeded)]]), others + seeded)
+    assert [t.token_id for t in mixed[len(others):]] == alone
