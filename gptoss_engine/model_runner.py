@@ -14,6 +14,7 @@ import torch
 from gptoss_engine.block_manager import BlockTables
 from gptoss_engine.checkpoint import load_model
 from gptoss_engine.config import EngineConfig
+from gptoss_engine.host_copy import to_device
 from gptoss_engine.kv_layout import KVCache, KVLayout
 from gptoss_engine.model import GptOssForCausalLM
 from gptoss_engine.sampling import SampledTokens, Sampler, SampleRequest
@@ -120,33 +121,15 @@ class ModelRunner:
             if prev is None or prev.sampled is None:
                 raise RuntimeError("a pending input token with no launched step to take it from")
             arrays += [pending, np.array([prev.row_of[seqs[i]] for i in seq_of[pending]], dtype=np.int64)]
-        input_ids, pos, fslots, sslots, logits_indices, *fill = self._to_device(arrays, torch.int64)
+        input_ids, pos, fslots, sslots, logits_indices, *fill = to_device(arrays, torch.int64, self.device)
         if fill:
             input_ids[fill[0]] = prev.sampled.token_ids[fill[1]]  # type: ignore[union-attr]
-        qsl, lens, ftab, stab = self._to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32)
+        qsl, lens, ftab, stab = to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32, self.device)
         return StepBatch(
             input_ids=input_ids, positions=pos, query_start_loc=qsl, seq_lens=lens,
             full_block_tables=ftab.view(n, width), swa_block_tables=stab.view(n, width),
             full_slot_mapping=fslots, swa_slot_mapping=sslots, logits_indices=logits_indices,
             max_query_len=int(qlens.max()), max_seq_len=int(seq_lens.max()))
-
-    def _to_device(self, arrays: list[np.ndarray], dtype: torch.dtype) -> list[torch.Tensor]:
-        """1-D device tensors of `arrays`' values, from ONE host->device copy: they are packed into a
-        host buffer (pinned on CUDA, so the copy is async; PyTorch's pinned allocator keeps the
-        buffer from reuse until the copy is done) and the device copy is split into views. Each
-        piece starts 64-byte aligned: Triton specializes kernels on pointer alignment, so an
-        unaligned view would compile (and run) another variant."""
-        align = 64 // torch.empty((), dtype=dtype).element_size()
-        sizes = [int(a.size) for a in arrays]
-        offsets = [0]
-        for size in sizes:
-            offsets.append(offsets[-1] + -(-size // align) * align)
-        host = torch.empty(offsets[-1], dtype=dtype, pin_memory=self.device.type == "cuda")
-        buf = host.numpy()
-        for a, off, size in zip(arrays, offsets, sizes):
-            buf[off:off + size] = a.ravel()
-        dev = host.to(self.device, non_blocking=True)
-        return [dev[off:off + size] for off, size in zip(offsets, sizes)]
 
     def launch(self, scheduled: list[ScheduledSeq], tables: BlockTables, prev: LaunchedStep | None = None,
                on_launched: Callable[[], None] | None = None) -> LaunchedStep:
@@ -163,7 +146,7 @@ class ModelRunner:
         rows = [i for i, s in enumerate(scheduled) if s.seq.num_computed_tokens + s.num_tokens == len(s.seq.token_ids)]
         if not rows:
             return LaunchedStep(scheduled, rows, None, {})
-        picked = logits if len(rows) == len(scheduled) else logits[torch.tensor(rows, device=logits.device)]
+        picked = logits if len(rows) == len(scheduled) else logits[to_device([rows], torch.int64, self.device)[0]]
         # output_index counts the draws still in flight for the sequence (overlap scheduling).
         sampled = self.sampler.launch(picked, [SampleRequest(scheduled[i].seq.sampling,
                                                              len(scheduled[i].seq.outputs) + scheduled[i].seq.num_pending)

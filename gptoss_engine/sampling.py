@@ -15,6 +15,7 @@ from typing import NamedTuple
 
 import torch
 
+from gptoss_engine.host_copy import to_device
 from gptoss_engine.types import SamplingParams, TokenOutput
 
 
@@ -29,28 +30,26 @@ def step_seed(seed: int, output_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _draw(logits: torch.Tensor, params: list[SamplingParams], noise: torch.Tensor) -> torch.Tensor:
-    """Temperature, top-k and top-p, then one draw per row, for all rows at once: a fixed number
-    of operators a step, not a few per row (on the GPU each is a launch: 256 sampled rows were
-    ~2,300 launches a step). Row r of logits [R, V] is drawn with noise[r] ~ Exp(1)."""
-    dev, dtype, vocab = logits.device, logits.dtype, logits.shape[-1]
-    x = logits / torch.tensor([s.temperature for s in params], device=dev, dtype=dtype)[:, None]
-    ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in params]
-    if any(ks):
+def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, torch.Tensor, torch.Tensor] | None,
+          top_p: tuple[torch.Tensor, torch.Tensor] | None, noise: torch.Tensor) -> torch.Tensor:
+    """One draw per row of logits [R, V], all rows at once: a fixed number of operators a step, not
+    a few per row (on the GPU each is a launch: 256 sampled rows were ~2,300 launches a step).
+    temperature [R]; top_k (largest k, each row's k - 1, rows without top-k); top_p (the rows that
+    cut, their p); noise [R, V] ~ Exp(1)."""
+    x = logits / temperature[:, None]
+    if top_k is not None:
         # Each row's k-th largest (rows without top-k: -inf, which masks nothing).
-        top = torch.topk(x, max(ks), dim=-1).values
-        kth = top.gather(1, torch.tensor([max(k, 1) - 1 for k in ks], device=dev)[:, None])
-        kth = kth.masked_fill(torch.tensor([k == 0 for k in ks], device=dev)[:, None], float("-inf"))
+        k_max, k_index, no_k = top_k
+        kth = torch.topk(x, k_max, dim=-1).values.gather(1, k_index[:, None])
+        kth = kth.masked_fill(no_k[:, None], float("-inf"))
         x = x.masked_fill(x < kth, float("-inf"))
     probs = torch.softmax(x, dim=-1)
-    cut = [r for r, s in enumerate(params) if s.top_p < 1.0]
-    if cut:
+    if top_p is not None:
         # Drop a token when the tokens ranked above it already reach top_p (the top one always
         # stays). Only the rows that ask for it pay the sort.
-        rows = torch.tensor(cut, device=dev)
-        top_p = torch.tensor([params[r].top_p for r in cut], device=dev, dtype=dtype)[:, None]
+        rows, p = top_p
         sorted_probs, order = torch.sort(probs[rows], dim=-1, descending=True)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= top_p
+        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p[:, None]
         probs[rows] = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
     # argmax(p / Exp(1)) draws from p normalised (the exponential-race form of the Gumbel trick),
     # so the mass top-p removed needs no renormalising.
@@ -80,33 +79,53 @@ class Sampler:
 
     def launch(self, logits: torch.Tensor, requests: list[SampleRequest]) -> "SampledTokens":
         """Queue the draws on logits' device and their copy to the host; nothing here waits for
-        the device. The result's token_ids stay readable on the device (the next step's inputs)."""
+        the device (the per-row values go over in one asynchronous copy: host_copy). The
+        result's token_ids stay readable on the device (the next step's inputs)."""
         if logits.shape[0] != len(requests):
             raise ValueError(f"{logits.shape[0]} logits rows for {len(requests)} requests")
-        masked = logits
+        vocab = logits.shape[-1]
+        # min_tokens: no stop token (the user's or, unless ignore_eos, the model's) before it.
+        mask_rows: list[int] = []
+        mask_ids: list[int] = []
         for row, r in enumerate(requests):
-            # min_tokens: no stop token (the user's or, unless ignore_eos, the model's) before it.
             if r.output_index < r.sampling.min_tokens and (stop := self._stop_ids(r.sampling)):
-                if masked is logits:
-                    masked = logits.clone()
-                masked[row, stop] = float("-inf")
-        token_ids = masked.argmax(dim=-1)
+                mask_rows += [row] * len(stop)
+                mask_ids += stop
         drawn = [row for row, r in enumerate(requests) if r.sampling.temperature > 0.0]
+        want = [row for row, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
+        if not (mask_rows or drawn or want):   # all greedy: nothing to send
+            token_ids = logits.argmax(dim=-1)
+            return SampledTokens(token_ids, [token_ids], requests, want)
+        params = [requests[row].sampling for row in drawn]
+        ks = [s.top_k if 0 < s.top_k < vocab else 0 for s in params]
+        cut = [n for n, s in enumerate(params) if s.top_p < 1.0]
+        # Indices travel as float32 beside the values (exact below 2**24: rows, token ids).
+        (mask_rows_d, mask_ids_d, drawn_d, temperature, k_index, no_k, cut_d, top_p, want_d) = to_device(
+            [mask_rows, mask_ids, drawn, [s.temperature for s in params], [max(k, 1) - 1 for k in ks],
+             [k == 0 for k in ks], cut, [params[n].top_p for n in cut], want], torch.float32, logits.device)
+        masked = logits
+        if mask_rows:
+            masked = logits.clone()
+            masked[mask_rows_d.long(), mask_ids_d.long()] = float("-inf")
+        token_ids = masked.argmax(dim=-1)
         if drawn:
-            rows = torch.tensor(drawn, device=logits.device)
-            noise = torch.empty((len(drawn), logits.shape[-1]), device=logits.device, dtype=logits.dtype)
+            every = len(drawn) == len(requests)
+            noise = torch.empty((len(drawn), vocab), device=logits.device, dtype=logits.dtype)
             noise.exponential_(generator=self._rng)   # one launch for the unseeded rows
-            for n, row in enumerate(drawn):
-                r = requests[row]
+            for n, r in enumerate(requests[row] for row in drawn):
                 if r.sampling.seed is not None:   # its own stream: the draw depends on (seed, index) alone
                     noise[n].exponential_(generator=self._generator(r.sampling, r.output_index))
-            token_ids[rows] = _draw(masked[rows], [requests[row].sampling for row in drawn], noise)
-        want = [row for row, r in enumerate(requests) if r.sampling.logprobs or r.sampling.top_logprobs]
+            draws = _draw(masked if every else masked[drawn_d.long()], temperature,
+                          (max(ks), k_index.long(), no_k.bool()) if any(ks) else None,
+                          (cut_d.long(), top_p) if cut else None, noise)
+            if every:
+                token_ids = draws
+            else:
+                token_ids[drawn_d.long()] = draws
         if not want:
             return SampledTokens(token_ids, [token_ids], requests, want)
-        rows = torch.tensor(want, device=logits.device)
-        logp = torch.log_softmax(logits[rows], dim=-1)
-        chosen = logp.gather(1, token_ids[rows, None])[:, 0]
+        logp = torch.log_softmax(logits[want_d.long()], dim=-1)
+        chosen = logp.gather(1, token_ids[want_d.long(), None])[:, 0]
         k = max(r.sampling.top_logprobs for r in requests)
         extra = [chosen] + (list(torch.topk(logp, k)) if k else [])
         return SampledTokens(token_ids, [token_ids, *extra], requests, want)
