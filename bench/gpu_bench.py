@@ -186,9 +186,10 @@ class _StepTimers:
 
 def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: int, output_len: int,
                       log: Callable[[str], None], overlap: bool = True, *, results_dir: pathlib.Path = RESULTS,
-                      commit: str = "unknown", preset_name: str = "?") -> float:
+                      commit: str = "unknown", preset_name: str = "?", temperature: float = 0.0) -> float:
     """Output tok/s of LLMEngine.generate on num_requests random prompts, each run to output_len
-    tokens; overlap: the engine's overlap scheduler (on by default on CUDA)."""
+    tokens; overlap: the engine's overlap scheduler (on by default on CUDA); temperature > 0 draws
+    every token (the OpenAI API's default is 1) instead of taking the argmax."""
     from gptoss_engine.config import EngineConfig
     from gptoss_engine.engine import LLMEngine
     from gptoss_engine.types import SamplingParams
@@ -203,7 +204,7 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
         f"blocks of {BLOCK_SIZE} tokens (full-attention room for {kv.num_full_blocks * BLOCK_SIZE} tokens)")
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(0, 200000, (num_requests, prompt_len), generator=g).tolist()
-    params = SamplingParams(max_tokens=output_len, ignore_eos=True)
+    params = SamplingParams(max_tokens=output_len, ignore_eos=True, temperature=temperature)
     engine.generate(prompts[:2], SamplingParams(max_tokens=4, ignore_eos=True))  # compile + capture b2
     gc_before = gc_policy.settle_for_serving()   # as the worker daemons run
     timed = _StepTimers(engine)
@@ -220,7 +221,8 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
         results_dir / "throughput.md", "1000/1000 through LLMEngine by concurrency (bench/gpu_bench.py)",
         ["date", "GPU", "commit", "preset", "requests", "overlap scheduler", "output tok/s", "steps", "wall s"],
         [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, preset_name, num_requests,
-          "on" if overlap else "off", f"{produced / wall:.0f}", timed.steps, f"{wall:.1f}"]])
+          ("on" if overlap else "off") + (f" (temperature {temperature:g})" if temperature else ""),
+          f"{produced / wall:.0f}", timed.steps, f"{wall:.1f}"]])
     log(f"1000/1000 through LLMEngine (overlap {'on' if overlap else 'off'}): {num_requests} requests x {prompt_len} in / {output_len} out in "
         f"{wall:.1f} s -> {produced / wall:.0f} output tok/s ({(produced + num_requests * prompt_len) / wall:.0f} "
         f"total tok/s)")
@@ -232,7 +234,7 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
 def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str], None],
                profile_dir: pathlib.Path | None = None, throughput_requests: tuple[int, ...] = (1024,),
                overlap_modes: tuple[bool, ...] = (True,), out: pathlib.Path = RESULTS,
-               commit: str = "unknown") -> dict[str, float]:
+               commit: str = "unknown", temperature: float = 0.0) -> dict[str, float]:
     from gptoss_engine.kernels.cuda_graphs import CudaGraphForward  # needs Triton: imported only on the GPU path
     config = ModelConfig.from_dict(preset(name))
     t0 = time.time()
@@ -270,6 +272,10 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
                 try:
                     r[key] = throughput_engine(model, n, 1000, 1000, log, overlap, results_dir=out,
                                                commit=commit, preset_name=name)
+                    if temperature:   # the same run drawing its tokens, beside the greedy one
+                        r[key + f"_t{temperature:g}"] = throughput_engine(
+                            model, n, 1000, 1000, log, overlap, results_dir=out, commit=commit, preset_name=name,
+                            temperature=temperature)
                 except torch.cuda.OutOfMemoryError as e:  # a larger concurrency may not fit: keep the others
                     log(f"1000/1000 with {n} requests: out of memory ({e})")
                     gc.collect()
@@ -353,6 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                         "each goes to the JSON as throughput_1000_1000_x<N>, the best to the table (with its N)")
     p.add_argument("--overlap", choices=["on", "off", "both"], default="on",
                    help="the engine's overlap scheduler in the 1000/1000 runs (off: key suffix _no_overlap)")
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="also run each 1000/1000 drawing its tokens at this temperature (key suffix _t<T>; "
+                        "the table keeps the greedy figure)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
     p.add_argument("--profile", type=pathlib.Path, default=None, help="write kernel tables to this folder")
@@ -365,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = bench_ours(args.preset, args.max_batch, args.max_context, log, args.profile,
                       tuple(int(n) for n in args.throughput_requests.split(",")),
                       {"on": (True,), "off": (False,), "both": (True, False)}[args.overlap],
-                      args.out, args.commit or provenance.commit())
+                      args.out, args.commit or provenance.commit(), args.temperature)
     peer = {} if args.no_peer or args.preset != "20b" else bench_hf_peer(args.preset, log)
     gpu = torch.cuda.get_device_name()
     commit = args.commit or provenance.commit()
