@@ -132,7 +132,8 @@ class HarmonyParser:
     `<|start|>assistant`. Never raises on a token.
     """
 
-    def __init__(self, enc, specials: HarmonySpecials, tool_names: Iterable[str] = (), forced_header: Iterable[int] = ()):
+    def __init__(self, enc, specials: HarmonySpecials, tool_names: Iterable[str] = (),
+                 forced_header: Iterable[int] = ()):
         self._enc = enc
         self._sp = specials
         self._tool_names = frozenset(tool_names)

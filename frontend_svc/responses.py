@@ -80,7 +80,8 @@ def _envelope(gen: Generation, req: ResponsesRequest, created: int, status: str,
             "incomplete_details": {"reason": "max_output_tokens"} if incomplete else None,
             "instructions": req.instructions, "max_output_tokens": req.max_output_tokens,
             "parallel_tool_calls": False,
-            "tool_choice": req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel) else req.tool_choice or "auto",
+            "tool_choice": (req.tool_choice.model_dump() if isinstance(req.tool_choice, BaseModel)
+                            else req.tool_choice or "auto"),
             "tools": [t.model_dump() for t in req.tools or []],
             "temperature": req.temperature, "top_p": req.top_p,
             "usage": _usage(gen) if status != "in_progress" else None}

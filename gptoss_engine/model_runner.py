@@ -124,7 +124,8 @@ class ModelRunner:
         input_ids, pos, fslots, sslots, logits_indices, *fill = to_device(arrays, torch.int64, self.device)
         if fill:
             input_ids[fill[0]] = prev.sampled.token_ids[fill[1]]  # type: ignore[union-attr]
-        qsl, lens, ftab, stab = to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32, self.device)
+        qsl, lens, ftab, stab = to_device([query_start_loc, seq_lens, full_tables, swa_tables], torch.int32,
+                                          self.device)
         return StepBatch(
             input_ids=input_ids, positions=pos, query_start_loc=qsl, seq_lens=lens,
             full_block_tables=ftab.view(n, width), swa_block_tables=stab.view(n, width),

@@ -118,10 +118,12 @@ async def test_forced_tool_call(enc, endpoint):
     c, src = client(enc, '{"city": "Paris"}<|call|>')
     forced = " to=functions.get_system_health<|channel|>commentary <|constrain|>json<|message|>"
     if endpoint == "chat":
-        body = chat_body(tools=[HEALTH_TOOL], tool_choice={"type": "function", "function": {"name": "get_system_health"}})
+        named = {"type": "function", "function": {"name": "get_system_health"}}
+        body = chat_body(tools=[HEALTH_TOOL], tool_choice=named)
         ch = (await c.post("/v1/chat/completions", json=body)).json()["choices"][0]
         assert ch["finish_reason"] == "tool_calls"
-        assert ch["message"]["tool_calls"][0]["function"] == {"name": "get_system_health", "arguments": '{"city": "Paris"}'}
+        assert ch["message"]["tool_calls"][0]["function"] == {"name": "get_system_health",
+                                                              "arguments": '{"city": "Paris"}'}
         ev = sse_events((await c.post("/v1/chat/completions", json={**body, "stream": True})).text)
         calls = [tc for e in ev for tc in e["choices"][0]["delta"].get("tool_calls") or []]
         assert calls[0]["function"]["name"] == "get_system_health"
@@ -129,7 +131,8 @@ async def test_forced_tool_call(enc, endpoint):
         # cut by max_tokens inside the arguments: an incomplete call is "length", not "tool_calls"
         ch = (await c.post("/v1/chat/completions", json={**body, "max_tokens": 2})).json()["choices"][0]
         cut = ch["message"]["tool_calls"][0]["function"]["arguments"]
-        assert ch["finish_reason"] == "length" and cut and '{"city": "Paris"}'.startswith(cut) and cut != '{"city": "Paris"}'
+        assert ch["finish_reason"] == "length"
+        assert cut and '{"city": "Paris"}'.startswith(cut) and cut != '{"city": "Paris"}'
     else:
         tool = {"type": "function", **HEALTH_TOOL["function"]}
         choice = {"type": "function", "name": "get_system_health"}

@@ -7,7 +7,8 @@ import pytest
 
 from frontend_svc.detokenize import MAX_HELD, Detokenizer
 
-TEXTS = ["Party 🎉 time", "日本語のテキスト", "café 👍🏽 naïve", "plain ascii only", "🇯🇵🇫🇷 flags 🧑‍🤝‍🧑"]
+TEXTS = ["Party 🎉 time", "日本語のテキスト", "café 👍🏽 naïve", "plain ascii only",
+         "🇯🇵🇫🇷 flags 🧑‍🤝‍🧑"]
 
 
 @pytest.mark.parametrize("text", TEXTS)

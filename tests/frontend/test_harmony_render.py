@@ -99,7 +99,8 @@ def test_named_tool_choice_ends_the_prompt_in_that_call_header_as_harmony_render
     text, p = render(enc, {**ASK, "tool_choice": {"type": "function", "function": {"name": "get_weather"}}})
     assert list(p.forced_header) == rendered_call
     assert p.token_ids[-len(p.forced_header):] == rendered_call
-    assert text.endswith("<|start|>assistant to=functions.get_weather<|channel|>commentary <|constrain|>json<|message|>")
+    assert text.endswith("<|start|>assistant to=functions.get_weather"
+                         "<|channel|>commentary <|constrain|>json<|message|>")
 
 
 def test_required_forces_the_only_tool_and_leaves_the_name_open_with_several(enc):
