@@ -124,8 +124,9 @@ class Sampler:
                 token_ids[drawn_d.long()] = draws
         if not want:
             return SampledTokens(token_ids, [token_ids], requests, want)
-        logp = torch.log_softmax(logits[want_d.long()], dim=-1)
-        chosen = logp.gather(1, token_ids[want_d.long(), None])[:, 0]
+        rows = want_d.long()
+        logp = torch.log_softmax(logits[rows], dim=-1)
+        chosen = logp.gather(1, token_ids[rows, None])[:, 0]
         k = max(r.sampling.top_logprobs for r in requests)
         extra = [chosen] + (list(torch.topk(logp, k)) if k else [])
         return SampledTokens(token_ids, [token_ids, *extra], requests, want)
