@@ -2,13 +2,15 @@
 
 systemd runs this as Type=notify: READY=1 goes out only once uvicorn has bound its socket and
 serves (so `systemctl start` returns when requests can be made), STOPPING=1 as soon as a stop
-signal arrives."""
+signal arrives. With --http-workers N > 1 this process is the supervisor of N such frontends
+(supervisor.py), and they report to it instead."""
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 
 import uvicorn
@@ -51,12 +53,22 @@ def build_app(cfg: FrontendConfig):
 
 
 class _NotifyingServer(uvicorn.Server):
-    """uvicorn.Server with systemd notifications at its real start and stop points."""
+    """uvicorn.Server with systemd notifications at its real start and stop points. ready_fd: a
+    supervisor's process reports its start there instead (one byte), and systemd hears from the
+    supervisor only."""
+
+    def __init__(self, config: uvicorn.Config, ready_fd: int | None = None):
+        super().__init__(config)
+        self._ready_fd = ready_fd
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
         if self.started:   # False when binding failed: uvicorn exits, systemd sees the failure
             cfg = self.config
+            if self._ready_fd is not None:
+                os.write(self._ready_fd, b"1")
+                os.close(self._ready_fd)
+                return
             log.info("serving on http://%s:%d", cfg.host, cfg.port)
             sd_notify.ready(f"serving on {cfg.host}:{cfg.port}")
 
@@ -77,12 +89,17 @@ class _NotifyingServer(uvicorn.Server):
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     cfg = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if cfg.http_workers > 1:
+        from .supervisor import run
+        return run(cfg, argv)
     app = build_app(cfg)
     server = _NotifyingServer(uvicorn.Config(app, host=cfg.http_host, port=cfg.http_port, log_level="warning",
-                                             timeout_graceful_shutdown=5))
-    server.run()
+                                             timeout_graceful_shutdown=5), cfg.ready_fd)
+    # A supervisor's process serves the listening socket it inherited (supervisor.py).
+    server.run(sockets=None if cfg.listen_fd is None else [socket.socket(fileno=cfg.listen_fd)])
     return 0 if server.started else 1
 
 

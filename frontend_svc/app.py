@@ -123,17 +123,22 @@ def create_app(cfg: FrontendConfig, source: TokenSource, metrics: Metrics | None
 class _Gate:
     """Pure ASGI middleware (so client disconnects still cancel streaming handlers): API key,
     the --max-inflight limit, and request counts by endpoint and status. A request counts as in
-    flight until its response body is fully sent or the client has gone."""
+    flight until its response body is fully sent or the client has gone. One of a supervisor's
+    processes names itself in an `x-gptoss-frontend-process` header (its number, 0..N-1)."""
 
     def __init__(self, app, cfg: FrontendConfig, metrics: Metrics):
         self.app = app
         self.cfg = cfg
         self.metrics = metrics
         self.inflight = 0
+        self._extra_headers = ([] if cfg.worker_slot is None
+                               else [(b"x-gptoss-frontend-process", str(cfg.worker_slot).encode())])
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        if self._extra_headers:
+            send = self._with_headers(send)
         request = Request(scope)
         path = request.url.path
         label = _endpoint_label(path)
@@ -163,3 +168,10 @@ class _Gate:
                 self.inflight -= 1
                 self.metrics.inflight.dec()
             self.metrics.requests.labels(label, str(status["code"] or 499)).inc()
+
+    def _with_headers(self, send):
+        async def sender(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *self._extra_headers]}
+            await send(message)
+        return sender

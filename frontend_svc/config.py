@@ -29,6 +29,12 @@ class FrontendConfig:
     max_inflight: int = 0          # 0 = unlimited
     request_timeout_s: float = 600.0
     sse_keepalive_s: float = 10.0  # an SSE comment after this long without an event
+    http_workers: int = 1          # > 1: a supervisor runs this many frontend processes (supervisor.py)
+    # Set by the supervisor for each of its processes: the listening socket it inherits, the pipe
+    # it reports readiness on, and its number (sent back as a response header).
+    listen_fd: int | None = None
+    ready_fd: int | None = None
+    worker_slot: int | None = None
     # etcd: TLS (CA, client cert/key for mutual TLS) and user; the password only from
     # GPTOSS_ETCD_PASSWORD, never a flag.
     etcd_ca: str | None = None
@@ -75,6 +81,10 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
     p.add_argument("--sse-keepalive-interval", type=float,
                    default=float(_env("sse-keepalive-interval", d.sse_keepalive_s)),
                    help="seconds without an event after which a stream gets a ': keep-alive' comment")
+    p.add_argument("--http-workers", type=int, default=int(_env("http-workers", d.http_workers)),
+                   help="frontend processes serving the HTTP port (one streams ~5k tokens/s a core)")
+    for name in ("listen-fd", "ready-fd", "worker-slot"):   # the supervisor's, for its processes
+        p.add_argument(f"--{name}", type=int, default=None, help=argparse.SUPPRESS)
     for name in ("etcd-ca", "etcd-cert", "etcd-key", "etcd-user",
                  "worker-tls-ca", "worker-tls-cert", "worker-tls-key"):
         p.add_argument(f"--{name}", default=_env(name, None))
@@ -87,12 +97,15 @@ def parse_args(argv: list[str] | None) -> FrontendConfig:
         p.error("--sse-keepalive-interval must be > 0")
     if a.migration_limit < 0 or a.max_inflight < 0 or a.disagg_threshold < 0:
         p.error("--migration-limit, --max-inflight and --disagg-threshold must be >= 0")
+    if a.http_workers < 1:
+        p.error("--http-workers must be >= 1")
     return FrontendConfig(
         http_host=a.http_host, http_port=a.http_port, router_mode=a.router_mode,
         etcd_endpoints=a.etcd_endpoints, namespace=a.namespace, served_model_name=a.served_model_name,
         model_path=a.model_path, context_length=context_length_of(a.model_path),
         disagg_threshold=a.disagg_threshold, api_key=a.api_key or os.environ.get("GPTOSS_API_KEY") or None,
         migration_limit=a.migration_limit, max_inflight=a.max_inflight, sse_keepalive_s=a.sse_keepalive_interval,
+        http_workers=a.http_workers, listen_fd=a.listen_fd, ready_fd=a.ready_fd, worker_slot=a.worker_slot,
         etcd_ca=a.etcd_ca, etcd_cert=a.etcd_cert, etcd_key=a.etcd_key, etcd_user=a.etcd_user,
         worker_tls_ca=a.worker_tls_ca, worker_tls_cert=a.worker_tls_cert, worker_tls_key=a.worker_tls_key,
     )

@@ -7,6 +7,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,7 +17,7 @@ import openai
 import pytest
 
 from tests.e2e.conftest import MODEL, ROOT, needs_engine
-from tests.e2e.stack import cpu_seconds, iter_sse, wait_until
+from tests.e2e.stack import Frontend, cpu_seconds, iter_sse, metric, wait_until
 from tests.fixtures.procs import free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(300)]
@@ -152,6 +153,51 @@ def test_chat_logprobs(fe):
     assert len(streamed) == 6 and all(len(e.top_logprobs) == 2 for e in streamed)
     plain = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=4)
     assert plain.choices[0].logprobs is None
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def test_http_workers_share_one_port(stack, tmp_path):
+    """--http-workers 2: one supervisor (READY=1 / STOPPING=1 to systemd), two frontend processes
+    on one port. New connections reach both; /metrics sums both; a killed process is started
+    again; SIGTERM to the supervisor alone (systemd's KillMode=mixed) stops all with exit 0."""
+    path = str(tmp_path / "notify.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(path)
+        notify.settimeout(60)
+        f = Frontend(stack.etcd.endpoint, tmp_path / "multi.log", stack.model_dir, "--http-workers", "2",
+                     env={"NOTIFY_SOCKET": path})
+        try:
+            assert notify.recv(4096).decode().startswith("READY=1")
+            workers = _children(f.proc.pid)
+            assert len(workers) == 2
+
+            def complete() -> str:   # a fresh connection each time: the kernel picks the process
+                r = httpx.post(f.url + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},
+                               timeout=60)
+                assert r.status_code == 200, r.text
+                return r.headers["x-gptoss-frontend-process"]
+
+            assert {complete() for _ in range(16)} == {"0", "1"}
+            ok = 'gptoss_frontend_requests_total{endpoint="/v1/completions",status="200"}'
+            for _ in range(4):   # whichever process answers, it reports both
+                assert metric(f.url, ok) == 16 and metric(f.url, "gptoss_frontend_inflight_requests") == 0
+
+            os.kill(workers[0], signal.SIGKILL)
+            wait_until(lambda: len(_children(f.proc.pid)) == 2 and workers[0] not in _children(f.proc.pid), 30,
+                       "the killed frontend process started again")
+            assert {complete() for _ in range(16)} == {"0", "1"}
+
+            workers = _children(f.proc.pid)
+            os.kill(f.proc.pid, signal.SIGTERM)
+            assert notify.recv(4096).decode().startswith("STOPPING=1")
+            assert f.proc.wait(30) == 0
+            assert not any(_alive(pid) for pid in workers)
+        finally:
+            f.stop()
 
 
 def _alive(pid: int) -> bool:

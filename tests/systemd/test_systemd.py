@@ -87,7 +87,8 @@ def write_env_files(s: Stack) -> None:
                       f"GPTOSS_UCX_PORT={s.decode_ucx}\n",
         "decode-2.env": f"GPTOSS_DISAGGREGATION_MODE=decode\nGPTOSS_GRPC_PORT={s.decode2_port}\n"
                         f"GPTOSS_UCX_PORT={s.decode2_ucx}\n",
-        "frontend.env": f"GPTOSS_HTTP_HOST=127.0.0.1\nGPTOSS_HTTP_PORT={s.http_port}\n",
+        # Two frontend processes under one supervisor: READY=1 and the clean stop come from it.
+        "frontend.env": f"GPTOSS_HTTP_HOST=127.0.0.1\nGPTOSS_HTTP_PORT={s.http_port}\nGPTOSS_HTTP_WORKERS=2\n",
     }
     for name, text in files.items():
         s.c.sh(f"cat > /etc/gptoss/{name} <<'EOF'\n{text}EOF")
@@ -181,6 +182,8 @@ def test_all_active_hardened_and_etcd_pulled_in(stack: Stack) -> None:
         # ProtectSystem=strict: the daemon cannot write outside its state/cache directories.
         assert c.sh(f"nsenter -t {pid} -m sh -c 'touch /usr/gptoss-probe'", check=False).returncode != 0
     assert c.show("gptoss-frontend.service", "PrivateDevices") == "yes"
+    frontends = c.out(f"cat /proc/{c.show('gptoss-frontend.service', 'MainPID')}/task/*/children").split()
+    assert len(frontends) == 2 and all(c.out(f"ps -o user= -p {pid}") == "gptoss" for pid in frontends)
     assert "char-nvidia*" in c.show("gptoss-decode.service", "DeviceAllow")
 
 
