@@ -146,7 +146,7 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[ChatTool] | None = None
-    tool_choice: ToolChoiceMode | ChatToolChoice | None = None   # None: "auto" with tools, else "none"
+    tool_choice: ToolChoiceMode | ChatToolChoice | None = None   # None: "auto"
     reasoning_effort: ReasoningEffortName | None = None
     chat_template_args: dict[str, Any] | None = None
     logprobs: bool = False
