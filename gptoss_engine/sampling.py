@@ -106,7 +106,10 @@ class Sampler:
         masked = logits
         if mask_rows:
             masked = logits.clone()
-            masked[mask_rows_d.long(), mask_ids_d.long()] = float("-inf")
+            # The value as a device tensor: a Python float would be copied from the host with
+            # non_blocking=False, which synchronises (seen on the H100: tests/gpu/test_sampling_cuda.py).
+            masked.index_put_((mask_rows_d.long(), mask_ids_d.long()),
+                              logits.new_full((len(mask_rows),), float("-inf")))
         token_ids = masked.argmax(dim=-1)
         if drawn:
             every = len(drawn) == len(requests)

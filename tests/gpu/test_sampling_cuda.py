@@ -28,7 +28,13 @@ def test_launch_does_not_wait_for_work_queued_before_it():
     busy = torch.cuda.Event()
     torch.cuda._sleep(2_000_000_000)   # ~1 s of a spinning kernel
     busy.record()
-    sampled = s.launch(logits, reqs)
+    # PyTorch's sync debug mode names the operator that synchronises (a min_tokens mask written
+    # with a Python float did, found here); the event check catches what the mode does not see.
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sampled = s.launch(logits, reqs)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     assert not busy.query(), "Sampler.launch waited for the device"
     out = sampled.resolve()
     assert len(out) == 6 and out[3].token_id != 7 and out[4].logprob is not None
