@@ -8,6 +8,7 @@ like its checkpoint key, so loading is one loop (checkpoint.py). Experts are eit
 from __future__ import annotations
 
 import functools
+import types
 from typing import Callable
 
 import torch
@@ -74,19 +75,19 @@ def _add_rmsnorm_route() -> Callable[..., tuple[torch.Tensor, ...]] | None:
 
 
 @functools.cache
-def _dense_gemv() -> tuple[Callable[..., bool], Callable[..., torch.Tensor]] | None:
+def _dense_gemv() -> types.ModuleType | None:
     try:
-        from gptoss_engine.kernels.gemv import dense_gemv, gemv_takes
+        from gptoss_engine.kernels import gemv
     except ImportError:
         return None
-    return gemv_takes, dense_gemv
+    return gemv
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
     which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs."""
-    if x.is_cuda and (g := _dense_gemv()) is not None and g[0](x, w):
-        return g[1](x, w, b)
+    if x.is_cuda and (g := _dense_gemv()) is not None and g.gemv_takes(x, w):
+        return g.dense_gemv(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
 
@@ -142,8 +143,12 @@ class Attention(nn.Module):
         # K/V of this step go into the cache first, so the attention reads the step's own keys
         # through the same block table as the cached context.
         if self.qkv_weight is not None and x.is_cuda and (rotary_kv := _rotary_store_kv()) is not None:
-            qkv = _linear(x, self.qkv_weight, self.qkv_bias)
-            rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache
+            if (g := _dense_gemv()) is not None and g.ROTARY_EPILOGUE and g.gemv_takes(x, self.qkv_weight):
+                # 1-2 tokens: the rotation and the cache store are the GEMV's epilogue (one launch).
+                qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)
+            else:
+                qkv = _linear(x, self.qkv_weight, self.qkv_bias)
+                rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache
             q = qkv[:, :hq * d].view(t, hq, d)
         else:
             q = apply_rotary(self.q_proj(x).view(t, hq, d), cos, sin)

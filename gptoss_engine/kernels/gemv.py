@@ -30,6 +30,9 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 MAX_TOKENS = 2       # see the docstring
 _CONFIG = (2, 4)     # (R rows a program, S ring stages)
 _CONFIG_OVERRIDE: tuple[int, int] | None = None   # bench sweeps
+# The model's q|k|v projection at 1-2 tokens takes qkv_gemv_rotary (rotary + KV store as the GEMV's
+# epilogue) instead of dense_gemv then rotary.rotary_store_kv; False for the bench's A/B.
+ROTARY_EPILOGUE = True
 
 
 @gluon.jit
@@ -49,16 +52,14 @@ def _issue(w_ring, x_ring, w_ptr, x_ptr, rows, row_ok, t_idx, t_ok, k0, K, s_wn,
 
 
 @gluon.jit
-def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, N, K: gl.constexpr, s_xt, s_wn, s_yt,
-                 R: gl.constexpr, S: gl.constexpr, TP: gl.constexpr, HAS_BIAS: gl.constexpr):
-    # [TP tokens, R rows, 256 columns]: a lane holds 8 consecutive columns of every row and token.
-    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [1, 1, 1], [2, 1, 0])
+def _row_sums(x_ptr, w_ptr, rows, T, N, K: gl.constexpr, s_xt, s_wn,
+              R: gl.constexpr, S: gl.constexpr, TP: gl.constexpr, L3: gl.constexpr):
+    """[TP, R, 256] fp32 partial sums (layout L3; summed over the last axis: x[t] . W[rows[r]]) for the
+    program's R rows (`rows` in SliceLayout(1, SliceLayout(0, L3))), streamed through the cp.async ring.
+    The caller sums: a reduction inside a called Gluon function does not compile (no num-warps there)."""
     LW: gl.constexpr = gl.SliceLayout(0, L3)
     LX: gl.constexpr = gl.SliceLayout(1, L3)
-    LY: gl.constexpr = gl.SliceLayout(2, L3)
     SH: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [1, 0])
-    pid = gl.program_id(0)
-    rows = pid * R + gl.arange(0, R, layout=gl.SliceLayout(1, LW))
     row_ok = rows < N
     t_idx = gl.arange(0, TP, layout=gl.SliceLayout(1, LX))
     t_ok = t_idx < T
@@ -77,13 +78,72 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, N, K: gl.constexpr, s_xt, s_wn, 
         xv = x_ring.index(it % S).load(LX).to(gl.float32)
         acc = acc + gl.expand_dims(w, 0) * gl.expand_dims(xv, 1)
     cp.wait_group(0)
-    y = gl.sum(acc, axis=2)
+    return acc
+
+
+@gluon.jit
+def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, N, K: gl.constexpr, s_xt, s_wn, s_yt,
+                 R: gl.constexpr, S: gl.constexpr, TP: gl.constexpr, HAS_BIAS: gl.constexpr):
+    # [TP tokens, R rows, 256 columns]: a lane holds 8 consecutive columns of every row and token.
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [1, 1, 1], [2, 1, 0])
+    LY: gl.constexpr = gl.SliceLayout(2, L3)
+    pid = gl.program_id(0)
+    rows = pid * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
+    y = gl.sum(_row_sums(x_ptr, w_ptr, rows, T, N, K, s_xt, s_wn, R, S, TP, L3), axis=2)
     rows_y = pid * R + gl.arange(0, R, layout=gl.SliceLayout(0, LY))
     t_y = gl.arange(0, TP, layout=gl.SliceLayout(1, LY))
     if HAS_BIAS:
         y = y + gl.expand_dims(gl.load(b_ptr + rows_y, mask=rows_y < N, other=0.0).to(gl.float32), 0)
     ok = gl.expand_dims(t_y < T, 1) & gl.expand_dims(rows_y < N, 0)
     gl.store(y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0), y.to(gl.bfloat16), mask=ok)
+
+
+@gluon.jit
+def _gemv_rotary_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, T, N,
+                        K: gl.constexpr, s_xt, s_wn, s_yt, s_ct, s_st, s_pb, s_pkv, s_ps, s_ph,
+                        HQ: gl.constexpr, HKV: gl.constexpr, HALF: gl.constexpr, BLOCK_SIZE: gl.constexpr,
+                        S: gl.constexpr, TP: gl.constexpr, HAS_BIAS: gl.constexpr):
+    """The q|k|v projection with rotary_store_kv's work as its epilogue (kernels/rotary.py: the same
+    contract). Program p owns rows d and d + HALF of head p // HALF (d = p % HALF): the two halves
+    that the rotation mixes, so it rotates its own sums in fp32 before their one bf16 rounding."""
+    L3: gl.constexpr = gl.BlockedLayout([1, 1, 8], [1, 1, 32], [1, 1, 1], [2, 1, 0])
+    LY: gl.constexpr = gl.SliceLayout(2, L3)
+    pid = gl.program_id(0)
+    head = pid // HALF
+    base = head * (2 * HALF) + pid % HALF
+    r_y = gl.arange(0, 2, layout=gl.SliceLayout(0, LY))
+    rows_y = base + r_y * HALF
+    t_y = gl.arange(0, TP, layout=gl.SliceLayout(1, LY))
+    t_ok = t_y < T
+    # The epilogue's operands are loaded before the loop, so their latency hides under it.
+    cos = gl.expand_dims(gl.load(cos_ptr + t_y * s_ct + pid % HALF, mask=t_ok, other=1.0).to(gl.float32), 1)
+    sin = gl.expand_dims(gl.load(sin_ptr + t_y * s_st + pid % HALF, mask=t_ok, other=0.0).to(gl.float32), 1)
+    slot = gl.load(slot_ptr + t_y, mask=t_ok, other=-1).to(gl.int64)
+    if HAS_BIAS:
+        bias = gl.expand_dims(gl.load(b_ptr + rows_y).to(gl.float32), 0)
+    rows = base + gl.arange(0, 2, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3))) * HALF
+    y = gl.sum(_row_sums(x_ptr, w_ptr, rows, T, N, K, s_xt, s_wn, 2, S, TP, L3), axis=2)
+    if HAS_BIAS:
+        y = y + bias
+    # Row 0 is x1 (first half), row 1 is x2: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin.
+    partner = gl.expand_dims(gl.sum(y, axis=1), 1) - y
+    sign = gl.expand_dims(gl.where(r_y == 0, -1.0, 1.0), 0)
+    rot = y * cos + partner * sin * sign
+    ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(rows_y < N, 0)
+    y_at = y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0)
+    if head < HQ:
+        gl.store(y_at, rot.to(gl.bfloat16), mask=ok)      # q: rotated in place
+    else:
+        gl.store(y_at, y.to(gl.bfloat16), mask=ok)        # k and v as projected (rotary_store_kv's contract)
+        g = (head - HQ) % HKV
+        dst = (pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + g * s_ph
+               + (head >= HQ + HKV).to(gl.int64) * s_pkv)
+        at = gl.expand_dims(dst, 1) + gl.expand_dims(r_y * HALF + pid % HALF, 0)
+        put = ok & gl.expand_dims(slot >= 0, 1)   # slot -1: a padding row, nothing stored
+        if head < HQ + HKV:
+            gl.store(at, rot.to(gl.bfloat16).to(pool_ptr.dtype.element_ty), mask=put)
+        else:
+            gl.store(at, y.to(gl.bfloat16).to(pool_ptr.dtype.element_ty), mask=put)
 
 
 @functools.cache
@@ -117,4 +177,35 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     _gemv_kernel[(triton.cdiv(N, R),)](x, w, b, y, T, N, K, x.stride(0), w.stride(0), y.stride(0),
                                        R=R, S=S, TP=triton.next_power_of_2(T), HAS_BIAS=bias is not None,
                                        num_warps=1)
+    return y
+
+
+def qkv_gemv_rotary(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, q_heads: int, kv_heads: int,
+                    head_dim: int, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, layer_in_pool: int,
+                    slot_mapping: torch.Tensor) -> torch.Tensor:
+    """dense_gemv(x, w, bias) followed by rotary.rotary_store_kv on its output, in one launch:
+    w is the fused [q|k|v] weight ([(q_heads + 2 kv_heads) * head_dim, K]). Returns qkv [T, N] with q
+    rotated and k, v as projected; the rotated k and the v of token t go to pool slot slot_mapping[t]
+    (-1: not stored). Same operand rules as dense_gemv, plus cos/sin [T, head_dim // 2] and the pool
+    contiguous in their last dimension. The rotation works on the fp32 sums, so q and k are rounded
+    to bf16 once (the two-launch path rounds the projection, then the rotation)."""
+    T, K = x.shape
+    N = w.shape[0]
+    half = head_dim // 2
+    if (not gemv_takes(x, w) or K != w.shape[1] or N != (q_heads + 2 * kv_heads) * head_dim or head_dim % 2
+            or pool.shape[4:] != (kv_heads, head_dim) or cos.shape != (T, half) or sin.shape != (T, half)
+            or cos.stride(1) != 1 or sin.stride(1) != 1 or pool.stride(5) != 1):
+        raise ValueError(f"qkv_gemv_rotary: x {tuple(x.shape)}, w {tuple(w.shape)}, cos {tuple(cos.shape)}, "
+                         f"pool {tuple(pool.shape)} do not fit {q_heads}+2x{kv_heads} heads of {head_dim} "
+                         "(and dense_gemv's operand rules)")
+    S = (_CONFIG_OVERRIDE or _CONFIG)[1]
+    y = torch.empty((T, N), dtype=torch.bfloat16, device=x.device)
+    layer_pool = pool[:, layer_in_pool]
+    b = bias if bias is not None else w
+    _gemv_rotary_kernel[(N // 2,)](
+        x, w, b, y, cos, sin, layer_pool, slot_mapping, T, N, K, x.stride(0), w.stride(0), y.stride(0),
+        cos.stride(0), sin.stride(0),
+        layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
+        HQ=q_heads, HKV=kv_heads, HALF=half, BLOCK_SIZE=pool.shape[3], S=S, TP=triton.next_power_of_2(T),
+        HAS_BIAS=bias is not None, num_warps=1)
     return y

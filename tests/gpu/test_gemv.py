@@ -67,3 +67,44 @@ def test_dense_gemv_refuses_what_it_cannot_read(cuda: str) -> None:
             assert not gemv_takes(x, w), why
         with pytest.raises(ValueError, match="dense_gemv"):
             dense_gemv(x, w)
+
+
+@pytest.mark.parametrize("t", [1, 2])
+@pytest.mark.parametrize("hq,hkv,d,k", [(64, 8, 64, 2880), (4, 2, 32, 272)])
+def test_qkv_gemv_rotary_matches_gemv_then_rotary_store_kv(cuda: str, t: int, hq: int, hkv: int, d: int,
+                                                           k: int) -> None:
+    """The fused q|k|v GEMV + rotary + cache store against the two launches it replaces (dense_gemv,
+    then rotary_store_kv): q rotated, k/v of qkv as projected, the rotated k and the v in the token's
+    slot, a padding slot (-1) and the other layer untouched. The fused form rounds once (the fp32 sums
+    are rotated), the two launches twice: 2 bf16 ulp apart at most."""
+    from gptoss_engine.kernels.gemv import dense_gemv, qkv_gemv_rotary
+    from gptoss_engine.kernels.rotary import rotary_store_kv
+    gen = torch.Generator(device=cuda).manual_seed(t * 7 + hq)
+    n = (hq + 2 * hkv) * d
+    x = torch.randn(t, k, generator=gen, device=cuda).to(torch.bfloat16)
+    w = (torch.randn(n, k, generator=gen, device=cuda) * 0.05).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen, device=cuda).to(torch.bfloat16)
+    angle = torch.rand(t, d // 2, generator=gen, device=cuda) * 6.3
+    cos, sin = angle.cos().to(torch.bfloat16), angle.sin().to(torch.bfloat16)
+    pool = torch.randn(6, 2, 2, 16, hkv, d, generator=gen, device=cuda).to(torch.bfloat16)
+    slots = torch.tensor([37, -1][:t], device=cuda)
+    want_pool = pool.clone()
+    want = dense_gemv(x, w, b)
+    rotary_store_kv(want, hq, hkv, d, cos, sin, want_pool, 1, slots)
+    got = qkv_gemv_rotary(x, w, b, hq, hkv, d, cos, sin, pool, 1, slots)
+
+    def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -6 + 2e-2).all())
+
+    assert got.shape == (t, n) and close(got[:, :hq * d], want[:, :hq * d])
+    assert close(got[:, hq * d:], want[:, hq * d:])           # k and v as projected
+    assert close(pool, want_pool)                            # rotated k, v in slot 37
+    assert torch.equal(pool[:, 0], want_pool[:, 0])          # the other layer untouched
+    k_cache = pool[:, 1].reshape(6, 2, 16, hkv, d).permute(1, 0, 2, 3, 4).reshape(2, 96, hkv, d)
+    assert not torch.equal(k_cache[:, 37], torch.zeros_like(k_cache[:, 37]))
+    untouched = torch.ones(96, dtype=torch.bool)
+    untouched[37] = False
+    ref_cache = want_pool[:, 1].reshape(6, 2, 16, hkv, d).permute(1, 0, 2, 3, 4).reshape(2, 96, hkv, d)
+    assert torch.equal(k_cache[:, untouched.to(cuda)], ref_cache[:, untouched.to(cuda)])
+    with pytest.raises(ValueError, match="qkv_gemv_rotary"):
+        qkv_gemv_rotary(x, w[:-1], b, hq, hkv, d, cos, sin, pool, 1, slots)

@@ -1,0 +1,112 @@
+"""Whole-model decode A/B in one process: CUDA-graph replays of one decode step at 1k context, the
+forms of an experiment alternated over rounds (so clock drift and the neighbour's load hit every
+form alike), the median of each form's rounds reported. Run from the repository root:
+
+    python -m bench.decode_ab rotary --out bench/results/decode_v17/rotary.json
+    python -m bench.decode_ab splits --out ...
+
+Experiments (each a dict of forms, a form a function that sets the engine's switches):
+  rotary  the q|k|v GEMV with rotary + KV store as its epilogue (gemv.ROTARY_EPILOGUE) against the
+          GEMV then rotary_store_kv: 20b and 120b at batch 1 and 2 (the GEMV's token counts)
+  splits  decode attention split over the keys from 512 (sequence, KV head) programs too: 20b at
+          batch 64 and 256, unsplit (the default) against 2 splits on full layers, and on all layers
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import pathlib
+import statistics
+import time
+from typing import Callable
+
+import torch
+import triton
+
+from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
+from bench.provenance import commit
+from gptoss_engine.kernels import gemv, paged_attention
+from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
+from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.presets import preset
+
+CONTEXT = 1024
+_DEFAULT_SPLITS = paged_attention.decode_splits
+
+
+def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
+    def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
+        if num_seqs * num_kv_heads >= 512:
+            return sliding if window else full
+        return _DEFAULT_SPLITS(num_seqs, num_kv_heads, window)
+    return decode_splits
+
+
+def _set(**switches: object) -> Callable[[], None]:
+    def apply() -> None:
+        gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
+        paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
+    return apply
+
+
+EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callable[[], None]]]] = {
+    "rotary": ([("20b", (1, 2)), ("120b", (1, 2))],
+               {"gemv+rotary": _set(rotary=False), "fused": _set(rotary=True)}),
+    "splits": ([("20b", (64, 256))],
+               {"unsplit": _set(), "full x2": _set(splits=_splits_from_512(2, 1)),
+                "all x2": _set(splits=_splits_from_512(2, 2))}),
+}
+
+
+def run(name: str, batches: tuple[int, ...], forms: dict[str, Callable[[], None]], rounds: int,
+        out: dict[str, object]) -> None:
+    config = ModelConfig.from_dict(preset(name))
+    model = fast_random_model(config)
+    max_blocks = -(-(CONTEXT + 16) // BLOCK_SIZE)
+    kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), max(batches) * max_blocks,
+                          max(batches) * max_blocks, "cuda")
+    for bs in batches:
+        b = uniform_batch(bs, CONTEXT, 1, max_blocks)
+        times: dict[str, list[float]] = {f: [] for f in forms}
+        for _ in range(rounds):
+            for f, apply in forms.items():
+                apply()
+                graph = CudaGraphForward(model, kv, bs, max_blocks, buckets=[bs])
+                times[f].append(time_ms(lambda: graph(b, kv), warmup=3, iters=30))
+                del graph
+        for f, ts in times.items():
+            ms = statistics.median(ts)
+            out[f"{name} b{bs} {f}"] = {"ms": ms, "tok_s": bs / ms * 1e3, "all": ts}
+            print(f"{name} b{bs} {f}: {ms:.3f} ms, {bs / ms * 1e3:,.0f} tok/s  rounds {[round(t, 3) for t in ts]}",
+                  flush=True)
+    _set()()
+    del model, kv
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--presets", default=None, help="comma-separated subset of the experiment's presets")
+    p.add_argument("--out", type=pathlib.Path, required=True)
+    p.add_argument("--commit", default=None, help="commit id to record (default: git rev-parse HEAD)")
+    args = p.parse_args(argv)
+    models, forms = EXPERIMENTS[args.experiment]
+    keep = set(args.presets.split(",")) if args.presets else None
+    out: dict[str, object] = {"experiment": args.experiment, "context": CONTEXT, "date": time.strftime("%Y-%m-%d"),
+                              "gpu": torch.cuda.get_device_name(), "commit": args.commit or commit(),
+                              "torch": torch.__version__, "triton": triton.__version__}
+    for name, batches in models:
+        if keep is None or name in keep:
+            run(name, batches, forms, args.rounds, out)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
