@@ -10,6 +10,8 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           GEMV then rotary_store_kv: 20b and 120b at batch 1 and 2 (the GEMV's token counts)
   splits  decode attention split over the keys from 512 (sequence, KV head) programs too: 20b at
           batch 64 and 256, unsplit (the default) against 2 splits on full layers, and on all layers
+  fewsplits  fewer key splits below 512 programs (half, a quarter of the default: fewer partials for
+          the combine, more key tiles a split): 20b at batch 1 and 8
 """
 from __future__ import annotations
 
@@ -44,6 +46,13 @@ def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
     return decode_splits
 
 
+def _splits_scaled(factor: float) -> Callable[..., int]:
+    """The default split counts below 512 programs times `factor` (at least 1)."""
+    def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
+        return max(1, int(_DEFAULT_SPLITS(num_seqs, num_kv_heads, window) * factor))
+    return decode_splits
+
+
 def _set(**switches: object) -> Callable[[], None]:
     def apply() -> None:
         gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
@@ -57,6 +66,9 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
     "splits": ([("20b", (64, 256))],
                {"unsplit": _set(), "full x2": _set(splits=_splits_from_512(2, 1)),
                 "all x2": _set(splits=_splits_from_512(2, 2))}),
+    "fewsplits": ([("20b", (1, 8))],
+                  {"default": _set(), "half": _set(splits=_splits_scaled(0.5)),
+                   "quarter": _set(splits=_splits_scaled(0.25))}),
 }
 
 

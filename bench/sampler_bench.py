@@ -56,9 +56,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--commit", default=None)
+    p.add_argument("--draw", choices=["default", "torch", "both"], default="default",
+                   help="torch: the CUDA draw through the torch operators instead of kernels/sample's one "
+                        "launch (mix suffix ', torch draw'); both: each mix both ways, in turn")
     args = p.parse_args(argv)
 
+    from gptoss_engine import sampling
     from gptoss_engine.sampling import Sampler
+
+    kernel_draw = sampling._gumbel_draw
+    ways = {"default": [False], "torch": [True], "both": [False, True]}[args.draw]
 
     sampler = Sampler((200002, 200012), args.device)
     cuda = args.device.startswith("cuda")
@@ -67,8 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batch:
         logits = torch.randn(batch, VOCAB, device=args.device) * 3
-        for mix in MIXES:
+        for mix, torch_draw in ((m, t) for m in MIXES for t in ways):
+            sampling._gumbel_draw = (lambda: None) if torch_draw else kernel_draw  # type: ignore[assignment]
             requests = _requests(mix, batch)
+            label = mix + (", torch draw" if torch_draw else "")
             sampler.launch(logits, requests).resolve()   # warm-up
             times = []
             for _ in range(args.steps):
@@ -79,9 +88,9 @@ def main(argv: list[str] | None = None) -> int:
                 times.append(time.perf_counter() - t0)
             ms = statistics.median(times) * 1e3
             ops = _ops(sampler, logits, requests)
-            print(f"batch {batch:4d}  {mix:26s} {ms:9.2f} ms  {ops:6d} ops", flush=True)
+            print(f"batch {batch:4d}  {label:38s} {ms:9.2f} ms  {ops:6d} ops", flush=True)
             rows.append([datetime.date.today().isoformat(), machine, args.commit or provenance.commit(),
-                         args.device, str(batch), mix, f"{ms:.2f}", str(ops)])
+                         args.device, str(batch), label, f"{ms:.2f}", str(ops)])
     provenance.append_rows(args.out / "sampler.md", "One step's sampling (bench/sampler_bench.py): median ms, aten ops",
                            ["date", "machine", "commit", "device", "batch", "mix", "ms a step", "ops a step"], rows)
     return 0

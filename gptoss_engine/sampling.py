@@ -9,9 +9,11 @@ reports them, independent of temperature/top-k/top-p.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
-from typing import NamedTuple
+import random
+from typing import Callable, NamedTuple
 
 import torch
 
@@ -30,30 +32,52 @@ def step_seed(seed: int, output_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _draw(logits: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, torch.Tensor, torch.Tensor] | None,
-          top_p: tuple[torch.Tensor, torch.Tensor] | None, noise: torch.Tensor) -> torch.Tensor:
-    """One draw per row of logits [R, V], all rows at once: a fixed number of operators a step, not
-    a few per row (on the GPU each is a launch: 256 sampled rows were ~2,300 launches a step).
-    temperature [R]; top_k (largest k, each row's k - 1, rows without top-k); top_p (the rows that
-    cut, their p); noise [R, V] ~ Exp(1)."""
-    x = logits / temperature[:, None]
+def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, torch.Tensor, torch.Tensor] | None,
+                top_p: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+    """Top-k and top-p as one threshold a row in raw-logit space: the row draws among logits >= it
+    (-inf: every token; None: no row cuts). x [R, V] the drawn rows' logits; temperature [R]; top_k
+    (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p). A fixed
+    number of operators a step, not a few per row; only the rows that ask for top-p pay the sort.
+    Tokens tied with the last one kept are kept too."""
+    if top_k is None and top_p is None:
+        return None
+    thr = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
     if top_k is not None:
-        # Each row's k-th largest (rows without top-k: -inf, which masks nothing).
         k_max, k_index, no_k = top_k
-        kth = torch.topk(x, k_max, dim=-1).values.gather(1, k_index[:, None])
-        kth = kth.masked_fill(no_k[:, None], float("-inf"))
-        x = x.masked_fill(x < kth, float("-inf"))
-    probs = torch.softmax(x, dim=-1)
+        kth = torch.topk(x, k_max, dim=-1).values.gather(1, k_index[:, None])[:, 0].float()
+        thr = kth.masked_fill(no_k, float("-inf"))
     if top_p is not None:
         # Drop a token when the tokens ranked above it already reach top_p (the top one always
-        # stays). Only the rows that ask for it pay the sort.
+        # stays); the threshold is the raw logit of the last token kept.
         rows, p = top_p
-        sorted_probs, order = torch.sort(probs[rows], dim=-1, descending=True)
-        drop = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) >= p[:, None]
-        probs[rows] = torch.zeros_like(sorted_probs).scatter_(1, order, sorted_probs.masked_fill(drop, 0.0))
-    # argmax(p / Exp(1)) draws from p normalised (the exponential-race form of the Gumbel trick),
-    # so the mass top-p removed needs no renormalising.
-    return torch.argmax(probs / noise, dim=-1)
+        xr = x[rows]
+        z = (xr / temperature[rows, None]).masked_fill(xr < thr[rows, None].to(xr.dtype), float("-inf"))
+        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        probs = torch.softmax(sorted_z, dim=-1)
+        kept = ((torch.cumsum(probs, dim=-1) - probs) < p[:, None]).sum(-1, keepdim=True).clamp_(min=1)
+        last = xr.gather(1, order.gather(1, kept - 1))[:, 0].float()
+        thr[rows] = torch.maximum(thr[rows], last)
+    return thr
+
+
+def _draw(x: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | None,
+          noise: torch.Tensor) -> torch.Tensor:
+    """The torch form of kernels/sample.gumbel_draw (the CPU path): one draw per row of x [R, V]
+    from softmax(x / T) over the logits >= threshold, noise [R, V] ~ Exp(1)."""
+    z = x / temperature[:, None]
+    if threshold is not None:
+        z = z.masked_fill(x < threshold[:, None].to(x.dtype), float("-inf"))
+    # argmax(p / Exp(1)) draws from p normalised (the exponential-race form of the Gumbel trick).
+    return torch.argmax(torch.softmax(z, dim=-1) / noise, dim=-1)
+
+
+@functools.cache
+def _gumbel_draw() -> Callable[..., None] | None:
+    try:
+        from gptoss_engine.kernels.sample import gumbel_draw
+    except ImportError:   # no Triton (the CPU-only install)
+        return None
+    return gumbel_draw
 
 
 class Sampler:
@@ -62,6 +86,7 @@ class Sampler:
         self.device = torch.device(device)
         self._rng = torch.Generator(device=self.device)
         self._rng.manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
+        self._host_rng = random.Random(os.urandom(16))   # the CUDA draw's seeds for unseeded rows
 
     def _generator(self, s: SamplingParams, output_index: int) -> torch.Generator:
         if s.seed is None:
@@ -110,21 +135,34 @@ class Sampler:
             # non_blocking=False, which synchronises (seen on the H100: tests/gpu/test_sampling_cuda.py).
             masked.index_put_((mask_rows_d.long(), mask_ids_d.long()),
                               logits.new_full((len(mask_rows),), float("-inf")))
-        token_ids = masked.argmax(dim=-1)
+        every = len(drawn) == len(requests)
+        # Greedy rows take the argmax; a batch that draws every row skips that pass.
+        token_ids = (torch.empty(len(requests), dtype=torch.int64, device=logits.device) if every
+                     else masked.argmax(dim=-1))
         if drawn:
-            every = len(drawn) == len(requests)
-            noise = torch.empty((len(drawn), vocab), device=logits.device, dtype=logits.dtype)
-            noise.exponential_(generator=self._rng)   # one launch for the unseeded rows
-            for n, r in enumerate(requests[row] for row in drawn):
-                if r.sampling.seed is not None:   # its own stream: the draw depends on (seed, index) alone
-                    noise[n].exponential_(generator=self._generator(r.sampling, r.output_index))
-            draws = _draw(masked if every else masked[drawn_d.long()], temperature,
-                          (max(ks), k_index.long(), no_k.bool()) if any(ks) else None,
-                          (cut_d.long(), top_p) if cut else None, noise)
-            if every:
-                token_ids = draws
+            rows = drawn_d.long()
+            gumbel = _gumbel_draw() if logits.is_cuda else None
+            # The drawn rows' own copy only where something reads it (the kernel reads `masked`).
+            x = masked if every or (gumbel and not (cut or any(ks))) else masked[rows]
+            thr = _thresholds(x, temperature, (max(ks), k_index.long(), no_k.bool()) if any(ks) else None,
+                              (cut_d.long(), top_p) if cut else None)
+            if gumbel is not None:
+                # Seeded rows: their own (seed, index) stream; the others: fresh host randomness.
+                seeds = [step_seed(s.seed, requests[row].output_index) if s.seed is not None
+                         else self._host_rng.getrandbits(63) for row, s in zip(drawn, params)]
+                seeds_d, rows_d = to_device([seeds, drawn], torch.int64, logits.device)
+                gumbel(masked, rows_d, temperature, thr, seeds_d, token_ids)
             else:
-                token_ids[drawn_d.long()] = draws
+                noise = torch.empty((len(drawn), vocab), device=logits.device, dtype=logits.dtype)
+                noise.exponential_(generator=self._rng)   # one launch for the unseeded rows
+                for n, r in enumerate(requests[row] for row in drawn):
+                    if r.sampling.seed is not None:   # its own stream: the draw depends on (seed, index) alone
+                        noise[n].exponential_(generator=self._generator(r.sampling, r.output_index))
+                draws = _draw(x, temperature, thr, noise)
+                if every:
+                    token_ids = draws
+                else:
+                    token_ids[rows] = draws
         if not want:
             return SampledTokens(token_ids, [token_ids], requests, want)
         rows = want_d.long()
