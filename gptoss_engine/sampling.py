@@ -33,29 +33,40 @@ def step_seed(seed: int, output_index: int) -> int:
 
 
 def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, torch.Tensor, torch.Tensor] | None,
-                top_p: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+                top_p: tuple[torch.Tensor, torch.Tensor, bool] | None) -> torch.Tensor | None:
     """Top-k and top-p as one threshold a row in raw-logit space: the row draws among logits >= it
     (-inf: every token; None: no row cuts). x [R, V] the drawn rows' logits; temperature [R]; top_k
-    (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p). A fixed
+    (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p, whether
+    each of them has a top-k). A fixed
     number of operators a step, not a few per row; only the rows that ask for top-p pay the sort.
     Tokens tied with the last one kept are kept too."""
     if top_k is None and top_p is None:
         return None
     thr = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
+    top = None
     if top_k is not None:
         k_max, k_index, no_k = top_k
-        kth = torch.topk(x, k_max, dim=-1).values.gather(1, k_index[:, None])[:, 0].float()
-        thr = kth.masked_fill(no_k, float("-inf"))
+        top = torch.topk(x, k_max, dim=-1)   # sorted, largest first
+        thr = top.values.gather(1, k_index[:, None])[:, 0].float().masked_fill(no_k, float("-inf"))
     if top_p is not None:
         # Drop a token when the tokens ranked above it already reach top_p (the top one always
         # stays); the threshold is the raw logit of the last token kept.
-        rows, p = top_p
-        xr = x[rows]
-        z = (xr / temperature[rows, None]).masked_fill(xr < thr[rows, None].to(xr.dtype), float("-inf"))
-        sorted_z, order = torch.sort(z, dim=-1, descending=True)
+        rows, p, all_k = top_p
+        if top is not None and all_k:
+            # Every cutting row has a top-k too: its nucleus lies inside its k largest, which topk
+            # has sorted already, so no sort over the vocabulary (ranks past the row's k masked).
+            vals = top.values[rows]
+            past_k = torch.arange(vals.shape[1], device=x.device)[None, :] > k_index[rows, None]
+            sorted_z = (vals / temperature[rows, None]).masked_fill(past_k, float("-inf"))
+            ranked = vals
+        else:
+            xr = x[rows]
+            z = (xr / temperature[rows, None]).masked_fill(xr < thr[rows, None].to(xr.dtype), float("-inf"))
+            sorted_z, order = torch.sort(z, dim=-1, descending=True)
+            ranked = xr.gather(1, order)
         probs = torch.softmax(sorted_z, dim=-1)
         kept = ((torch.cumsum(probs, dim=-1) - probs) < p[:, None]).sum(-1, keepdim=True).clamp_(min=1)
-        last = xr.gather(1, order.gather(1, kept - 1))[:, 0].float()
+        last = ranked.gather(1, kept - 1)[:, 0].float()
         thr[rows] = torch.maximum(thr[rows], last)
     return thr
 
@@ -145,7 +156,7 @@ class Sampler:
             # The drawn rows' own copy only where something reads it (the kernel reads `masked`).
             x = masked if every or (gumbel and not (cut or any(ks))) else masked[rows]
             thr = _thresholds(x, temperature, (max(ks), k_index.long(), no_k.bool()) if any(ks) else None,
-                              (cut_d.long(), top_p) if cut else None)
+                              (cut_d.long(), top_p, all(ks[n] for n in cut)) if cut else None)
             if gumbel is not None:
                 # Seeded rows: their own (seed, index) stream; the others: fresh host randomness.
                 seeds = [step_seed(s.seed, requests[row].output_index) if s.seed is not None

@@ -88,3 +88,20 @@ def test_a_seeded_draw_does_not_depend_on_the_rest_of_the_batch():
     alone = [Sampler((), "cpu")(x[i:i + 1], [r])[0].token_id for i, r in enumerate(seeded)]
     mixed = Sampler((), "cpu")(torch.cat([x[len(seeded):], x[:len(seeded)]]), others + seeded)
     assert [t.token_id for t in mixed[len(others):]] == alone
+
+
+def test_top_p_threshold_inside_top_k_equals_the_full_sort():
+    """Rows that cut with both top-k and top-p take their nucleus from topk's sorted values instead
+    of sorting the vocabulary: the same thresholds, for varied k, p and temperatures."""
+    from gptoss_engine.sampling import _thresholds
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(6, 1000, generator=gen) * 3
+    t = torch.tensor([1.0, 0.7, 1.3, 1.0, 2.0, 0.5])
+    k_index = torch.tensor([50, 5, 200, 1, 999, 30]) - 1
+    no_k = torch.zeros(6, dtype=torch.bool)
+    cut = (torch.tensor([0, 1, 2, 4, 5]), torch.tensor([0.9, 0.5, 0.95, 0.99, 0.3]))
+    inside = _thresholds(x, t, (999, k_index, no_k), (*cut, True))
+    sorted_full = _thresholds(x, t, (999, k_index, no_k), (*cut, False))
+    assert inside is not None and torch.equal(inside, sorted_full)
+    assert inside[3] == torch.topk(x[3], 1).values[-1]          # top-k alone: its k-th largest
+    assert (inside >= torch.topk(x, 999).values.gather(1, k_index[:, None])[:, 0]).all()
