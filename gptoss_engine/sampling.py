@@ -37,9 +37,9 @@ def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, to
     """Top-k and top-p as one threshold a row in raw-logit space: the row draws among logits >= it
     (-inf: every token; None: no row cuts). x [R, V] the drawn rows' logits; temperature [R]; top_k
     (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p, whether
-    each of them has a top-k). A fixed
-    number of operators a step, not a few per row; only the rows that ask for top-p pay the sort.
-    Tokens tied with the last one kept are kept too."""
+    each of them has a top-k). A fixed number of operators a step, not a few per row; only the rows
+    that ask for top-p pay a sort (none if they all have a top-k). Tokens tied with the last one kept
+    are kept too."""
     if top_k is None and top_p is None:
         return None
     thr = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
