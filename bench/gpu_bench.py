@@ -326,7 +326,8 @@ def bench_hf_peer(name: str, log: Callable[[str], None]) -> dict[str, float]:
     return r
 
 
-def plot(path: pathlib.Path, name: str, ours: dict[str, float], peer: dict[str, float]) -> None:
+def plot(path: pathlib.Path, name: str, ours: dict[str, float], peer: dict[str, float], gpu: str) -> None:
+    """The PNG beside the JSON (also redrawn from a results JSON on a machine without a GPU)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -341,7 +342,7 @@ def plot(path: pathlib.Path, name: str, ours: dict[str, float], peer: dict[str, 
     ax.set_xticks(list(xs), keys, rotation=20)
     ax.set_yscale("log")
     ax.set_ylabel("tokens/s")
-    ax.set_title(f"gpt-oss-{name} shape, {torch.cuda.get_device_name()}")
+    ax.set_title(f"gpt-oss-{name} shape, {gpu}")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -382,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": date, "gpu": gpu, "commit": commit, "preset": args.preset, "torch": torch.__version__,
            "ours": ours, "hf_peer": peer, "floors": FLOORS.get(args.preset, {}), "goals": GOALS.get(args.preset, {})}
     (args.out / f"gpu_{args.preset}.json").write_text(json.dumps(doc, indent=2))
-    plot(args.out / f"gpu_{args.preset}.png", args.preset, ours, peer)
+    plot(args.out / f"gpu_{args.preset}.png", args.preset, ours, peer, gpu)
     md = args.out / "gpu.md"
     if not md.exists():
         md.write_text("| date | GPU | commit | preset | prefill 1k | prefill 8k | decode b1 | b8 | b64 | b256 "
