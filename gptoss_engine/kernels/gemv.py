@@ -130,14 +130,16 @@ def _gemv_rotary_kernel(x_ptr, w_ptr, b_ptr, y_ptr, cos_ptr, sin_ptr, pool_ptr, 
     y = gl.sum(_row_sums(x_ptr, w_ptr, rows, T, N, K, s_xt, s_wn, 2, S, TP, L3), axis=2)
     if HAS_BIAS:
         y = y + bias
-    # Row 0 is x1 (first half), row 1 is x2: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin.
-    partner = gl.expand_dims(gl.sum(y, axis=1), 1) - y
-    sign = gl.expand_dims(gl.where(r_y == 0, -1.0, 1.0), 0)
-    rot = y * cos + partner * sin * sign
+    # Row 0 is x1 (first half), row 1 is x2: out1 = x1 cos - x2 sin, out2 = x2 cos + x1 sin. Each
+    # row's partner is summed out of the other row and a zero, which is exact (sum minus self is not).
+    first = gl.expand_dims(r_y == 0, 0)
+    x1 = gl.expand_dims(gl.sum(gl.where(first, y, 0.0), axis=1), 1)
+    x2 = gl.expand_dims(gl.sum(gl.where(first, 0.0, y), axis=1), 1)
+    rot = gl.where(first, x1 * cos - x2 * sin, x2 * cos + x1 * sin)
     ok = gl.expand_dims(t_ok, 1) & gl.expand_dims(rows_y < N, 0)
     y_at = y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0)
     if head < HQ:
-        gl.store(y_at, rot.to(gl.bfloat16), mask=ok)      # q: rotated in place
+        gl.store(y_at, rot.to(gl.bfloat16), mask=ok)      # q: rotated
     else:
         gl.store(y_at, y.to(gl.bfloat16), mask=ok)        # k and v as projected (rotary_store_kv's contract)
         g = (head - HQ) % HKV

@@ -108,3 +108,24 @@ def test_qkv_gemv_rotary_matches_gemv_then_rotary_store_kv(cuda: str, t: int, hq
     assert torch.equal(k_cache[:, untouched.to(cuda)], ref_cache[:, untouched.to(cuda)])
     with pytest.raises(ValueError, match="qkv_gemv_rotary"):
         qkv_gemv_rotary(x, w[:-1], b, hq, hkv, d, cos, sin, pool, 1, slots)
+
+
+def test_qkv_gemv_rotary_is_exact_when_the_halves_differ_in_scale(cuda: str) -> None:
+    """A quarter turn (cos 0, sin 1) maps (x1, x2) to (-x2, x1): with x1 ~1e5 times x2 the fused
+    rotation must still give x2 to the last bit (taking a row's partner as the pair's sum minus
+    itself loses it), i.e. exactly dense_gemv's rounding of the same sums."""
+    from gptoss_engine.kernels.gemv import dense_gemv, qkv_gemv_rotary
+    gen = torch.Generator(device=cuda).manual_seed(11)
+    hq, hkv, d, k = 4, 2, 32, 272
+    n = (hq + 2 * hkv) * d
+    x = torch.randn(1, k, generator=gen, device=cuda).to(torch.bfloat16)
+    w = torch.randn(n, k, generator=gen, device=cuda) * 0.05
+    w[:d // 2] *= 1e5                                        # head 0's first half
+    w = w.to(torch.bfloat16)
+    cos = torch.zeros(1, d // 2, device=cuda, dtype=torch.bfloat16)
+    sin = torch.ones(1, d // 2, device=cuda, dtype=torch.bfloat16)
+    pool = torch.zeros(2, 1, 2, 16, hkv, d, device=cuda, dtype=torch.bfloat16)
+    got = qkv_gemv_rotary(x, w, None, hq, hkv, d, cos, sin, pool, 0, torch.tensor([3], device=cuda))
+    plain = dense_gemv(x, w)
+    assert torch.equal(got[0, :d // 2], -plain[0, d // 2:d])
+    assert torch.equal(got[0, d // 2:d], plain[0, :d // 2])
