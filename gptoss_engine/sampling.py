@@ -151,10 +151,10 @@ class Sampler:
         token_ids = (torch.empty(len(requests), dtype=torch.int64, device=logits.device) if every
                      else masked.argmax(dim=-1))
         if drawn:
-            rows = drawn_d.long()
             gumbel = _gumbel_draw() if logits.is_cuda else None
             # The drawn rows' own copy only where something reads it (the kernel reads `masked`).
-            x = masked if every or (gumbel and not (cut or any(ks))) else masked[rows]
+            rows = None if every or (gumbel and not (cut or any(ks))) else drawn_d.long()
+            x = masked if rows is None else masked[rows]
             thr = _thresholds(x, temperature, (max(ks), k_index.long(), no_k.bool()) if any(ks) else None,
                               (cut_d.long(), top_p, all(ks[n] for n in cut)) if cut else None)
             if gumbel is not None:
@@ -170,15 +170,15 @@ class Sampler:
                     if r.sampling.seed is not None:   # its own stream: the draw depends on (seed, index) alone
                         noise[n].exponential_(generator=self._generator(r.sampling, r.output_index))
                 draws = _draw(x, temperature, thr, noise)
-                if every:
+                if rows is None:
                     token_ids = draws
                 else:
                     token_ids[rows] = draws
         if not want:
             return SampledTokens(token_ids, [token_ids], requests, want)
-        rows = want_d.long()
-        logp = torch.log_softmax(logits[rows], dim=-1)
-        chosen = logp.gather(1, token_ids[rows, None])[:, 0]
+        lp_rows = want_d.long()
+        logp = torch.log_softmax(logits[lp_rows], dim=-1)
+        chosen = logp.gather(1, token_ids[lp_rows, None])[:, 0]
         k = max(r.sampling.top_logprobs for r in requests)
         extra = [chosen] + (list(torch.topk(logp, k)) if k else [])
         return SampledTokens(token_ids, [token_ids, *extra], requests, want)
