@@ -145,7 +145,8 @@ class Attention(nn.Module):
         if self.qkv_weight is not None and x.is_cuda and (rotary_kv := _rotary_store_kv()) is not None:
             if (g := _dense_gemv()) is not None and g.ROTARY_EPILOGUE and g.gemv_takes(x, self.qkv_weight):
                 # 1-2 tokens: the rotation and the cache store are the GEMV's epilogue (one launch).
-                qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)
+                qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
+                                        self.layer_in_pool, slots)
             else:
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
                 rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache

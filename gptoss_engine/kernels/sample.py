@@ -5,8 +5,9 @@ argmax as separate passes over the rows' 201k logits: at batch 256 on the H100 1
 against 0.25 for greedy (bench/results/sampler.md). Here one program per draw streams its row once:
 the Gumbel-max form argmax(x / T + G), G = -log(-log U) with U uniform, draws from softmax(x / T),
 and U comes from Philox (tl.randint4x: one call, four tokens' words) keyed by the draw's 64-bit seed
-and the token's position, so no noise tensor is written or read. A row draws only among logits >= its threshold (top-k / top-p,
-computed beforehand by sampling._thresholds in raw-logit space; -inf keeps every token).
+and the token's position, so no noise tensor is written or read. A row draws only among logits >= its
+threshold (top-k / top-p, computed beforehand by sampling._thresholds in raw-logit space; -inf keeps
+every token).
 
 The seed fixes the draw: sampling gives a seeded request's token i the seed step_seed(seed, i), so
 that token depends on nothing else in the batch and is the same in a prefill and a decode process.
