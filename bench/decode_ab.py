@@ -28,7 +28,7 @@ import triton
 
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
-from gptoss_engine.kernels import gemv, paged_attention
+from gptoss_engine.kernels import gemv, moe_gemv_mma, paged_attention
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -57,6 +57,7 @@ def _set(**switches: object) -> Callable[[], None]:
     def apply() -> None:
         gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
         paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
+        moe_gemv_mma.STAGED = bool(switches.get("staged", True))
     return apply
 
 
@@ -69,6 +70,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
     "fewsplits": ([("20b", (1, 8))],
                   {"default": _set(), "half": _set(splits=_splits_scaled(0.5)),
                    "quarter": _set(splits=_splits_scaled(0.25))}),
+    "staged": ([("20b", (16, 32)), ("120b", (16, 64))],
+               {"registers": _set(staged=False), "staged": _set(staged=True)}),
 }
 
 

@@ -43,6 +43,7 @@ import torch
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
 from gptoss_engine.kernels.e2m1 import E2M1_WORD_ASM, E2M1_WORD_ASM_1MUL
 from gptoss_engine.moe import PairOutputs
@@ -92,6 +93,28 @@ _TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] |
 
 
 @gluon.jit
+def _scale_loads(s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_sn, ONE_MUL: gl.constexpr,
+                 L: gl.constexpr, W: gl.constexpr):
+    """The scale operands of rows a and b for trip kw0 ([R, W], one per word: a word never straddles a
+    32-code group), bf16 in both halves: 2^(s-1) (one multiply) or 2^(s-64). Zeros past KW."""
+    j = gl.arange(0, W, layout=gl.SliceLayout(0, L))
+    g1 = kw0 // 4 + j // 4
+    live = g1 < KW // 4
+    grp = gl.expand_dims(g1, 0)
+    ra = gl.expand_dims(rows_a.to(gl.int64), 1)
+    rb = gl.expand_dims(rows_b.to(gl.int64), 1)
+    sa = gl.load(s_ptr + ra * s_sn + grp, mask=gl.expand_dims(ok_a, 1) & gl.expand_dims(live, 0), other=0)
+    sb = gl.load(s_ptr + rb * s_sn + grp, mask=gl.expand_dims(ok_b, 1) & gl.expand_dims(live, 0), other=0)
+    if ONE_MUL:
+        sa = sa.to(gl.int32) * 0x00800080 + 126 * 0x00800080
+        sb = sb.to(gl.int32) * 0x00800080 + 126 * 0x00800080
+    else:
+        sa = sa.to(gl.int32) * 0x00800080 + 63 * 0x00800080
+        sb = sb.to(gl.int32) * 0x00800080 + 63 * 0x00800080
+    return sa, sb
+
+
+@gluon.jit
 def _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
                   L: gl.constexpr, W: gl.constexpr):
     """One trip's weights from word kw0: words [R, W] of rows a and b (int32) and their scale
@@ -103,7 +126,6 @@ def _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn,
     g1 = kw0 // 4 + j // 4
     live2 = gl.expand_dims(g1 < KW // 4, 0)
     wd2 = gl.expand_dims(wd, 0)
-    grp = gl.expand_dims(g1, 0)
     ma = gl.expand_dims(ok_a, 1) & live2
     mb = gl.expand_dims(ok_b, 1) & live2
     ra = gl.expand_dims(rows_a.to(gl.int64), 1)
@@ -111,15 +133,7 @@ def _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn,
     wp = w_ptr.to(gl.pointer_type(gl.int32))
     wa = gl.load(wp + ra * (s_wn // 4) + wd2, mask=ma, other=0)
     wb = gl.load(wp + rb * (s_wn // 4) + wd2, mask=mb, other=0)
-    sa = gl.load(s_ptr + ra * s_sn + grp, mask=ma, other=0).to(gl.int32)
-    sb = gl.load(s_ptr + rb * s_sn + grp, mask=mb, other=0).to(gl.int32)
-    # The dequant's scale operand, bf16 in both halves: 2^(s-1) (one multiply) or 2^(s-64).
-    if ONE_MUL:
-        sa = sa * 0x00800080 + 126 * 0x00800080
-        sb = sb * 0x00800080 + 126 * 0x00800080
-    else:
-        sa = sa * 0x00800080 + 63 * 0x00800080
-        sb = sb * 0x00800080 + 63 * 0x00800080
+    sa, sb = _scale_loads(s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_sn, ONE_MUL, L, W)
     return wa, wb, sa, sb
 
 
@@ -294,6 +308,20 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
 # uses it (prefetching it too took 24 more registers and was slower at every size, PERF_NOTES v15).
 _TOK_TILES = ((1, 4, 1, True), (1, 4, 1, True))
 _TOK_TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # sweeps
+# The token-grouped kernels copy every trip's weight words into shared memory up front (_tok_rows_staged)
+# when that takes at most STAGED_MAX_BYTES a program; STAGED = False keeps the register loop (bench A/B).
+# Whole-model decode (bench/decode_ab.py staged, H100): 20b batch 32 7.159 -> 7.044 ms, 120b batch 64
+# 28.79 -> 28.40. The per-pair kernels measured slower so (20b batch 1 2.213 -> 2.243 ms: 96 registers
+# a thread against 72, five programs an SM against seven) and keep the register loop.
+STAGED = True
+STAGED_MAX_BYTES = 32 * 1024
+
+
+def _staged_trips(kw: int, w: int, rows: int) -> int:
+    """Trips of the staged loop for kw words a row in trips of w words, or 0 (the register loop):
+    staging off, or the ring (`rows` rows a and as many b, w words a trip) over the cap."""
+    trips = triton.cdiv(kw, w)
+    return trips if STAGED and 2 * rows * w * 4 * trips <= STAGED_MAX_BYTES else 0
 
 
 @gluon.jit
@@ -336,6 +364,51 @@ def _tok_rows(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, 
     return acc
 
 
+@gluon.jit
+def _stage_words(ring_a, ring_b, w_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, stage,
+                 L: gl.constexpr, W: gl.constexpr):
+    """cp.async of trip kw0's words of rows a and b into ring stage `stage`, each thread copying the
+    16 bytes it will read back (the layout L of _weight_loads: no other thread's copy is waited for),
+    zero-filled past KW; one commit group."""
+    j = gl.arange(0, W, layout=gl.SliceLayout(0, L))
+    live2 = gl.expand_dims((kw0 // 4 + j // 4) < KW // 4, 0)
+    wd2 = gl.expand_dims(kw0 + j, 0)
+    wp = w_ptr.to(gl.pointer_type(gl.int32))
+    ra = gl.expand_dims(rows_a.to(gl.int64), 1)
+    rb = gl.expand_dims(rows_b.to(gl.int64), 1)
+    cp.async_copy_global_to_shared(ring_a.index(stage), wp + ra * (s_wn // 4) + wd2,
+                                   mask=gl.expand_dims(ok_a, 1) & live2)
+    cp.async_copy_global_to_shared(ring_b.index(stage), wp + rb * (s_wn // 4) + wd2,
+                                   mask=gl.expand_dims(ok_b, 1) & live2)
+    cp.commit_group()
+
+
+@gluon.jit
+def _tok_rows_staged(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn,
+                     ONE_MUL: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr, TRIPS: gl.constexpr):
+    """_tok_rows with every trip's weight words in flight from the start: all TRIPS trips are copied
+    into shared memory by cp.async at once (no registers held: the register loop keeps one trip
+    ahead, ~1 KB a warp), then consumed in order as their groups complete. The scales (a byte a row
+    a trip, one 128-byte line a row) keep the register prefetch; x (L2) is loaded in its trip."""
+    SH: gl.constexpr = gl.SwizzledSharedLayout(16, 1, 4, [1, 0])
+    ring_a = gl.allocate_shared_memory(gl.int32, [TRIPS, R, W], SH)
+    ring_b = gl.allocate_shared_memory(gl.int32, [TRIPS, R, W], SH)
+    for i in gl.static_range(TRIPS):
+        _stage_words(ring_a, ring_b, w_ptr, rows_a, rows_b, ok_a, ok_b, i * W, KW, s_wn, i, L, W)
+    z = gl.zeros([R, W], gl.float32, L)
+    acc = (z, z, z, z)
+    sa, sb = _scale_loads(s_ptr, rows_a, rows_b, ok_a, ok_b, 0, KW, s_sn, ONE_MUL, L, W)
+    for i in gl.static_range(TRIPS):
+        nsa, nsb = _scale_loads(s_ptr, rows_a, rows_b, ok_a, ok_b, (i + 1) * W, KW, s_sn, ONE_MUL, L, W)
+        x_lo, x_hi = _tok_x(x_ptr, x_off, x_ok, i * W, KW, L, W)
+        cp.wait_group(TRIPS - 1 - i)
+        wa = ring_a.index(i).load(L)
+        wb = ring_b.index(i).load(L)
+        acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+        sa, sb = nsa, nsb
+    return acc
+
+
 @gluon.constexpr_function
 def _sums_layout(WN, WK, U):
     """The layout of _col_sums' [R, 4]: (row, lane-mate t) where thread (g, t) of every warp along k
@@ -368,7 +441,7 @@ def _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_x, TOPK: gl.constexpr, BY_TO
 def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, num_pairs, H, I, limit,
                  alpha, s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                  TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
-                 PREFETCH: gl.constexpr):
+                 PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
     """Program (row block m of 8 sorted rows, n-tile of R (gate, up) row pairs) -> inter[sorted row]."""
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     L2: gl.constexpr = _sums_layout(WN, WK, U)
@@ -388,8 +461,12 @@ def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, int
         b_gate = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + 2 * cols2, mask=ok2, other=0.0), 1)
         b_up = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + 2 * cols2 + 1, mask=ok2, other=0.0), 1)
         x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_xt, TOPK, True)
-        acc = _tok_rows(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols, 2 * cols + 1,
-                        ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+        if TRIPS > 0:
+            acc = _tok_rows_staged(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols,
+                                   2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, L, R, 16 * U * WK, TRIPS)
+        else:
+            acc = _tok_rows(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols, 2 * cols + 1,
+                            ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
         t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
         for h in gl.static_range(2):
             # acc[h] (row a = gate) and acc[2 + h] (row b = up): the block's token column 2t + h.
@@ -406,7 +483,8 @@ def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, int
 @gluon.jit
 def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, num_pairs, H, I,
               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr):
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr,
+              TRIPS: gl.constexpr):
     """Program (row block m of 8 sorted rows, n-tile of 2 R output rows) -> part[pair] (weighted,
     biased; fp32)."""
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
@@ -426,8 +504,13 @@ def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bia
         b_a = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + ra2, mask=ra2 < H, other=0.0), 1)
         b_b = gl.expand_dims(gl.load(bias_ptr + e64 * s_bias_e + rb2, mask=rb2 < H, other=0.0), 1)
         x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_it, 1, False)
-        acc = _tok_rows(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a, rows_b,
-                        rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+        if TRIPS > 0:
+            acc = _tok_rows_staged(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a,
+                                   rows_b, rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, L, R, 16 * U * WK,
+                                   TRIPS)
+        else:
+            acc = _tok_rows(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a, rows_b,
+                            rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
         t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
         for h in gl.static_range(2):
             row = blk_row0 + 2 * t + h
@@ -463,14 +546,17 @@ def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_we
     # inter by sorted row. Who reads what: gate_up writes the rows that hold a pair; down reads only
     # those (padding rows' x loads are masked), so the rest of the buffer is never touched.
     inter = torch.empty((cap, I), dtype=torch.bfloat16, device=x.device)
+    trips_gu = _staged_trips(H // 8, 16 * u_gu * wk_gu, 8 * wn_gu)
+    trips_d = _staged_trips(I // 8, 16 * u_d * wk_d, 8 * wn_d)
     _gate_up_tok[(cap // TOKEN_BLOCK, triton.cdiv(I, 8 * wn_gu))](
         x, sorted_pair, block_expert, gu_blk, gu_scl, gu_bias, inter, n, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu,
+        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu, TRIPS=trips_gu,
         num_warps=wn_gu * wk_gu)
     part = torch.empty((n, H), dtype=torch.float32, device=x.device)
     _down_tok[(cap // TOKEN_BLOCK, triton.cdiv(H, 16 * wn_d))](
         inter, sorted_pair, block_expert, wts, d_blk, d_scl, d_bias, part, n, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, num_warps=wn_d * wk_d)
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, TRIPS=trips_d,
+        num_warps=wn_d * wk_d)
     return PairOutputs(part, k, x.dtype)
