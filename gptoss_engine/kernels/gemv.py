@@ -94,11 +94,13 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, N, K: gl.constexpr, s_xt, s_wn, 
     LY: gl.constexpr = gl.SliceLayout(2, L3)
     pid = gl.program_id(0)
     rows = pid * R + gl.arange(0, R, layout=gl.SliceLayout(1, gl.SliceLayout(0, L3)))
-    y = gl.sum(_row_sums(x_ptr, w_ptr, rows, T, N, K, s_xt, s_wn, R, S, TP, L3), axis=2)
     rows_y = pid * R + gl.arange(0, R, layout=gl.SliceLayout(0, LY))
     t_y = gl.arange(0, TP, layout=gl.SliceLayout(1, LY))
+    if HAS_BIAS:   # loaded before the loop: its latency hides under it
+        bias = gl.expand_dims(gl.load(b_ptr + rows_y, mask=rows_y < N, other=0.0).to(gl.float32), 0)
+    y = gl.sum(_row_sums(x_ptr, w_ptr, rows, T, N, K, s_xt, s_wn, R, S, TP, L3), axis=2)
     if HAS_BIAS:
-        y = y + gl.expand_dims(gl.load(b_ptr + rows_y, mask=rows_y < N, other=0.0).to(gl.float32), 0)
+        y = y + bias
     ok = gl.expand_dims(t_y < T, 1) & gl.expand_dims(rows_y < N, 0)
     gl.store(y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0), y.to(gl.bfloat16), mask=ok)
 

@@ -51,10 +51,13 @@ def _sum_pairs(y_ptr, row_ptr, wt_ptr, id_ptr, bias_ptr, out_ptr, H, s_y, s_bias
 
 @triton.jit
 def normed(s, w_ptr, cols, ok, H, eps):
-    """RMSNorm of one row s [BLOCK] (zero past H) in fp32, times the fp32 weight at `cols`."""
+    """RMSNorm of one row s [BLOCK] (zero past H) in fp32, times the fp32 weight at `cols`. The weight
+    is loaded before the row's reduction (whose barriers no load crosses): at decode its DRAM latency
+    then hides under the sum instead of following it."""
+    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     h = s.to(tl.float32)
     h = h * tl.rsqrt(tl.sum(h * h, 0) / H + eps)
-    return tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32) * h
+    return w * h
 
 
 @triton.jit

@@ -58,12 +58,11 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
 
 
 @triton.jit
-def _logits_topk(acc, t, e, e_ok, x_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt,
+def _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt,
                  TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
-    """A program's EB router sums acc (fp32) of token t -> + b[e], rounded to x's dtype (as F.linear's
-    output is) and stored as fp32 logits; the last of t's programs to finish takes the top-k and
-    softmax of all E (_topk_softmax_row)."""
-    bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+    """A program's EB router sums acc (fp32) of token t -> + bias (b[e], fp32; loaded by the caller
+    before its reductions), rounded to x's dtype (as F.linear's output is) and stored as fp32 logits;
+    the last of t's programs to finish takes the top-k and softmax of all E (_topk_softmax_row)."""
     tl.store(logits_ptr + t * s_lt + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # Arrival count of t's programs (zero between launches: the last one resets it). The barrier puts
     # every thread's logit stores before the one-thread release of the count; the last program's
@@ -85,6 +84,7 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr,
     t = tl.program_id(0).to(tl.int64)
     e = tl.program_id(1) * EB + tl.arange(0, EB)
     e_ok = e < E
+    bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     acc = tl.zeros((EB,), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         hh = h0 + tl.arange(0, BLOCK_H)
@@ -92,7 +92,7 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr,
         xv = tl.load(x_ptr + t * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
-    _logits_topk(acc, t, e, e_ok, x_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+    _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
                  BLOCK_K)
 
 
@@ -108,6 +108,12 @@ def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, 
     t = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_H)
     ok = cols < H
+    # The router rows first: they come from DRAM (the step's weight stream has evicted them from L2),
+    # and nothing they need waits on the norm, so their latency hides under it.
+    e = tl.program_id(1) * EB + tl.arange(0, EB)
+    e_ok = e < E
+    wv = tl.load(w_ptr + e[:, None] * s_we + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0)
+    bias = tl.load(b_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
     x = tl.load(x_ptr + t * s_x + cols, mask=ok, other=0.0)
     d = tl.load(d_ptr + t * s_d + cols, mask=ok, other=0.0).to(tl.float32)
     s = (x.to(tl.float32) + d).to(sum_ptr.dtype.element_ty)
@@ -115,11 +121,8 @@ def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, 
     if tl.program_id(1) == 0:
         tl.store(sum_ptr + t * s_s + cols, s, mask=ok)
         tl.store(h_ptr + t * s_h + cols, h, mask=ok)
-    e = tl.program_id(1) * EB + tl.arange(0, EB)
-    e_ok = e < E
-    wv = tl.load(w_ptr + e[:, None] * s_we + cols[None, :], mask=e_ok[:, None] & ok[None, :], other=0.0)
     acc = tl.zeros((EB,), dtype=tl.float32) + tl.sum(wv.to(tl.float32) * h.to(tl.float32)[None, :], 1)
-    _logits_topk(acc, t, e, e_ok, h_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+    _logits_topk(acc, bias, t, e, e_ok, h_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
                  BLOCK_K)
 
 
