@@ -217,11 +217,11 @@ def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, qstart_ptr, sinks_ptr, num
     idx = (seq.to(tl.int64) * num_heads + head) * SPLITS + sp
     m = tl.load(ml_ptr + idx * 2)
     l = tl.load(ml_ptr + idx * 2 + 1)
+    acc = tl.load(part_ptr + idx[:, None] * HEAD_DIM + d[None, :])   # issued before the reductions
     sink = tl.load(sinks_ptr + head).to(tl.float32) * 1.4426950408889634  # log2(e): exp2 domain
     m_all = tl.maximum(tl.max(m, 0), sink)
     w = tl.exp2(m - m_all)
     denom = tl.exp2(sink - m_all) + tl.sum(l * w, 0)   # the sink joins the denominator only
-    acc = tl.load(part_ptr + idx[:, None] * HEAD_DIM + d[None, :])
     out = tl.sum(acc * w[:, None], 0) / denom
     tl.store(out_ptr + tok.to(tl.int64) * s_ot + head * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
