@@ -58,6 +58,7 @@ def _set(**switches: object) -> Callable[[], None]:
         gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
         paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
         moe_gemv_mma.STAGED = bool(switches.get("staged", True))
+        moe_gemv_mma._TILES_OVERRIDE = switches.get("mma_tiles")  # type: ignore[assignment]
     return apply
 
 
@@ -70,6 +71,12 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
     "fewsplits": ([("20b", (1, 8))],
                   {"default": _set(), "half": _set(splits=_splits_scaled(0.5)),
                    "quarter": _set(splits=_splits_scaled(0.25))}),
+    "mmatiles": ([("20b", (1, 2)), ("120b", (1,))],
+                 {"(1,4,1) both": _set(),
+                  "gate_up (1,2,1)": _set(mma_tiles=((1, 2, 1, True), (1, 4, 1, True))),
+                  "gate_up (2,2,1)": _set(mma_tiles=((2, 2, 1, True), (1, 4, 1, True))),
+                  "down (1,2,1)": _set(mma_tiles=((1, 4, 1, True), (1, 2, 1, True))),
+                  "down (2,2,1)": _set(mma_tiles=((1, 4, 1, True), (2, 2, 1, True)))}),
     "staged": ([("20b", (16, 32)), ("120b", (16, 64))],
                {"registers": _set(staged=False), "staged": _set(staged=True)}),
 }
