@@ -28,7 +28,7 @@ import triton
 
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
-from gptoss_engine.kernels import gemv, moe_gemv_mma, paged_attention
+from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -36,6 +36,10 @@ from gptoss_engine.presets import preset
 
 CONTEXT = 1024
 _DEFAULT_SPLITS = paged_attention.decode_splits
+_MMA_MAX_PAIRS = moe_mxfp4.GEMV_MMA_MAX_PAIRS
+_PAIR_STAGED_FROM = moe_gemv_mma.PAIR_STAGED_MIN_PAIRS
+_NEVER = 1 << 30
+_TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -59,6 +63,10 @@ def _set(**switches: object) -> Callable[[], None]:
         paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
         moe_gemv_mma.STAGED = bool(switches.get("staged", True))
         moe_gemv_mma._TILES_OVERRIDE = switches.get("mma_tiles")  # type: ignore[assignment]
+        ints = {k: v for k, v in switches.items() if isinstance(v, int)}
+        moe_gemv_mma.PAIR_STAGED_MIN_PAIRS = ints.get("pair_staged_from", _PAIR_STAGED_FROM)
+        moe_mxfp4.GEMV_MMA_MAX_PAIRS = ints.get("mma_max_pairs", _MMA_MAX_PAIRS)
+        moe_mxfp4.TOKENS_GEMV_MAX_ROWS = ints.get("tokens_max_rows", _TOKENS_MAX_ROWS)
     return apply
 
 
@@ -79,6 +87,13 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                   "down (2,2,1)": _set(mma_tiles=((1, 4, 1, True), (2, 2, 1, True)))}),
     "staged": ([("20b", (16, 32)), ("120b", (16, 64))],
                {"registers": _set(staged=False), "staged": _set(staged=True)}),
+    "pairstaged": ([("20b", (1, 2)), ("120b", (1,))],
+                   {"registers": _set(pair_staged_from=_NEVER), "staged": _set(pair_staged_from=0),
+                    "token-grouped": _set(mma_max_pairs=0)}),
+    "pairstaged4": ([("20b", (3, 4)), ("120b", (2, 4))],
+                    {"registers": _set(pair_staged_from=_NEVER), "staged": _set(pair_staged_from=0)}),
+    "tokens64": ([("20b", (64,))],
+                 {"grouped": _set(), "token-grouped": _set(tokens_max_rows=8)}),
 }
 
 

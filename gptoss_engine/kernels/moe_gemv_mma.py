@@ -90,6 +90,12 @@ MMA_WORD_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM_1MUL.
 # trip's mmas.
 _TILES = ((1, 4, 1, True), (1, 4, 1, True))
 _TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # bench sweeps
+# From this many pairs the per-pair kernels run the token-grouped kernels' staged loop (every trip's
+# weight words copied into shared memory at the start, x loaded in its trip; 76 registers against 72).
+# Whole-model decode (bench/decode_ab.py pairstaged / pairstaged4, H100, ms a step): 20b batch 1
+# 2.158 -> 2.207 (slower: 4 pairs, 1.56 waves of programs), batch 2 2.769 -> 2.719, 3 3.463 -> 3.363,
+# 4 4.143 -> 3.952; 120b batch 1 2.994 -> 3.065, 2 3.915 -> 3.871, 4 5.864 -> 5.612.
+PAIR_STAGED_MIN_PAIRS = 8
 
 
 @gluon.jit
@@ -161,11 +167,16 @@ def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr):
 
 @gluon.jit
 def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
-              PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr):
-    """(row a sums, row b sums) [R] over k in [0, 8 KW): sum_k dequant(W[row, k]) * x[k], fp32."""
+              PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr, TRIPS: gl.constexpr):
+    """(row a sums, row b sums) [R] over k in [0, 8 KW): sum_k dequant(W[row, k]) * x[k], fp32.
+    TRIPS > 0: the token-grouped kernels' staged loop with every row on the one token."""
     z = gl.zeros([R, W], gl.float32, L)
     acc = (z, z, z, z)
-    if PREFETCH:
+    if TRIPS > 0:
+        r0 = gl.arange(0, R, layout=gl.SliceLayout(1, L))
+        acc = _tok_rows_staged(x_ptr, gl.expand_dims(r0 * 0, 1).to(gl.int64), gl.expand_dims(r0 >= 0, 1), w_ptr,
+                               s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL, L, R, W, TRIPS)
+    elif PREFETCH:
         wa, wb, sa, sb, x_lo, x_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, 0, KW, s_wn, s_sn,
                                             ONE_MUL, L, W)
         for kw0 in range(0, KW, W):
@@ -188,7 +199,7 @@ def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, O
 def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                  s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                  TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
-                 PREFETCH: gl.constexpr):
+                 PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     R: gl.constexpr = 8 * WN
     pair = gl.program_id(0)
@@ -202,7 +213,8 @@ def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, li
     b_gate = gl.load(bias_ptr + expert * s_bias_e + 2 * cols, mask=ok, other=0.0).to(gl.float32)
     b_up = gl.load(bias_ptr + expert * s_bias_e + 2 * cols + 1, mask=ok, other=0.0).to(gl.float32)
     gate, up = _mma_rows(x_ptr + token.to(gl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                         2 * cols, 2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+                         2 * cols, 2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK,
+                         TRIPS)
     gate = gl.minimum(gate + b_gate, limit)
     up = gl.minimum(gl.maximum(up + b_up, -limit), limit)
     act = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
@@ -212,7 +224,8 @@ def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, li
 @gluon.jit
 def _down_mma(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr):
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr,
+              TRIPS: gl.constexpr):
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     R: gl.constexpr = 8 * WN
     pair = gl.program_id(0)
@@ -226,7 +239,7 @@ def _down_mma(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr,
     b_a = gl.load(bias_ptr + expert * s_bias_e + rows_a, mask=ok_a, other=0.0).to(gl.float32)
     b_b = gl.load(bias_ptr + expert * s_bias_e + rows_b, mask=ok_b, other=0.0).to(gl.float32)
     ya, yb = _mma_rows(inter_ptr + pair.to(gl.int64) * s_it, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                       rows_a, rows_b, ok_a, ok_b, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+                       rows_a, rows_b, ok_a, ok_b, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK, TRIPS)
     ya = (ya + b_a) * wt
     yb = (yb + b_b) * wt
     gl.store(part_ptr + pair.to(gl.int64) * s_pt + rows_a, ya, mask=ok_a)
@@ -267,6 +280,7 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     (wn_gu, wk_gu, u_gu, pf_gu), (wn_d, wk_d, u_d, pf_d) = _TILES_OVERRIDE or _TILES
     ids = topk_ids.reshape(-1).contiguous()
     wts = topk_weights.reshape(-1).contiguous()
+    staged = T * k >= PAIR_STAGED_MIN_PAIRS
     # bf16 inter: the down mma's operand (the grouped kernel rounds it to bf16 too).
     inter = torch.empty((T * k, I), dtype=torch.bfloat16, device=x.device)
     n_gu = triton.cdiv(I, 8 * wn_gu)
@@ -274,12 +288,13 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu,
-        num_warps=wn_gu * wk_gu)
+        TRIPS=_staged_trips(H // 8, 16 * u_gu * wk_gu, 8 * wn_gu, staged), num_warps=wn_gu * wk_gu)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_mma[(T * k, triton.cdiv(H, 16 * wn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, num_warps=wn_d * wk_d)
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d,
+        TRIPS=_staged_trips(I // 8, 16 * u_d * wk_d, 8 * wn_d, staged), num_warps=wn_d * wk_d)
     return PairOutputs(part, k, x.dtype)
 
 
@@ -311,17 +326,16 @@ _TOK_TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool
 # The token-grouped kernels copy every trip's weight words into shared memory up front (_tok_rows_staged)
 # when that takes at most STAGED_MAX_BYTES a program; STAGED = False keeps the register loop (bench A/B).
 # Whole-model decode (bench/decode_ab.py staged, H100): 20b batch 32 7.159 -> 7.044 ms, 120b batch 64
-# 28.79 -> 28.40. The per-pair kernels measured slower so (20b batch 1 2.213 -> 2.243 ms: 96 registers
-# a thread against 72, five programs an SM against seven) and keep the register loop.
+# 28.79 -> 28.40. The per-pair kernels take the same loop from PAIR_STAGED_MIN_PAIRS (above).
 STAGED = True
 STAGED_MAX_BYTES = 32 * 1024
 
 
-def _staged_trips(kw: int, w: int, rows: int) -> int:
+def _staged_trips(kw: int, w: int, rows: int, staged: bool) -> int:
     """Trips of the staged loop for kw words a row in trips of w words, or 0 (the register loop):
     staging off, or the ring (`rows` rows a and as many b, w words a trip) over the cap."""
     trips = triton.cdiv(kw, w)
-    return trips if STAGED and 2 * rows * w * 4 * trips <= STAGED_MAX_BYTES else 0
+    return trips if staged and 2 * rows * w * 4 * trips <= STAGED_MAX_BYTES else 0
 
 
 @gluon.jit
@@ -546,8 +560,8 @@ def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_we
     # inter by sorted row. Who reads what: gate_up writes the rows that hold a pair; down reads only
     # those (padding rows' x loads are masked), so the rest of the buffer is never touched.
     inter = torch.empty((cap, I), dtype=torch.bfloat16, device=x.device)
-    trips_gu = _staged_trips(H // 8, 16 * u_gu * wk_gu, 8 * wn_gu)
-    trips_d = _staged_trips(I // 8, 16 * u_d * wk_d, 8 * wn_d)
+    trips_gu = _staged_trips(H // 8, 16 * u_gu * wk_gu, 8 * wn_gu, STAGED)
+    trips_d = _staged_trips(I // 8, 16 * u_d * wk_d, 8 * wn_d, STAGED)
     _gate_up_tok[(cap // TOKEN_BLOCK, triton.cdiv(I, 8 * wn_gu))](
         x, sorted_pair, block_expert, gu_blk, gu_scl, gu_bias, inter, n, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),

@@ -175,10 +175,10 @@ def test_gemv_prefetch_changes_no_bits(device: str, interpreted: bool, tokens: i
 def test_mma_gemv_tiles(device: str, interpreted: bool, form: str, tokens: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """The mma GEMV (moe_gemv_mma), per pair and token-grouped, at every warp arrangement, with rows
     that end inside a program (hidden 160: 2.5 down programs of 64 rows) and k that ends inside a trip
-    (hidden 2880 is 5.6 trips of 512): against the fp32 reference, the prefetch form and (token-grouped)
-    the staged one (every trip's weights in shared memory first, where they fit) bit-equal to the plain
-    loop. Token-grouped with 37 tokens over 4 experts (top-2: ~18 an expert), an expert spans several
-    row blocks, its last partly padding; it stays within rounding of the per-pair form."""
+    (hidden 2880 is 5.6 trips of 512): against the fp32 reference, the prefetch form and the staged
+    one (every trip's weights in shared memory first, where they fit) bit-equal to the plain loop.
+    Token-grouped with 37 tokens over 4 experts (top-2: ~18 an expert), an expert spans several row
+    blocks, its last partly padding; it stays within rounding of the per-pair form."""
     if interpreted:
         pytest.skip("inline PTX mma: GPU only")
     from gptoss_engine.kernels import moe_gemv_mma
@@ -201,7 +201,10 @@ def test_mma_gemv_tiles(device: str, interpreted: bool, form: str, tokens: int, 
         for wn, wk, u in arrangements:
             outs = []
             for staged in (True, False):
-                monkeypatch.setattr(moe_gemv_mma, "STAGED", staged)
+                if form == "per-pair":
+                    monkeypatch.setattr(moe_gemv_mma, "PAIR_STAGED_MIN_PAIRS", 0 if staged else 1 << 30)
+                else:
+                    monkeypatch.setattr(moe_gemv_mma, "STAGED", staged)
                 for prefetch in (True, False):
                     tile = (wn, wk, u, prefetch)
                     monkeypatch.setattr(moe_gemv_mma, override, (tile, tile))
