@@ -1,8 +1,8 @@
 """`gptoss bench`: GPU benchmark of the engine's model with random weights of the real shapes.
 
 Measures prefill tok/s (1k, 8k tokens), decode tok/s at batch 1/8/64/256 (1k context, CUDA-graph
-replays and eager), one stream's decode tok/s through LLMEngine (decode_1_engine), a 1000-in/1000-out
-max-throughput figure, and for the 20b shape HF
+replays and eager), decode tok/s of 1 and 64 streams through LLMEngine (decode_1_engine,
+decode_64_engine), a 1000-in/1000-out max-throughput figure, and for the 20b shape HF
 transformers' GptOssForCausalLM (bf16, eager, random weights) as the peer. Writes
 bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
 bench/results/gpu.md.
@@ -232,39 +232,41 @@ def throughput_engine(model: GptOssForCausalLM, num_requests: int, prompt_len: i
     return produced / wall
 
 
-def single_stream(model: GptOssForCausalLM, log: Callable[[str], None], prompt_len: int = 1000,
-                  output_len: int = 1000) -> float:
-    """Decode tok/s of one request through LLMEngine (scheduler, overlap scheduling, the batch-1 CUDA
-    graph, the greedy draw, the host's work a token): a generate to output_len tokens less one to a
-    single token (the same prefill), over output_len - 1 tokens. Each is timed twice, the faster kept.
-    The graph-replay figure times one step at a time from the host and so includes the host's input
-    copies and the graph launch before every step, which the engine overlaps with the step before."""
+def engine_streams(model: GptOssForCausalLM, log: Callable[[str], None], streams: int = 1, prompt_len: int = 1000,
+                   output_len: int = 1000) -> float:
+    """Decode tok/s of `streams` concurrent requests through LLMEngine (scheduler, overlap scheduling,
+    the CUDA graph of that batch, the greedy draw, the host's work a step): a generate to output_len
+    tokens each less one to a single token each (the same prefills), over output_len - 1 steps. Each
+    is timed twice, the faster kept. The graph-replay figures time one step at a time from the host and
+    so include the host's input copies and the graph launch before every step, which the engine
+    overlaps with the step before. The contexts grow from prompt_len to prompt_len + output_len (the
+    replay figures hold 1k); the prompts' prefill chunks (8192 tokens a step) precede the decode."""
     from gptoss_engine.config import EngineConfig
     from gptoss_engine.engine import LLMEngine
     from gptoss_engine.types import SamplingParams
-    config = EngineConfig(model_path="random-weights", device="cuda", block_size=BLOCK_SIZE, max_batch_size=1,
+    config = EngineConfig(model_path="random-weights", device="cuda", block_size=BLOCK_SIZE, max_batch_size=streams,
                           max_num_tokens=8192, max_model_len=prompt_len + output_len + BLOCK_SIZE)
     gc.collect()
     torch.cuda.empty_cache()
     engine = LLMEngine(config, model=model)
     g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(0, 200000, (prompt_len,), generator=g).tolist()
-    engine.generate([prompt], SamplingParams(max_tokens=4, ignore_eos=True))   # compile + capture batch 1
+    prompts = torch.randint(0, 200000, (streams, prompt_len), generator=g).tolist()
+    engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))   # compile + capture this batch
     gc_before = gc_policy.settle_for_serving()   # as the worker daemons run
     best: dict[int, float] = {}
     for n in (1, output_len):
         for _ in range(2):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = engine.generate([prompt], SamplingParams(max_tokens=n, ignore_eos=True))
+            out = engine.generate(prompts, SamplingParams(max_tokens=n, ignore_eos=True))
             torch.cuda.synchronize()
             wall = time.perf_counter() - t0
-            if len(out[0].token_ids) != n:
-                raise RuntimeError(f"engine produced {len(out[0].token_ids)} tokens, expected {n}")
+            if any(len(o.token_ids) != n for o in out):
+                raise RuntimeError(f"engine produced {[len(o.token_ids) for o in out]} tokens, expected {n} each")
             best[n] = min(best.get(n, wall), wall)
-    rate = (output_len - 1) / (best[output_len] - best[1])
-    log(f"one stream through LLMEngine: {prompt_len} in, {output_len} out in {best[output_len]:.3f} s, one token "
-        f"in {best[1]:.3f} s -> {rate:.0f} decode tok/s ({1e3 / rate:.3f} ms a token)")
+    rate = streams * (output_len - 1) / (best[output_len] - best[1])
+    log(f"{streams} stream(s) through LLMEngine: {prompt_len} in, {output_len} out each in {best[output_len]:.3f} s, "
+        f"one token each in {best[1]:.3f} s -> {rate:.0f} decode tok/s ({1e3 * streams / rate:.3f} ms a step)")
     del engine
     gc_policy.undo(gc_before)
     gc.collect()
@@ -307,7 +309,9 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
         profile(model, kv, graphs, max_blocks, blocks, profile_dir, log)
     del graphs, kv
     if max_context >= 2048:
-        r["decode_1_engine"] = single_stream(model, log)
+        for streams in (1, 64):
+            if streams <= max_batch:
+                r[f"decode_{streams}_engine"] = engine_streams(model, log, streams)
         for n in throughput_requests:
             for overlap in overlap_modes:
                 key = f"throughput_1000_1000_x{n}" + ("" if overlap else "_no_overlap")
