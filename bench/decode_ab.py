@@ -36,6 +36,7 @@ from gptoss_engine.presets import preset
 
 CONTEXT = 1024
 _DEFAULT_SPLITS = paged_attention.decode_splits
+_DECODE_TILES, _SPLIT_TILES = paged_attention.DECODE_TILES, paged_attention.SPLIT_TILES
 _MMA_MAX_PAIRS = moe_mxfp4.GEMV_MMA_MAX_PAIRS
 _PAIR_STAGED_FROM = moe_gemv_mma.PAIR_STAGED_MIN_PAIRS
 _NEVER = 1 << 30
@@ -61,6 +62,8 @@ def _set(**switches: object) -> Callable[[], None]:
     def apply() -> None:
         gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
         paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
+        paged_attention.DECODE_TILES = switches.get("decode_tiles", _DECODE_TILES)  # type: ignore[assignment]
+        paged_attention.SPLIT_TILES = switches.get("split_tiles", _SPLIT_TILES)  # type: ignore[assignment]
         moe_gemv_mma.STAGED = bool(switches.get("staged", True))
         moe_gemv_mma._TILES_OVERRIDE = switches.get("mma_tiles")  # type: ignore[assignment]
         ints = {k: v for k, v in switches.items() if isinstance(v, int)}
@@ -92,6 +95,11 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                     "token-grouped": _set(mma_max_pairs=0)}),
     "pairstaged4": ([("20b", (3, 4)), ("120b", (2, 4))],
                     {"registers": _set(pair_staged_from=_NEVER), "staged": _set(pair_staged_from=0)}),
+    "attntiles": ([("20b", (1, 8, 64, 256))],
+                  {"default": _set(), "unsplit (16,64,4,3)": _set(decode_tiles=(16, 64, 4, 3)),
+                   "unsplit (16,128,4,2)": _set(decode_tiles=(16, 128, 4, 2)),
+                   "unsplit (16,32,4,3)": _set(decode_tiles=(16, 32, 4, 3)),
+                   "split (64,4,2)": _set(split_tiles=(64, 4, 2)), "split (32,4,3)": _set(split_tiles=(32, 4, 3))}),
     "tokens64": ([("20b", (64,))],
                  {"grouped": _set(), "token-grouped": _set(tokens_max_rows=8)}),
 }

@@ -226,6 +226,12 @@ def _decode_combine_kernel(part_ptr, ml_ptr, out_ptr, qstart_ptr, sinks_ptr, num
     tl.store(out_ptr + tok.to(tl.int64) * s_ot + head * s_oh + d, out.to(out_ptr.dtype.element_ty))
 
 
+# Decode tiles: (query rows, keys a trip, warps, stages) of the unsplit kernel (a decode tile's rows are
+# one token's GQA group, padded to tl.dot's 16) and (keys a trip, warps, stages) of the split kernel.
+DECODE_TILES = (16, 64, 4, 2)
+SPLIT_TILES = (32, 4, 2)
+
+
 def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
     """Key splits per (sequence, KV head) for a decode step (1 = the unsplit kernel): ~1024 programs,
     none from 512 (batch 64 x 8 KV heads already streams the KV at ~2.5 TB/s), at most 4 over a
@@ -252,8 +258,9 @@ def _paged_decode_split(q: torch.Tensor, layer_pool: torch.Tensor, out: torch.Te
         q.stride(0), q.stride(1),
         layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
         block_tables.stride(0),
-        BLOCK_SIZE=layer_pool.shape[2], GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(16, group), BLOCK_N=32,
-        SPLITS=splits, SLIDING=window is not None, num_warps=4, num_stages=2)
+        BLOCK_SIZE=layer_pool.shape[2], GROUP=group, HEAD_DIM=head_dim, BLOCK_M=max(16, group),
+        BLOCK_N=SPLIT_TILES[0], SPLITS=splits, SLIDING=window is not None, num_warps=SPLIT_TILES[1],
+        num_stages=SPLIT_TILES[2])
     _decode_combine_kernel[(num_seqs, num_heads)](
         part, ml, out, batch.query_start_loc, sinks, num_heads, out.stride(0), out.stride(1),
         HEAD_DIM=head_dim, SPLITS=splits, num_warps=1)
@@ -294,7 +301,7 @@ def paged_attention(q: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, blo
     # Decode tiles hold one token (rows = the GQA group, padded to tl.dot's minimum of 16); prefill
     # tiles rows // group tokens x the group (prefill_tiles).
     if batch.max_query_len == 1:
-        rows, block_n, warps, stages = (16, 64, 4, 2)
+        rows, block_n, warps, stages = DECODE_TILES
     else:
         rows, block_n, warps, stages = tiles or prefill_tiles(window, batch.max_query_len)
     block_q = triton.next_power_of_2(max(1, rows // group))
