@@ -5,7 +5,7 @@
 Sampler.launch + resolve on [batch, 201088] float32 logits (the gpt-oss vocabulary), for the
 sampling mixes a server sees: greedy (what gpu_bench times), temperature 1 (the OpenAI API's
 default, so what a chat request without `temperature` gets), temperature 1 with top_p 0.9 and
-top_k 50, and half the rows seeded. Reported: the median of timed steps, and the operators one
+top_k 50, with top_p 0.9 alone (the OpenAI API has no top_k), and half the rows seeded. Reported: the median of timed steps, and the operators one
 step runs (torch.profiler's count of aten ops; on CUDA each is roughly one kernel launch, so the
 count is what a step pays in launches). Appends rows to <out>/sampler.md.
 """
@@ -28,6 +28,7 @@ MIXES = {
     "greedy": dict(temperature=0.0),
     "temperature 1": dict(temperature=1.0),
     "t 1, top_p 0.9, top_k 50": dict(temperature=1.0, top_p=0.9, top_k=50),
+    "t 1, top_p 0.9": dict(temperature=1.0, top_p=0.9),
     "t 1, half seeded": dict(temperature=1.0),
 }
 
@@ -59,13 +60,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draw", choices=["default", "torch", "both"], default="default",
                    help="torch: the CUDA draw through the torch operators instead of kernels/sample's one "
                         "launch (mix suffix ', torch draw'); both: each mix both ways, in turn")
+    p.add_argument("--top-p", choices=["default", "sort", "both"], default="default",
+                   help="sort: top-p without top-k by the torch sort instead of kernels/top_p's radix select "
+                        "(mix suffix ', sort'); both: those mixes both ways")
     args = p.parse_args(argv)
 
     from gptoss_engine import sampling
     from gptoss_engine.sampling import Sampler
 
-    kernel_draw = sampling._gumbel_draw
+    kernel_draw, kernel_select = sampling._gumbel_draw, sampling._top_p_select
     ways = {"default": [False], "torch": [True], "both": [False, True]}[args.draw]
+    sorts = {"default": [False], "sort": [True], "both": [False, True]}[args.top_p]
 
     sampler = Sampler((200002, 200012), args.device)
     cuda = args.device.startswith("cuda")
@@ -74,10 +79,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batch:
         logits = torch.randn(batch, VOCAB, device=args.device) * 3
-        for mix, torch_draw in ((m, t) for m in MIXES for t in ways):
+        for mix, torch_draw, sort in ((m, t, o) for m in MIXES for t in ways
+                                      for o in (sorts if "top_p" in m else [False])):
             sampling._gumbel_draw = (lambda: None) if torch_draw else kernel_draw  # type: ignore[assignment]
+            sampling._top_p_select = (lambda: None) if sort else kernel_select  # type: ignore[assignment]
             requests = _requests(mix, batch)
-            label = mix + (", torch draw" if torch_draw else "")
+            label = mix + (", torch draw" if torch_draw else "") + (", sort" if sort else "")
             sampler.launch(logits, requests).resolve()   # warm-up
             times = []
             for _ in range(args.steps):

@@ -37,9 +37,9 @@ def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, to
     """Top-k and top-p as one threshold a row in raw-logit space: the row draws among logits >= it
     (-inf: every token; None: no row cuts). x [R, V] the drawn rows' logits; temperature [R]; top_k
     (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p, whether
-    each of them has a top-k). A fixed number of operators a step, not a few per row; only the rows
-    that ask for top-p pay a sort (none if they all have a top-k). Tokens tied with the last one kept
-    are kept too."""
+    each of them has a top-k). A fixed number of operators a step, not a few per row; on CUDA the
+    rows that ask for top-p without a top-k take a radix select over their logits
+    (kernels/top_p.py), elsewhere a sort. Tokens tied with the last one kept are kept too."""
     if top_k is None and top_p is None:
         return None
     thr = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
@@ -59,6 +59,10 @@ def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, to
             past_k = torch.arange(vals.shape[1], device=x.device)[None, :] > k_index[rows, None]
             sorted_z = (vals / temperature[rows, None]).masked_fill(past_k, float("-inf"))
             ranked = vals
+        elif x.is_cuda and (select := _top_p_select()) is not None:
+            # A radix select over the logits' bits instead of sorting each cutting row's 201k logits.
+            select(x, rows, temperature, p, thr)
+            return thr
         else:
             xr = x[rows]
             z = (xr / temperature[rows, None]).masked_fill(xr < thr[rows, None].to(xr.dtype), float("-inf"))
@@ -80,6 +84,15 @@ def _draw(x: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | 
         z = z.masked_fill(x < threshold[:, None].to(x.dtype), float("-inf"))
     # argmax(p / Exp(1)) draws from p normalised (the exponential-race form of the Gumbel trick).
     return torch.argmax(torch.softmax(z, dim=-1) / noise, dim=-1)
+
+
+@functools.cache
+def _top_p_select() -> Callable[..., None] | None:
+    try:
+        from gptoss_engine.kernels.top_p import top_p_thresholds
+    except ImportError:   # no Triton (the CPU-only install)
+        return None
+    return top_p_thresholds
 
 
 @functools.cache
