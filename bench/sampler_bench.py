@@ -60,18 +60,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--draw", choices=["default", "torch", "both"], default="default",
                    help="torch: the CUDA draw through the torch operators instead of kernels/sample's one "
                         "launch (mix suffix ', torch draw'); both: each mix both ways, in turn")
-    p.add_argument("--top-p", choices=["default", "sort", "both"], default="default",
-                   help="sort: top-p without top-k by the torch sort instead of kernels/top_p's radix select "
-                        "(mix suffix ', sort'); both: those mixes both ways")
+    p.add_argument("--top-p", choices=["default", "select", "sort", "both"], default="default",
+                   help="top-p without top-k by kernels/top_p's radix select (mix suffix ', select') or by the "
+                        "torch sort (', sort'); both: those mixes both ways; default: sampling.TOP_P_RADIX_SELECT")
     args = p.parse_args(argv)
 
     from gptoss_engine import sampling
     from gptoss_engine.sampling import Sampler
 
-    kernel_draw, kernel_select = sampling._gumbel_draw, sampling._top_p_select
+    kernel_draw = sampling._gumbel_draw
     ways = {"default": [False], "torch": [True], "both": [False, True]}[args.draw]
-    sorts = {"default": [False], "sort": [True], "both": [False, True]}[args.top_p]
+    selects = {"default": [None], "select": [True], "sort": [False], "both": [True, False]}[args.top_p]
 
+    default_select = sampling.TOP_P_RADIX_SELECT
     sampler = Sampler((200002, 200012), args.device)
     cuda = args.device.startswith("cuda")
     machine = torch.cuda.get_device_name() if cuda else provenance.machine()
@@ -79,12 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for batch in args.batch:
         logits = torch.randn(batch, VOCAB, device=args.device) * 3
-        for mix, torch_draw, sort in ((m, t, o) for m in MIXES for t in ways
-                                      for o in (sorts if "top_p" in m else [False])):
+        for mix, torch_draw, select in ((m, t, o) for m in MIXES for t in ways
+                                        for o in (selects if "top_p" in m and "top_k" not in m else [None])):
             sampling._gumbel_draw = (lambda: None) if torch_draw else kernel_draw  # type: ignore[assignment]
-            sampling._top_p_select = (lambda: None) if sort else kernel_select  # type: ignore[assignment]
+            sampling.TOP_P_RADIX_SELECT = default_select if select is None else select
             requests = _requests(mix, batch)
-            label = mix + (", torch draw" if torch_draw else "") + (", sort" if sort else "")
+            label = mix + (", torch draw" if torch_draw else "") + {None: "", True: ", select", False: ", sort"}[select]
             sampler.launch(logits, requests).resolve()   # warm-up
             times = []
             for _ in range(args.steps):

@@ -37,9 +37,9 @@ def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, to
     """Top-k and top-p as one threshold a row in raw-logit space: the row draws among logits >= it
     (-inf: every token; None: no row cuts). x [R, V] the drawn rows' logits; temperature [R]; top_k
     (largest k, each row's k - 1, rows without top-k); top_p (the rows that cut, their p, whether
-    each of them has a top-k). A fixed number of operators a step, not a few per row; on CUDA the
-    rows that ask for top-p without a top-k take a radix select over their logits
-    (kernels/top_p.py), elsewhere a sort. Tokens tied with the last one kept are kept too."""
+    each of them has a top-k). A fixed number of operators a step, not a few per row; the rows that
+    ask for top-p without a top-k pay a sort (on CUDA, with TOP_P_RADIX_SELECT, a radix select over
+    their logits instead: kernels/top_p.py). Tokens tied with the last one kept are kept too."""
     if top_k is None and top_p is None:
         return None
     thr = torch.full((x.shape[0],), float("-inf"), device=x.device, dtype=torch.float32)
@@ -59,7 +59,7 @@ def _thresholds(x: torch.Tensor, temperature: torch.Tensor, top_k: tuple[int, to
             past_k = torch.arange(vals.shape[1], device=x.device)[None, :] > k_index[rows, None]
             sorted_z = (vals / temperature[rows, None]).masked_fill(past_k, float("-inf"))
             ranked = vals
-        elif x.is_cuda and (select := _top_p_select()) is not None:
+        elif TOP_P_RADIX_SELECT and x.is_cuda and (select := _top_p_select()) is not None:
             # A radix select over the logits' bits instead of sorting each cutting row's 201k logits.
             select(x, rows, temperature, p, thr)
             return thr
@@ -84,6 +84,14 @@ def _draw(x: torch.Tensor, temperature: torch.Tensor, threshold: torch.Tensor | 
         z = z.masked_fill(x < threshold[:, None].to(x.dtype), float("-inf"))
     # argmax(p / Exp(1)) draws from p normalised (the exponential-race form of the Gumbel trick).
     return torch.argmax(torch.softmax(z, dim=-1) / noise, dim=-1)
+
+
+# Top-p without top-k on CUDA by kernels/top_p.py's radix select instead of a sort over the vocabulary.
+# Off until it has run on a GPU: it was written in a session whose device time ran out, and is checked
+# so far under Triton's CPU interpreter (tests/gpu/test_top_p.py, exact against the sort) and compiled
+# for sm_90 without running. The next device run: tests/gpu/test_top_p.py, then
+# `python -m bench.sampler_bench --top-p both` (PERF_NOTES v19, Next).
+TOP_P_RADIX_SELECT = False
 
 
 @functools.cache
