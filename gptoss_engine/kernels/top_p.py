@@ -19,6 +19,9 @@ sums; every program of the next level first replays the choices of all earlier l
 sums (a few KB), so no program waits for another. Level 0 also finds each split's maximum (the
 softmax's shift) with an online rescale. 8 launches and a final one that decodes the key; each reads
 the row once.
+
+sampling._thresholds calls it only with sampling.TOP_P_RADIX_SELECT on, which stays off until the
+kernel has run on a GPU (so far: Triton's CPU interpreter and an sm_90 compile; PERF_NOTES v19).
 """
 from __future__ import annotations
 
