@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib
 import os
 import random
 from typing import Callable, NamedTuple
@@ -95,21 +96,20 @@ TOP_P_RADIX_SELECT = False
 
 
 @functools.cache
+def _triton_kernel(module: str, name: str) -> Callable[..., None] | None:
+    """gptoss_engine.kernels.<module>.<name>, or None without Triton (the CPU-only install)."""
+    try:
+        return getattr(importlib.import_module(f"gptoss_engine.kernels.{module}"), name)
+    except ImportError:
+        return None
+
+
 def _top_p_select() -> Callable[..., None] | None:
-    try:
-        from gptoss_engine.kernels.top_p import top_p_thresholds
-    except ImportError:   # no Triton (the CPU-only install)
-        return None
-    return top_p_thresholds
+    return _triton_kernel("top_p", "top_p_thresholds")
 
 
-@functools.cache
 def _gumbel_draw() -> Callable[..., None] | None:
-    try:
-        from gptoss_engine.kernels.sample import gumbel_draw
-    except ImportError:   # no Triton (the CPU-only install)
-        return None
-    return gumbel_draw
+    return _triton_kernel("sample", "gumbel_draw")
 
 
 class Sampler:
