@@ -12,6 +12,11 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           batch 64 and 256, unsplit (the default) against 2 splits on full layers, and on all layers
   fewsplits  fewer key splits below 512 programs (half, a quarter of the default: fewer partials for
           the combine, more key tiles a split): 20b at batch 1 and 8
+  mmatiles, staged  the mma GEMV's warp arrangements; the token-grouped kernels' staged loop
+  pairstaged, pairstaged4  the per-pair mma GEMV on the register loop against the staged loop (and,
+          at batch 1-2, the token-grouped kernels): PAIR_STAGED_MIN_PAIRS' measurements
+  attntiles  the decode attention kernels' tiles (paged_attention.DECODE_TILES, SPLIT_TILES)
+  tokens64  the token-grouped kernels against the grouped kernel at 20b batch 64
 """
 from __future__ import annotations
 
