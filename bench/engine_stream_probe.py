@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.cuda.synchronize()
     ks = sorted((e.time_range.start, e.time_range.end, e.name) for e in prof.events()
                 if e.device_type == DeviceType.CUDA)
-    # Decode steps only: from the first kernel after the prefill's last lm_head-sized gap is hard to
-    # name, so take the second half of the timeline (the prefill is at its start).
+    # Decode steps only: the prompt's prefill runs at the timeline's start, so keep its second half.
     ks = ks[len(ks) // 2:]
     busy = sum(e - s for s, e, _ in ks)
     span = ks[-1][1] - ks[0][0]

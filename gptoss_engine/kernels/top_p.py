@@ -29,9 +29,9 @@ import torch
 import triton
 import triton.language as tl
 
-_LOG2E = 1.4426950408889634
+_LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)   # exp(x) = exp2(x * log2(e))
 _BLOCK = 512
-_LEVELS = 8
+_LEVELS: tl.constexpr = tl.constexpr(8)                   # 4-bit digits of a 32-bit key
 _SPLITS = 64        # programs a row a level: 201k logits in 64 splits of ~3.1k
 
 
@@ -66,8 +66,8 @@ def _replay(n, hist_ptr, m_ptr, p, LEVELS: tl.constexpr, S: tl.constexpr):
     m = tl.load(m_ptr + n * S + tl.arange(0, S))
     big = tl.max(m, axis=0)
     # Level 0's sums were taken against each split's own maximum: rescaled to the row's.
-    scale0 = tl.where(m > float("-inf"), tl.exp2((m - big) * 1.4426950408889634), 0.0)[:, None]
-    hist0 = hist_ptr + n * (8 * S * 16)
+    scale0 = tl.where(m > float("-inf"), tl.exp2((m - big) * _LOG2E), 0.0)[:, None]
+    hist0 = hist_ptr + n * (_LEVELS * S * 16)
     total = tl.sum(tl.sum(tl.load(hist0 + tl.arange(0, S)[:, None] * 16 + tl.arange(0, 16)[None, :]) * scale0,
                           axis=1), axis=0)
     p_mass = p * total
@@ -102,9 +102,9 @@ def _level_kernel(x_ptr, s_x, rows_ptr, temp_ptr, thr_ptr, p_ptr, hist_ptr, m_pt
             z = tl.where(x >= thr, x * inv_t, float("-inf"))
             new = tl.maximum(run, tl.max(z, axis=0))
             safe = tl.where(new > float("-inf"), new, 0.0)
-            w = tl.exp2((z - safe) * 1.4426950408889634)
+            w = tl.exp2((z - safe) * _LOG2E)
             digit = (_key(x) >> 28).to(tl.int32)
-            hist = hist * tl.exp2((run - safe) * 1.4426950408889634) + tl.sum(
+            hist = hist * tl.exp2((run - safe) * _LOG2E) + tl.sum(
                 tl.where(digit[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
             run = new
         tl.store(m_ptr + n * S + split, run)
@@ -116,17 +116,17 @@ def _level_kernel(x_ptr, s_x, rows_ptr, temp_ptr, thr_ptr, p_ptr, hist_ptr, m_pt
             x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
             key = _key(x)
             live = (x >= thr) & ((key >> high) == (prefix >> high))
-            w = tl.where(live, tl.exp2((x * inv_t - big) * 1.4426950408889634), 0.0)
+            w = tl.where(live, tl.exp2((x * inv_t - big) * _LOG2E), 0.0)
             digit = ((key >> (28 - 4 * LEVEL)) & 15).to(tl.int32)
             hist += tl.sum(tl.where(digit[:, None] == bins[None, :], w[:, None], 0.0), axis=0)
-    tl.store(hist_ptr + ((n * 8 + LEVEL) * S + split) * 16 + bins, hist)
+    tl.store(hist_ptr + ((n * _LEVELS + LEVEL) * S + split) * 16 + bins, hist)
 
 
 @triton.jit
 def _final_kernel(rows_ptr, thr_ptr, p_ptr, hist_ptr, m_ptr, S: tl.constexpr):
     n = tl.program_id(0)
     row = tl.load(rows_ptr + n)
-    key, above, p_mass, big = _replay(n, hist_ptr, m_ptr, tl.load(p_ptr + n), 8, S)
+    key, above, p_mass, big = _replay(n, hist_ptr, m_ptr, tl.load(p_ptr + n), _LEVELS, S)
     # The key back to its logit: the inverse of _key.
     u = tl.where((key >> 31) == 1, key ^ 0x80000000, key ^ 0xFFFFFFFF)
     tl.store(thr_ptr + row, tl.maximum(tl.load(thr_ptr + row), u.to(tl.float32, bitcast=True)))
@@ -149,10 +149,10 @@ def top_p_thresholds(x: torch.Tensor, rows: torch.Tensor, temperature: torch.Ten
     # depend on the rows beside it.
     S = _SPLITS
     chunk = triton.cdiv(triton.cdiv(V, S), _BLOCK) * _BLOCK
-    hist = torch.empty((C, _LEVELS, S, 16), dtype=torch.float32, device=x.device)
+    hist = torch.empty((C, _LEVELS.value, S, 16), dtype=torch.float32, device=x.device)
     m = torch.empty((C, S), dtype=torch.float32, device=x.device)
     pf = p.to(torch.float32)
-    for level in range(_LEVELS):
+    for level in range(_LEVELS.value):
         _level_kernel[(C, S)](x, x.stride(0), rows, temperature, thr, pf, hist, m, V, chunk,
                               LEVEL=level, S=S, BLOCK=_BLOCK, num_warps=4)
     _final_kernel[(C,)](rows, thr, pf, hist, m, S=S, num_warps=1)
