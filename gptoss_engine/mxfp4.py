@@ -6,6 +6,10 @@ A weight [.., out, in] is stored along its input dimension in groups of 32 value
   scales [.., out, in/32] uint8: E8M0 exponent, the group's values are multiplied by 2^(s - 127).
 Checkpoints hold experts out-major (gate_up_proj_blocks [E, 2I, H/32, 16]); the dense HF form is
 the transpose (gate_up_proj [E, H, 2I], down_proj [E, I, H]): see packed_to_dense / dense_to_packed.
+
+On sm_90 the GPU keeps the blocks' 32-bit words with their bits permuted (WORD_BITS, permute_words):
+the same codes, laid out for a 9-instruction dequant. `permuted=True` marks such blocks wherever
+they are read.
 """
 from __future__ import annotations
 
@@ -33,12 +37,16 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return blocks.contiguous(), scales.contiguous()
 
 
-def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(blocks [.., out, G, 16], scales [.., out, G]) -> [.., out, G*32] in dtype."""
+def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+               permuted: bool = False) -> torch.Tensor:
+    """(blocks [.., out, G, 16], scales [.., out, G]) -> [.., out, G*32] in dtype. permuted: the
+    blocks' words are in WORD_BITS order (permute_words)."""
     if blocks.dtype != torch.uint8 or scales.dtype != torch.uint8:
         raise ValueError(f"MXFP4 blocks/scales must be uint8, got {blocks.dtype}/{scales.dtype}")
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != GROUP // 2:
         raise ValueError(f"MXFP4 blocks {tuple(blocks.shape)} do not match scales {tuple(scales.shape)}")
+    if permuted:
+        blocks = unpermute_words(blocks)
     signed = torch.tensor(FP4_VALUES + tuple(-v for v in FP4_VALUES), dtype=torch.float32, device=blocks.device)
     vals = torch.stack((signed[(blocks & 0x0F).long()], signed[(blocks >> 4).long()]), dim=-1)
     vals = vals.reshape(*scales.shape, GROUP)
@@ -51,9 +59,10 @@ def dense_to_packed(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return quantize(w.transpose(-1, -2))
 
 
-def packed_to_dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def packed_to_dense(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    permuted: bool = False) -> torch.Tensor:
     """Checkpoint (blocks [E, out, in/32, 16], scales) -> dense HF expert weight [E, in, out]."""
-    return dequantize(blocks, scales, dtype).transpose(-1, -2).contiguous()
+    return dequantize(blocks, scales, dtype, permuted).transpose(-1, -2).contiguous()
 
 
 def packed_shapes(num_experts: int, out_features: int, in_features: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -98,3 +107,66 @@ def unmasked_scale_reads(scales: torch.Tensor, k_tile: int) -> bool:
     each tile's scale groups without a mask (the rows are padded far enough: pad_scales)."""
     k = scales.shape[-1] * GROUP
     return readable_groups(scales) * GROUP >= -(-k // k_tile) * k_tile
+
+
+# The permuted word layout. A checkpoint word (4 bytes, little-endian) holds codes k = 0..7 at bits
+# 4k..4k+3 (m, e0, e1, sign from low to high). The sm_90 dequant wants each output bf16 pair's two
+# codes at bits {15 | 8, 7, 6} and {31 | 24, 23, 22} (sign | e1 e0 m, as bf16 sign and exponent/
+# mantissa bits times 2^-126); in checkpoint order the sign and the magnitude of a code need different
+# shifts, 3 integer instructions a pair. Stored with code k's (sign, e1, e0, m) at WORD_BITS[k],
+# pairs (k0, k2), (k4, k6) and (k1, k3) are the word rotated left by 0, 4 and 10 under one mask
+# 0x81C081C0, and (k5, k7) the word rotated by 6 (mask 0x80C080C0) or by 14 (0x01000100): 9 integer
+# instructions a word instead of 14 (kernels/e2m1.py; no 4 rotations of one mask tile a word,
+# searched exhaustively). The permutation is fixed per word, and a word never straddles a 32-code
+# group, so shapes, scales and every byte offset a kernel computes stay as they were.
+WORD_BITS = ((15, 8, 7, 6), (5, 30, 29, 28), (31, 24, 23, 22), (21, 14, 13, 12),
+             (11, 4, 3, 2), (9, 26, 1, 0), (27, 20, 19, 18), (25, 10, 17, 16))
+
+
+def _rotation_masks(inverse: bool) -> tuple[tuple[int, int], ...]:
+    """The permutation as (left rotation r, mask of the bits it moves), one entry a distinct r."""
+    masks: dict[int, int] = {}
+    for k, bits in enumerate(WORD_BITS):
+        for j, dst in zip((3, 2, 1, 0), bits):
+            src = 4 * k + j
+            if inverse:
+                src, dst = dst, src
+            r = (dst - src) % 32
+            masks[r] = masks.get(r, 0) | 1 << src
+    return tuple(sorted(masks.items()))
+
+
+_PERMUTE, _UNPERMUTE = _rotation_masks(False), _rotation_masks(True)
+_WORDS_A_CHUNK = 1 << 24       # int64 temporaries of 128 MiB at most
+
+
+def _rotate_words(src: torch.Tensor, out: torch.Tensor, table: tuple[tuple[int, int], ...]) -> None:
+    """out[i] = OR over (r, mask) of rotl(src[i] & mask, r), over int32 words, a chunk at a time."""
+    flat_src, flat_out = src.reshape(-1), out.reshape(-1)
+    for start in range(0, flat_src.numel(), _WORDS_A_CHUNK):
+        w = flat_src[start:start + _WORDS_A_CHUNK].to(torch.int64) & 0xFFFFFFFF
+        acc = torch.zeros_like(w)
+        for r, mask in table:
+            v = w & mask
+            acc |= ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF if r else v
+        flat_out[start:start + _WORDS_A_CHUNK] = (acc - ((acc >> 31) << 32)).to(torch.int32)
+
+
+def _words(blocks: torch.Tensor) -> torch.Tensor:
+    if blocks.dtype != torch.uint8 or blocks.shape[-1] != GROUP // 2:
+        raise ValueError(f"MXFP4 blocks must be uint8 [.., {GROUP // 2}], got {blocks.dtype} {tuple(blocks.shape)}")
+    return blocks.contiguous().view(torch.int32)
+
+
+def permute_words(blocks: torch.Tensor) -> torch.Tensor:
+    """Checkpoint blocks [.., 16] u8 -> a new tensor of the same shape, each word in WORD_BITS order."""
+    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+    _rotate_words(_words(blocks), out.view(torch.int32), _PERMUTE)
+    return out
+
+
+def unpermute_words(blocks: torch.Tensor) -> torch.Tensor:
+    """permute_words' inverse: blocks in WORD_BITS order -> a new tensor in checkpoint order."""
+    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+    _rotate_words(_words(blocks), out.view(torch.int32), _UNPERMUTE)
+    return out

@@ -78,19 +78,97 @@ E2M1_WORD_ASM: tl.constexpr = tl.constexpr(E2M1_ASM.value.replace("$6", "$5"))
 E2M1_WORD_ASM_1MUL: tl.constexpr = tl.constexpr(E2M1_ASM_1MUL.value.replace("$6", "$5"))
 
 
+
+# The same outputs from a word in mxfp4.WORD_BITS order (the permuted layout the GPU keeps on sm_90):
+# each pair's four bits a code already sit where the bf16 pair wants them after one left rotation
+# (0, 4, 10) under the mask 0x81C081C0, and the last pair's after rotations by 6 and 14 -- 9 integer
+# instructions a word (and, 3 x (shf + and), shf, shf, and, lop3) against the 14 above. Word form
+# only: a kernel reads permuted blocks as int32 words (dequant_words_asm / dequant_words_bf16).
+_E2M1_PERM_PTX = """
+{
+.reg .b32 a, b, c, m, n;
+mov.b32 c, 0x5F005F00;
+mov.b32 m, 0x81C081C0;
+mov.b32 n, 0x80C080C0;
+and.b32 a, $4, m;
+SCALE $0, a, $5;
+shf.l.wrap.b32 a, $4, $4, 4; and.b32 a, a, m;
+SCALE $1, a, $5;
+shf.l.wrap.b32 a, $4, $4, 10; and.b32 a, a, m;
+SCALE $2, a, $5;
+shf.l.wrap.b32 a, $4, $4, 6; shf.l.wrap.b32 b, $4, $4, 14; and.b32 b, b, 0x01000100; lop3.b32 a, a, n, b, 0xEA;
+SCALE $3, a, $5;
+}
+"""
+E2M1_PERM_ASM: tl.constexpr = tl.constexpr(
+    "".join(line.replace("SCALE $", "mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $") + "\n"
+            for line in _E2M1_PERM_PTX.strip("\n").splitlines()))
+E2M1_PERM_ASM_1MUL: tl.constexpr = tl.constexpr(
+    "".join(line.replace("SCALE $", "mul.rn.bf16x2 $") + "\n"
+            for line in _E2M1_PERM_PTX.strip("\n").splitlines() if "mov.b32 c," not in line))
+
+
+def word_asm(permuted: bool, one_mul: bool) -> str:
+    """The one-word dequant for a layout (checkpoint or mxfp4.WORD_BITS words) and scale form."""
+    if permuted:
+        return (E2M1_PERM_ASM_1MUL if one_mul else E2M1_PERM_ASM).value
+    return (E2M1_WORD_ASM_1MUL if one_mul else E2M1_WORD_ASM).value
+
+
 @triton.jit
-def dequant_words_asm(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False):
+def unpermute_words(words):
+    """int32 words in mxfp4.WORD_BITS order -> the same words in checkpoint order (plain integer
+    Triton, so the paths without the PTX dequant read permuted blocks too): the inverse rotations of
+    mxfp4._UNPERMUTE, checked against it by tests/gpu/test_moe_mxfp4.py."""
+    w = words.to(tl.uint32, bitcast=True)
+    out = (w & 0x08007000) | ((w << 2) & 0x00000080) | ((w << 6) & 0x87000000) | ((w << 8) & 0x00080000)
+    out |= ((w >> 24) & 0x00000070) | ((w << 12) & 0x30000000) | ((w >> 20) & 0x00000800)
+    out |= ((w << 14) & 0x00870000) | ((w >> 14) & 0x00000700) | ((w << 20) & 0x40300000)
+    out |= ((w >> 12) & 0x00000008) | ((w >> 6) & 0x00008007) | ((w >> 4) & 0x00400000)
+    return out.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def dequant_words_asm(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False,
+                      PERMUTED: tl.constexpr = False):
     """words [R, W] int32 (8 codes each) and scales s [R, W//4] u8 -> four [R, W] int32 tensors of
-    scaled bf16 pairs, ordered as E2M1_WORD_ASM's outputs."""
+    scaled bf16 pairs, ordered as E2M1_WORD_ASM's outputs. PERMUTED: words in mxfp4.WORD_BITS order."""
     if ONE_MUL:
         sb = (s.to(tl.int32) + 126) << 7                                   # bf16 bits of 2^(s-1)
     else:
         sb = (s.to(tl.int32) + 63) << 7                                    # 2^(s-64)
     sb = sb | (sb << 16)
     sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (R, W // 4, 4)), (R, W))
+    if PERMUTED:
+        return tl.inline_asm_elementwise(E2M1_PERM_ASM_1MUL if ONE_MUL else E2M1_PERM_ASM, "=r,=r,=r,=r,r,r",
+                                         [words, sb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                         is_pure=True, pack=1)
     return tl.inline_asm_elementwise(E2M1_WORD_ASM_1MUL if ONE_MUL else E2M1_WORD_ASM, "=r,=r,=r,=r,r,r",
                                      [words, sb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
                                      is_pure=True, pack=1)
+
+
+@triton.jit
+def _bf16_halves(pair):
+    """int32 holding a bf16 pair -> (low, high) bf16: register halves, no instruction once compiled."""
+    return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], dtype=(tl.bfloat16, tl.bfloat16),
+                                     is_pure=True, pack=1)
+
+
+@triton.jit
+def dequant_words_bf16(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False,
+                       PERMUTED: tl.constexpr = False):
+    """words [R, W] int32 (8 codes each) and scales s [R, W//4] u8 -> the weights [R, 8 W] bf16 in k
+    order (dequant_words_asm's pairs split and interleaved back). For blocks in mxfp4.WORD_BITS order,
+    whose codes need whole words: dequant_asm packs whichever 4 bytes a thread's registers hold next."""
+    p02, p46, p13, p57 = dequant_words_asm(words, s, R, W, ONE_MUL, PERMUTED)
+    k0, k2 = _bf16_halves(p02)
+    k4, k6 = _bf16_halves(p46)
+    k1, k3 = _bf16_halves(p13)
+    k5, k7 = _bf16_halves(p57)
+    # join stacks on a new last axis, so the most significant bit of k within the word goes first.
+    a = tl.join(tl.join(tl.join(k0, k4), tl.join(k2, k6)), tl.join(tl.join(k1, k5), tl.join(k3, k7)))
+    return tl.reshape(a, (R, 8 * W))
 
 
 @triton.jit

@@ -60,6 +60,8 @@ def run(asm: str, regs: dict[str, int]) -> dict[str, int]:
         "and.b32": lambda a: a[0] & a[1],
         "or.b32": lambda a: a[0] | a[1],
         "lop3.b32": lambda a: _lop3(*a),
+        # Funnel shift: the high 32 bits of (b:a) << c; with a == b, a left rotation.
+        "shf.l.wrap.b32": lambda a: (((a[1] << 32 | a[0]) << (a[2] & 31)) >> 32) & M32,
         "mul.rn.bf16x2": lambda a: _mul_bf16x2(*a),
     }
     for stmt in asm.replace("\n", " ").split(";"):

@@ -91,3 +91,28 @@ def test_word_dequant_asm_order_and_bits(monkeypatch: pytest.MonkeyPatch, name: 
         for reg, (k_lo, k_hi) in order.items():
             assert bf16_value(out[reg]) == want[k_lo], (name, data, scale, reg)
             assert bf16_value(out[reg] >> 16) == want[k_hi], (name, data, scale, reg)
+
+
+@pytest.mark.parametrize("name,max_scale", [("E2M1_PERM_ASM", 191), ("E2M1_PERM_ASM_1MUL", 128)])
+def test_permuted_word_dequant_matches_the_checkpoint_word(monkeypatch: pytest.MonkeyPatch, name: str,
+                                                           max_scale: int) -> None:
+    """The 9-instruction dequant of a word in mxfp4.WORD_BITS order gives exactly what the checkpoint
+    word's dequant gives, in the same output order (so every kernel's x shuffles stay)."""
+    strings = _module_strings(monkeypatch)
+    asm = strings[name]
+    one = name.endswith("1MUL")
+    ints = [ln for ln in asm.splitlines() if ln.split()[:1] and ln.split()[0] in
+            ("and.b32", "shf.l.wrap.b32", "lop3.b32", "shr.b32", "shl.b32", "prmt.b32")]
+    assert sum(ln.count(";") for ln in ints) == 9          # the point of the layout
+    rng = random.Random(2)
+    words = [0, 0xFFFFFFFF] + [rng.getrandbits(32) for _ in range(2000)]
+    for word in words:
+        scale = rng.randrange(100, max_scale + 1)
+        blocks = torch.zeros(1, 1, 16, dtype=torch.uint8)
+        blocks[0, 0, :4] = torch.tensor([(word >> 8 * i) & 0xFF for i in range(4)], dtype=torch.uint8)
+        stored = int(mxfp4.permute_words(blocks).view(torch.int32)[0, 0, 0]) & 0xFFFFFFFF
+        operand = _scale_operand(scale, one)
+        got = run(asm, {"$4": stored, "$5": operand, "$6": 0})
+        want = run(strings[name.replace("PERM", "WORD")], {"$4": word, "$5": operand})
+        for reg in ("$0", "$1", "$2", "$3"):
+            assert got[reg] == want[reg], (name, hex(word), scale, reg)
