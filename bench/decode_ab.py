@@ -17,6 +17,8 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           at batch 1-2, the token-grouped kernels): PAIR_STAGED_MIN_PAIRS' measurements
   attntiles  the decode attention kernels' tiles (paged_attention.DECODE_TILES, SPLIT_TILES)
   tokens64  the token-grouped kernels against the grouped kernel at 20b batch 64
+  words   the experts' packed words in checkpoint order against the permuted order (mxfp4.WORD_BITS,
+          the 9-instruction PTX dequant), converted in place between forms
 """
 from __future__ import annotations
 
@@ -33,6 +35,7 @@ import triton
 
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
+from gptoss_engine import mxfp4
 from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
@@ -64,6 +67,8 @@ def _splits_scaled(factor: float) -> Callable[..., int]:
 
 
 def _set(**switches: object) -> Callable[[], None]:
+    """A form: module switches set by its call; `words` ("checkpoint" or, by default, the layout
+    finalize_model gives) is applied to the model by run()."""
     def apply() -> None:
         gemv.ROTARY_EPILOGUE = bool(switches.get("rotary", True))
         paged_attention.decode_splits = switches.get("splits", _DEFAULT_SPLITS)  # type: ignore[assignment]
@@ -75,7 +80,20 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_gemv_mma.PAIR_STAGED_MIN_PAIRS = ints.get("pair_staged_from", _PAIR_STAGED_FROM)
         moe_mxfp4.GEMV_MMA_MAX_PAIRS = ints.get("mma_max_pairs", _MMA_MAX_PAIRS)
         moe_mxfp4.TOKENS_GEMV_MAX_ROWS = ints.get("tokens_max_rows", _TOKENS_MAX_ROWS)
+    apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
+
+
+def _use_words(model: torch.nn.Module, checkpoint_order: bool) -> None:
+    """Every layer's packed experts in checkpoint word order, or permuted as finalize_model lays them
+    out on sm_90, converted in place a layer at a time (the old blocks are freed as each is replaced)."""
+    for layer in model.model.layers:  # type: ignore[union-attr]
+        ex = layer.mlp.experts
+        if ex.permuted == checkpoint_order:
+            convert = mxfp4.unpermute_words if checkpoint_order else mxfp4.permute_words
+            ex.gate_up_proj_blocks = convert(ex.gate_up_proj_blocks)
+            ex.down_proj_blocks = convert(ex.down_proj_blocks)
+            ex.permuted = not checkpoint_order
 
 
 EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callable[[], None]]]] = {
@@ -107,6 +125,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                    "split (64,4,2)": _set(split_tiles=(64, 4, 2)), "split (32,4,3)": _set(split_tiles=(32, 4, 3))}),
     "tokens64": ([("20b", (64,))],
                  {"grouped": _set(), "token-grouped": _set(tokens_max_rows=8)}),
+    "words": ([("20b", (1, 2, 4, 8, 64)), ("120b", (1,))],
+              {"checkpoint words": _set(words="checkpoint"), "permuted words": _set()}),
 }
 
 
@@ -123,6 +143,7 @@ def run(name: str, batches: tuple[int, ...], forms: dict[str, Callable[[], None]
         for _ in range(rounds):
             for f, apply in forms.items():
                 apply()
+                _use_words(model, apply.words == "checkpoint")  # type: ignore[attr-defined]
                 graph = CudaGraphForward(model, kv, bs, max_blocks, buckets=[bs])
                 times[f].append(time_ms(lambda: graph(b, kv), warmup=3, iters=30))
                 del graph

@@ -20,6 +20,7 @@ from typing import Callable
 
 import torch
 
+from gptoss_engine import mxfp4
 from gptoss_engine.kernels.moe_mxfp4 import GEMV_MAX_PAIRS, Tiles, _tiles, moe_experts
 from gptoss_engine.model_config import ModelConfig
 from gptoss_engine.moe import ExpertWeights, moe_experts_reference
@@ -118,16 +119,35 @@ def sweep_rows(label: str, rows: list[tuple[float, object]]) -> list[tuple[float
     return rows
 
 
+_checkpoint_words: dict[int, ExpertWeights] = {}
+
+
+def checkpoint_words(w: ExpertWeights) -> ExpertWeights:
+    """`w` with its blocks in the checkpoint's word order (a copy, made once per `w`): what the
+    grouped kernel's dot_scaled mode reads, and the "as loaded" variant."""
+    if not w.permuted:
+        return w
+    if id(w) not in _checkpoint_words:
+        _checkpoint_words[id(w)] = dataclasses.replace(
+            w, gate_up_blocks=mxfp4.unpermute_words(w.gate_up_blocks), down_blocks=mxfp4.unpermute_words(w.down_blocks),
+            permuted=False)
+    return _checkpoint_words[id(w)]
+
+
 def call(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights, kw: dict) -> torch.Tensor:
-    """kw: moe_experts' options, plus plain=True for the experts as loaded (scale rows unpadded,
-    largest scale unknown: two scale multiplies)."""
+    """kw: moe_experts' options, plus plain=True for the experts as loaded (checkpoint words, scale
+    rows unpadded, largest scale unknown: two scale multiplies)."""
     kw = dict(kw)
     if kw.pop("two_mul", False):
         w = dataclasses.replace(w, scale_max=None)
+    tiles = kw.get("tiles")
     if kw.pop("plain", False):
-        w = ExpertWeights(w.gate_up_bias, w.down_bias, gate_up_blocks=w.gate_up_blocks,
-                          gate_up_scales=w.gate_up_scales.contiguous(), down_blocks=w.down_blocks,
-                          down_scales=w.down_scales.contiguous())
+        c = checkpoint_words(w)
+        w = ExpertWeights(c.gate_up_bias, c.down_bias, gate_up_blocks=c.gate_up_blocks,
+                          gate_up_scales=c.gate_up_scales.contiguous(), down_blocks=c.down_blocks,
+                          down_scales=c.down_scales.contiguous())
+    elif tiles is not None and tiles.mode == 0:
+        w = checkpoint_words(w)
     return moe_experts(x, ids, wts, w, 7.0, **kw)
 
 
@@ -171,7 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                 if ref is None:
                     ref = moe_experts_reference(xs.float(), ids_s, wts_s.float(), ExpertWeights(
                         w.gate_up_bias.float(), w.down_bias.float(), gate_up_blocks=w.gate_up_blocks,
-                        gate_up_scales=w.gate_up_scales, down_blocks=w.down_blocks, down_scales=w.down_scales), 7.0)
+                        gate_up_scales=w.gate_up_scales, down_blocks=w.down_blocks, down_scales=w.down_scales,
+                        permuted=w.permuted), 7.0)
                 if check_T == T or not kw.get("tiles"):
                     got = call(xs, ids_s, wts_s, w, kw).float()
                 else:

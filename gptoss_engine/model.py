@@ -172,6 +172,9 @@ class Experts(nn.Module):
         e, h, i = config.num_local_experts, config.hidden_size, config.intermediate_size
         self.packed = packed
         self.scale_max: int | None = None   # set by to_kernel_layout
+        # Set by to_kernel_layout on sm_90: the block buffers then hold permuted words (ExpertWeights.permuted),
+        # so this module's state_dict is no longer a checkpoint's bytes.
+        self.permuted = False
         # (gate_up [E, 2I, H], down [E, H, I]) bf16, set by keep_bf16_copy; not in the state_dict.
         self.bf16_copy: tuple[torch.Tensor, torch.Tensor] | None = None
         self.gate_up_proj_bias = nn.Parameter(torch.zeros(e, 2 * i))
@@ -188,12 +191,14 @@ class Experts(nn.Module):
             self.down_proj = nn.Parameter(torch.zeros(e, i, h))
 
     def to_kernel_layout(self) -> None:
-        """On the GPU: the scale buffers become views into padded rows and the largest scale is
-        recorded (ExpertWeights.kernel_layout); same shapes, values and state_dict keys."""
+        """On the GPU: the scale buffers become views into padded rows, the largest scale is recorded
+        and, on sm_90, the blocks are replaced by their permuted words (ExpertWeights.kernel_layout;
+        the checkpoint's buffers are freed here, one layer at a time); same shapes and state_dict keys."""
         if self.packed:
             w = self.weights().kernel_layout()
             self.gate_up_proj_scales, self.down_proj_scales = w.gate_up_scales, w.down_scales
-            self.scale_max = w.scale_max
+            self.gate_up_proj_blocks, self.down_proj_blocks = w.gate_up_blocks, w.down_blocks
+            self.scale_max, self.permuted = w.scale_max, w.permuted
 
     def keep_bf16_copy(self) -> None:
         """Hold a dequantized bf16 copy of the packed experts for the prefill GEMMs (see
@@ -207,7 +212,8 @@ class Experts(nn.Module):
             return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias,
                                  gate_up_blocks=self.gate_up_proj_blocks, gate_up_scales=self.gate_up_proj_scales,
                                  down_blocks=self.down_proj_blocks, down_scales=self.down_proj_scales,
-                                 scale_max=self.scale_max, gate_up_bf16=dense[0], down_bf16=dense[1])
+                                 scale_max=self.scale_max, gate_up_bf16=dense[0], down_bf16=dense[1],
+                                 permuted=self.permuted)
         return ExpertWeights(self.gate_up_proj_bias, self.down_proj_bias, gate_up=self.gate_up_proj,
                              down=self.down_proj)
 

@@ -41,6 +41,10 @@ class ExpertWeights:
     # instead of dequantizing into scratch; decode keeps reading the packed tensors.
     gate_up_bf16: torch.Tensor | None = None     # [E, 2I, H]
     down_bf16: torch.Tensor | None = None        # [E, H, I]
+    # True when the blocks' 32-bit words hold their codes' bits in mxfp4.WORD_BITS order, the layout
+    # the sm_90 PTX dequant reads in 9 integer instructions a word instead of 14 (kernel_layout makes
+    # it on sm_90). Same shapes and byte offsets; every reader takes the layout from here.
+    permuted: bool = False
 
     def __post_init__(self) -> None:
         dense = self.gate_up is not None and self.down is not None
@@ -53,14 +57,23 @@ class ExpertWeights:
     def packed(self) -> bool:
         return self.gate_up is None
 
-    def kernel_layout(self) -> ExpertWeights:
+    def kernel_layout(self, permute: bool | None = None) -> ExpertWeights:
         """Packed experts as the GPU kernels read them fastest: scale rows padded
-        (mxfp4.pad_scales; same shapes and values) and scale_max recorded (one device sync)."""
+        (mxfp4.pad_scales; same shapes and values), scale_max recorded (one device sync), and, where
+        `permute` (default: on sm_90, where the PTX dequant runs), the blocks as new tensors of
+        permuted words (mxfp4.permute_words); the caller drops the old ones."""
         if not self.packed:
             return self
+        gu_b, d_b = self.gate_up_blocks, self.down_blocks
+        assert gu_b is not None and d_b is not None   # packed
+        if permute is None:
+            permute = gu_b.is_cuda and torch.cuda.get_device_capability(gu_b.device) >= (9, 0)
+        if permute and not self.permuted:
+            gu_b, d_b = mxfp4.permute_words(gu_b), mxfp4.permute_words(d_b)
         gu_s, d_s = mxfp4.pad_scales(self.gate_up_scales), mxfp4.pad_scales(self.down_scales)  # type: ignore[arg-type]
-        return dataclasses.replace(self, gate_up_scales=gu_s, down_scales=d_s,
-                                   scale_max=int(max(gu_s.max().item(), d_s.max().item())))
+        return dataclasses.replace(self, gate_up_blocks=gu_b, down_blocks=d_b, gate_up_scales=gu_s, down_scales=d_s,
+                                   scale_max=int(max(gu_s.max().item(), d_s.max().item())),
+                                   permuted=self.permuted or bool(permute))
 
     def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Dense (gate_up [H, 2I], down [I, H]) of expert e, dequantizing if packed."""
@@ -68,8 +81,8 @@ class ExpertWeights:
             return self.gate_up[e], self.down[e]
         # Packed (checked in __post_init__): dequantize only the one expert the step needs.
         gu_b, gu_s, d_b, d_s = self.gate_up_blocks, self.gate_up_scales, self.down_blocks, self.down_scales
-        return (mxfp4.packed_to_dense(gu_b[e:e + 1], gu_s[e:e + 1], dtype)[0],  # type: ignore[index]
-                mxfp4.packed_to_dense(d_b[e:e + 1], d_s[e:e + 1], dtype)[0])  # type: ignore[index]
+        return (mxfp4.packed_to_dense(gu_b[e:e + 1], gu_s[e:e + 1], dtype, self.permuted)[0],  # type: ignore[index]
+                mxfp4.packed_to_dense(d_b[e:e + 1], d_s[e:e + 1], dtype, self.permuted)[0])  # type: ignore[index]
 
 
 @dataclass(frozen=True)

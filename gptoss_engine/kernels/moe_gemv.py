@@ -22,7 +22,7 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import dequant_words_asm, e2m1_x2e14, load_scales, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_words_asm, e2m1_x2e14, load_scales, scale_x2e14, unpermute_words
 from gptoss_engine.moe import PairOutputs
 
 # (BN gate_up, BN down, BK gate_up, BK down, warps, prefetch): output rows per program (gate_up:
@@ -62,8 +62,10 @@ def _hi(pair):
 
 
 @triton.jit
-def _gemv_trip(acc, words, xv, s, R: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr):
-    """acc[r] += this trip's products. Byte c of the packed row holds k = 2c (low nibble) and 2c + 1."""
+def _gemv_trip(acc, words, xv, s, R: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, ONE_MUL: tl.constexpr,
+               PERM: tl.constexpr):
+    """acc[r] += this trip's products. Byte c of the packed row holds k = 2c (low nibble) and 2c + 1
+    (PERM: words in mxfp4.WORD_BITS order, the same codes)."""
     # x by position in its word: k = 8j + 4a + 2b + c.
     x_c0, x_c1 = tl.split(tl.reshape(xv.to(tl.float32), (BK // 8, 2, 2, 2)))
     x_0b, x_1b = tl.split(x_c0)         # [BK/8, 2 (a)] for b = 0, 1
@@ -74,11 +76,13 @@ def _gemv_trip(acc, words, xv, s, R: tl.constexpr, BK: tl.constexpr, ASM: tl.con
     x3, x7 = tl.split(x_1b)
     if ASM:
         # Four bf16 pairs a word, taken to fp32 by placing their bits (exact).
-        p02, p46, p13, p57 = dequant_words_asm(words, s, R, BK // 8, ONE_MUL)
+        p02, p46, p13, p57 = dequant_words_asm(words, s, R, BK // 8, ONE_MUL, PERM)
         prod = _lo(p02) * x0[None, :] + _hi(p02) * x2[None, :] + _lo(p46) * x4[None, :] + _hi(p46) * x6[None, :] \
             + _lo(p13) * x1[None, :] + _hi(p13) * x3[None, :] + _lo(p57) * x5[None, :] + _hi(p57) * x7[None, :]
         acc += tl.sum(prod, 1)
     else:
+        if PERM:
+            words = unpermute_words(words)
         prod = e2m1_x2e14(words & 0xF) * x0[None, :] + e2m1_x2e14((words >> 4) & 0xF) * x1[None, :] \
             + e2m1_x2e14((words >> 8) & 0xF) * x2[None, :] + e2m1_x2e14((words >> 12) & 0xF) * x3[None, :] \
             + e2m1_x2e14((words >> 16) & 0xF) * x4[None, :] + e2m1_x2e14((words >> 20) & 0xF) * x5[None, :] \
@@ -90,7 +94,7 @@ def _gemv_trip(acc, words, xv, s, R: tl.constexpr, BK: tl.constexpr, ASM: tl.con
 
 @triton.jit
 def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.constexpr, ASM: tl.constexpr,
-               PAD_S: tl.constexpr, ONE_MUL: tl.constexpr, PREFETCH: tl.constexpr):
+               PAD_S: tl.constexpr, ONE_MUL: tl.constexpr, PERM: tl.constexpr, PREFETCH: tl.constexpr):
     """acc[r] += sum_k dequant(W[rows[r], k]) * x[k] over k in [0, K); W packed [rows, K/2] u8.
     ASM (sm_90): the inline-PTX dequant yields the scaled weights as exact bf16 (~3 instructions a
     weight instead of ~6, and no per-group scale multiply).
@@ -105,12 +109,12 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
         w, xv, s = _gemv_loads(x_ptr, w_ptr, s_ptr, rows, row_ok, 0, K, s_wn, s_sn, BK, PAD_S)
         for k0 in tl.range(0, K, BK, num_stages=1):
             w_n, xv_n, s_n = _gemv_loads(x_ptr, w_ptr, s_ptr, rows, row_ok, k0 + BK, K, s_wn, s_sn, BK, PAD_S)
-            acc = _gemv_trip(acc, w, xv, s, R, BK, ASM, ONE_MUL)
+            acc = _gemv_trip(acc, w, xv, s, R, BK, ASM, ONE_MUL, PERM)
             w, xv, s = w_n, xv_n, s_n
     else:
         for k0 in tl.range(0, K, BK, num_stages=1):
             w, xv, s = _gemv_loads(x_ptr, w_ptr, s_ptr, rows, row_ok, k0, K, s_wn, s_sn, BK, PAD_S)
-            acc = _gemv_trip(acc, w, xv, s, R, BK, ASM, ONE_MUL)
+            acc = _gemv_trip(acc, w, xv, s, R, BK, ASM, ONE_MUL, PERM)
     return acc
 
 
@@ -118,7 +122,7 @@ def _gemv_tile(acc, x_ptr, w_ptr, s_ptr, rows, row_ok, K, s_wn, s_sn, BK: tl.con
 def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                   s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                   TOPK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr,
-                  PAD_S: tl.constexpr, ONE_MUL: tl.constexpr, PREFETCH: tl.constexpr):
+                  PAD_S: tl.constexpr, ONE_MUL: tl.constexpr, PERM: tl.constexpr, PREFETCH: tl.constexpr):
     pair = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -128,7 +132,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
     row_ok = rows < 2 * I
     acc = tl.zeros((2 * BN,), dtype=tl.float32)
     acc = _gemv_tile(acc, x_ptr + token.to(tl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL, PREFETCH)
+                     rows, row_ok, H, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL, PERM, PREFETCH)
     acc += tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     gate, up = tl.split(tl.reshape(acc, (BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -142,7 +146,7 @@ def _gate_up_gemv(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, l
 def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
                s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
                BN: tl.constexpr, BK: tl.constexpr, ASM: tl.constexpr, PAD_S: tl.constexpr,
-               ONE_MUL: tl.constexpr, PREFETCH: tl.constexpr):
+               ONE_MUL: tl.constexpr, PERM: tl.constexpr, PREFETCH: tl.constexpr):
     # One program per (pair, n-tile), not per (token, n-tile) looping over the k experts: k times
     # the programs (and bytes in flight) at batch 1; the k partials are summed by the PairOutputs' reader.
     pair = tl.program_id(0)
@@ -152,7 +156,8 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
     expert = tl.load(ids_ptr + pair).to(tl.int64)
     acc = tl.load(bias_ptr + expert * s_bias_e + rows, mask=row_ok, other=0.0).to(tl.float32)
     acc = _gemv_tile(acc, inter_ptr + pair.to(tl.int64) * s_it, blk_ptr + expert * s_be,
-                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL, PREFETCH)
+                     scl_ptr + expert * s_se, rows, row_ok, I, s_bn, s_sn, BK, ASM, PAD_S, ONE_MUL, PERM,
+                     PREFETCH)
     acc *= tl.load(wts_ptr + pair).to(tl.float32)
     tl.store(part_ptr + pair.to(tl.int64) * s_pt + rows, acc, mask=row_ok)
 
@@ -160,7 +165,8 @@ def _down_gemv(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr
 def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                      gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
                      d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                     swiglu_limit: float, alpha: float, asm: bool = False, one_mul: bool = False) -> PairOutputs:
+                     swiglu_limit: float, alpha: float, asm: bool = False, one_mul: bool = False,
+                     permuted: bool = False) -> PairOutputs:
     """x [T, H] -> the T*k weighted, biased expert outputs (fp32). Expert tensors in checkpoint layout,
     blocks flattened to [E, out, in/2]; shapes were checked by the caller (moe_mxfp4.moe_expert_pairs)."""
     T, H = x.shape
@@ -181,12 +187,14 @@ def moe_experts_gemv(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     _gate_up_gemv[(T * k, triton.cdiv(I, bn_gu))](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, ONE_MUL=one_mul, PREFETCH=prefetch,
+        inter.stride(0), TOPK=k, BN=bn_gu, BK=bk_gu, ASM=asm, PAD_S=pad_gu, ONE_MUL=one_mul, PERM=permuted,
+        PREFETCH=prefetch,
         num_warps=warps)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_gemv[(T * k, triton.cdiv(H, bn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, ONE_MUL=one_mul, PREFETCH=prefetch,
+        part.stride(0), BN=bn_d, BK=bk_d, ASM=asm, PAD_S=pad_d, ONE_MUL=one_mul, PERM=permuted,
+        PREFETCH=prefetch,
         num_warps=warps)
     return PairOutputs(part, k, x.dtype)

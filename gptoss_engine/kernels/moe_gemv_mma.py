@@ -45,7 +45,7 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 
-from gptoss_engine.kernels.e2m1 import E2M1_WORD_ASM, E2M1_WORD_ASM_1MUL
+from gptoss_engine.kernels.e2m1 import word_asm
 from gptoss_engine.moe import PairOutputs
 
 
@@ -67,7 +67,7 @@ def _mma_word_asm(dequant: str) -> str:
     row b, and $1/$3 the same sums again (columns 2t + 1)."""
     return "\n".join([
         "{",
-        ".reg .b32 y, h, a, b, z, c, m, a0, a1, a2, a3, b0, b1, b2, b3, q0, q1, q2, q3, u0, u1, v0, v1;",
+        ".reg .b32 y, h, a, b, z, c, m, n, a0, a1, a2, a3, b0, b1, b2, b3, q0, q1, q2, q3, u0, u1, v0, v1;",
         _word_dequant(dequant, ("a0", "a1", "a2", "a3"), "$4", "$6"),
         _word_dequant(dequant, ("b0", "b1", "b2", "b3"), "$5", "$7"),
         "mov.b64 {q0, q1}, $8;",            # (x0, x1), (x2, x3)
@@ -82,8 +82,11 @@ def _mma_word_asm(dequant: str) -> str:
     ])
 
 
-MMA_WORD_ASM: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM.value))
-MMA_WORD_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(E2M1_WORD_ASM_1MUL.value))
+# By dequant form: checkpoint-order words or permuted ones (mxfp4.WORD_BITS), two scale multiplies or one.
+MMA_WORD_ASM: gl.constexpr = gl.constexpr(_mma_word_asm(word_asm(False, False)))
+MMA_WORD_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(word_asm(False, True)))
+MMA_PERM_ASM: gl.constexpr = gl.constexpr(_mma_word_asm(word_asm(True, False)))
+MMA_PERM_ASM_1MUL: gl.constexpr = gl.constexpr(_mma_word_asm(word_asm(True, True)))
 
 # (WN, WK, U, prefetch) for gate_up and down: warps along rows and along k, 4 U words a thread a row
 # (16 WN rows, 128 U WK codes a trip), and whether the next trip's loads are issued before this
@@ -159,7 +162,14 @@ def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn,
 
 
 @gluon.jit
-def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr):
+def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr, PERM: gl.constexpr):
+    """One trip's two mmas a word into the accumulator quad. PERM: the words are in mxfp4.WORD_BITS
+    order (the 9-instruction dequant)."""
+    if PERM:
+        return gl.inline_asm_elementwise(MMA_PERM_ASM_1MUL if ONE_MUL else MMA_PERM_ASM,
+                                         "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
+                                         [wa, wb, sa, sb, x_lo, x_hi, acc[0], acc[1], acc[2], acc[3]],
+                                         dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
     return gl.inline_asm_elementwise(MMA_WORD_ASM_1MUL if ONE_MUL else MMA_WORD_ASM, "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
                                      [wa, wb, sa, sb, x_lo, x_hi, acc[0], acc[1], acc[2], acc[3]],
                                      dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
@@ -167,7 +177,8 @@ def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr):
 
 @gluon.jit
 def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL: gl.constexpr,
-              PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr, TRIPS: gl.constexpr):
+              PERM: gl.constexpr, PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr,
+              TRIPS: gl.constexpr):
     """(row a sums, row b sums) [R] over k in [0, 8 KW): sum_k dequant(W[row, k]) * x[k], fp32.
     TRIPS > 0: the token-grouped kernels' staged loop with every row on the one token."""
     z = gl.zeros([R, W], gl.float32, L)
@@ -175,20 +186,20 @@ def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, O
     if TRIPS > 0:
         r0 = gl.arange(0, R, layout=gl.SliceLayout(1, L))
         acc = _tok_rows_staged(x_ptr, gl.expand_dims(r0 * 0, 1).to(gl.int64), gl.expand_dims(r0 >= 0, 1), w_ptr,
-                               s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL, L, R, W, TRIPS)
+                               s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, ONE_MUL, PERM, L, R, W, TRIPS)
     elif PREFETCH:
         wa, wb, sa, sb, x_lo, x_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, 0, KW, s_wn, s_sn,
                                             ONE_MUL, L, W)
         for kw0 in range(0, KW, W):
             nwa, nwb, nsa, nsb, nx_lo, nx_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0 + W,
                                                       KW, s_wn, s_sn, ONE_MUL, L, W)
-            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL, PERM)
             wa, wb, sa, sb, x_lo, x_hi = nwa, nwb, nsa, nsb, nx_lo, nx_hi
     else:
         for kw0 in range(0, KW, W):
             wa, wb, sa, sb, x_lo, x_hi = _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn,
                                                 s_sn, ONE_MUL, L, W)
-            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL, PERM)
     # Columns 2t and 2t + 1 of lane-mates t = 0..3 hold the same sums (every column of D is the
     # same): 8x, exactly. Summing the odd columns too keeps them live; dead, ptxas refills the mma's
     # accumulator quad with a copy each time.
@@ -199,7 +210,7 @@ def _mma_rows(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn, O
 def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, limit, alpha,
                  s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                  TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
-                 PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
+                 PERM: gl.constexpr, PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     R: gl.constexpr = 8 * WN
     pair = gl.program_id(0)
@@ -213,8 +224,8 @@ def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, li
     b_gate = gl.load(bias_ptr + expert * s_bias_e + 2 * cols, mask=ok, other=0.0).to(gl.float32)
     b_up = gl.load(bias_ptr + expert * s_bias_e + 2 * cols + 1, mask=ok, other=0.0).to(gl.float32)
     gate, up = _mma_rows(x_ptr + token.to(gl.int64) * s_xt, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                         2 * cols, 2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK,
-                         TRIPS)
+                         2 * cols, 2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PERM, PREFETCH, L, R,
+                         16 * U * WK, TRIPS)
     gate = gl.minimum(gate + b_gate, limit)
     up = gl.minimum(gl.maximum(up + b_up, -limit), limit)
     act = gate / (1.0 + gl.exp(-alpha * gate)) * (up + 1.0)
@@ -224,7 +235,8 @@ def _gate_up_mma(x_ptr, ids_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, H, I, li
 @gluon.jit
 def _down_mma(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, H, I,
               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr,
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PERM: gl.constexpr,
+              PREFETCH: gl.constexpr,
               TRIPS: gl.constexpr):
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     R: gl.constexpr = 8 * WN
@@ -239,7 +251,8 @@ def _down_mma(inter_ptr, ids_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr,
     b_a = gl.load(bias_ptr + expert * s_bias_e + rows_a, mask=ok_a, other=0.0).to(gl.float32)
     b_b = gl.load(bias_ptr + expert * s_bias_e + rows_b, mask=ok_b, other=0.0).to(gl.float32)
     ya, yb = _mma_rows(inter_ptr + pair.to(gl.int64) * s_it, blk_ptr + expert * s_be, scl_ptr + expert * s_se,
-                       rows_a, rows_b, ok_a, ok_b, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK, TRIPS)
+                       rows_a, rows_b, ok_a, ok_b, I // 8, s_bn, s_sn, ONE_MUL, PERM, PREFETCH, L, R, 16 * U * WK,
+                       TRIPS)
     ya = (ya + b_a) * wt
     yb = (yb + b_b) * wt
     gl.store(part_ptr + pair.to(gl.int64) * s_pt + rows_a, ya, mask=ok_a)
@@ -272,7 +285,8 @@ def _checked(x: torch.Tensor, gu_blk: torch.Tensor, d_blk: torch.Tensor) -> tupl
 def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                          gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
                          d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                         swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
+                         swiglu_limit: float, alpha: float, one_mul: bool = False,
+                         permuted: bool = False) -> PairOutputs:
     """moe_gemv.moe_experts_gemv's contract (x [T, H] -> the T*k weighted, biased expert outputs, fp32)
     on the tensor cores; x must be bf16 (the mma's operand type). Shapes were checked by the caller."""
     T, H, I = _checked(x, gu_blk, d_blk)
@@ -287,13 +301,13 @@ def moe_experts_gemv_mma(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: 
     _gate_up_mma[(T * k, n_gu)](
         x, ids, gu_blk, gu_scl, gu_bias, inter, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu,
+        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PERM=permuted, PREFETCH=pf_gu,
         TRIPS=_staged_trips(H // 8, 16 * u_gu * wk_gu, 8 * wn_gu, staged), num_warps=wn_gu * wk_gu)
     part = torch.empty((T * k, H), dtype=torch.float32, device=x.device)
     _down_mma[(T * k, triton.cdiv(H, 16 * wn_d))](
         inter, ids, wts, d_blk, d_scl, d_bias, part, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d,
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PERM=permuted, PREFETCH=pf_d,
         TRIPS=_staged_trips(I // 8, 16 * u_d * wk_d, 8 * wn_d, staged), num_warps=wn_d * wk_d)
     return PairOutputs(part, k, x.dtype)
 
@@ -356,7 +370,8 @@ def _tok_x(x_ptr, x_off, x_ok, kw0, KW, L: gl.constexpr, W: gl.constexpr):
 
 @gluon.jit
 def _tok_rows(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn,
-              ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr):
+              ONE_MUL: gl.constexpr, PERM: gl.constexpr, PREFETCH: gl.constexpr, L: gl.constexpr, R: gl.constexpr,
+              W: gl.constexpr):
     """The accumulator quad [R, W] x 4 over k in [0, 8 KW). PREFETCH: the next trip's weights are
     loaded before this trip's mmas."""
     z = gl.zeros([R, W], gl.float32, L)
@@ -367,14 +382,14 @@ def _tok_rows(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, 
             nwa, nwb, nsa, nsb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0 + W, KW, s_wn, s_sn,
                                                ONE_MUL, L, W)
             x_lo, x_hi = _tok_x(x_ptr, x_off, x_ok, kw0, KW, L, W)
-            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL, PERM)
             wa, wb, sa, sb = nwa, nwb, nsa, nsb
     else:
         for kw0 in range(0, KW, W):
             wa, wb, sa, sb = _weight_loads(w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn, ONE_MUL,
                                            L, W)
             x_lo, x_hi = _tok_x(x_ptr, x_off, x_ok, kw0, KW, L, W)
-            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+            acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL, PERM)
     return acc
 
 
@@ -399,7 +414,8 @@ def _stage_words(ring_a, ring_b, w_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_w
 
 @gluon.jit
 def _tok_rows_staged(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, KW, s_wn, s_sn,
-                     ONE_MUL: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr, TRIPS: gl.constexpr):
+                     ONE_MUL: gl.constexpr, PERM: gl.constexpr, L: gl.constexpr, R: gl.constexpr, W: gl.constexpr,
+                     TRIPS: gl.constexpr):
     """_tok_rows with every trip's weight words in flight from the start: all TRIPS trips are copied
     into shared memory by cp.async at once (no registers held: the register loop keeps one trip
     ahead, ~1 KB a warp), then consumed in order as their groups complete. The scales (a byte a row
@@ -418,7 +434,7 @@ def _tok_rows_staged(x_ptr, x_off, x_ok, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_
         cp.wait_group(TRIPS - 1 - i)
         wa = ring_a.index(i).load(L)
         wb = ring_b.index(i).load(L)
-        acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL)
+        acc = _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL, PERM)
         sa, sb = nsa, nsb
     return acc
 
@@ -455,7 +471,7 @@ def _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_x, TOPK: gl.constexpr, BY_TO
 def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, num_pairs, H, I, limit,
                  alpha, s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                  TOPK: gl.constexpr, WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr,
-                 PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
+                 PERM: gl.constexpr, PREFETCH: gl.constexpr, TRIPS: gl.constexpr):
     """Program (row block m of 8 sorted rows, n-tile of R (gate, up) row pairs) -> inter[sorted row]."""
     L: gl.constexpr = gl.BlockedLayout([1, 4 * U], [8, 4], [WN, WK], [1, 0])
     L2: gl.constexpr = _sums_layout(WN, WK, U)
@@ -477,10 +493,10 @@ def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, int
         x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_xt, TOPK, True)
         if TRIPS > 0:
             acc = _tok_rows_staged(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols,
-                                   2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, L, R, 16 * U * WK, TRIPS)
+                                   2 * cols + 1, ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PERM, L, R, 16 * U * WK, TRIPS)
         else:
             acc = _tok_rows(x_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, 2 * cols, 2 * cols + 1,
-                            ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+                            ok, ok, H // 8, s_bn, s_sn, ONE_MUL, PERM, PREFETCH, L, R, 16 * U * WK)
         t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
         for h in gl.static_range(2):
             # acc[h] (row a = gate) and acc[2 + h] (row b = up): the block's token column 2t + h.
@@ -497,7 +513,8 @@ def _gate_up_tok(x_ptr, sorted_ptr, blk_exp_ptr, blk_ptr, scl_ptr, bias_ptr, int
 @gluon.jit
 def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bias_ptr, part_ptr, num_pairs, H, I,
               s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_pt,
-              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PREFETCH: gl.constexpr,
+              WN: gl.constexpr, WK: gl.constexpr, U: gl.constexpr, ONE_MUL: gl.constexpr, PERM: gl.constexpr,
+              PREFETCH: gl.constexpr,
               TRIPS: gl.constexpr):
     """Program (row block m of 8 sorted rows, n-tile of 2 R output rows) -> part[pair] (weighted,
     biased; fp32)."""
@@ -520,11 +537,11 @@ def _down_tok(inter_ptr, sorted_ptr, blk_exp_ptr, wts_ptr, blk_ptr, scl_ptr, bia
         x_off, x_ok = _sorted_x(sorted_ptr, blk_row0, r, num_pairs, s_it, 1, False)
         if TRIPS > 0:
             acc = _tok_rows_staged(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a,
-                                   rows_b, rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, L, R, 16 * U * WK,
+                                   rows_b, rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PERM, L, R, 16 * U * WK,
                                    TRIPS)
         else:
             acc = _tok_rows(inter_ptr, x_off, x_ok, blk_ptr + e64 * s_be, scl_ptr + e64 * s_se, rows_a, rows_b,
-                            rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PREFETCH, L, R, 16 * U * WK)
+                            rows_a < H, rows_b < H, I // 8, s_bn, s_sn, ONE_MUL, PERM, PREFETCH, L, R, 16 * U * WK)
         t = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, L2)), 0)
         for h in gl.static_range(2):
             row = blk_row0 + 2 * t + h
@@ -546,7 +563,8 @@ def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_we
                                 sorted_pair: torch.Tensor, block_expert: torch.Tensor,
                                 gu_blk: torch.Tensor, gu_scl: torch.Tensor, gu_bias: torch.Tensor,
                                 d_blk: torch.Tensor, d_scl: torch.Tensor, d_bias: torch.Tensor,
-                                swiglu_limit: float, alpha: float, one_mul: bool = False) -> PairOutputs:
+                                swiglu_limit: float, alpha: float, one_mul: bool = False,
+                                permuted: bool = False) -> PairOutputs:
     """moe_experts_gemv_mma's contract, token-grouped: sorted_pair / block_expert are
     routing.sort_by_expert's for row blocks of TOKEN_BLOCK rows."""
     T, H, I = _checked(x, gu_blk, d_blk)
@@ -565,12 +583,13 @@ def moe_experts_gemv_mma_tokens(x: torch.Tensor, topk_ids: torch.Tensor, topk_we
     _gate_up_tok[(cap // TOKEN_BLOCK, triton.cdiv(I, 8 * wn_gu))](
         x, sorted_pair, block_expert, gu_blk, gu_scl, gu_bias, inter, n, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
-        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PREFETCH=pf_gu, TRIPS=trips_gu,
+        inter.stride(0), TOPK=k, WN=wn_gu, WK=wk_gu, U=u_gu, ONE_MUL=one_mul, PERM=permuted, PREFETCH=pf_gu,
+        TRIPS=trips_gu,
         num_warps=wn_gu * wk_gu)
     part = torch.empty((n, H), dtype=torch.float32, device=x.device)
     _down_tok[(cap // TOKEN_BLOCK, triton.cdiv(H, 16 * wn_d))](
         inter, sorted_pair, block_expert, wts, d_blk, d_scl, d_bias, part, n, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
-        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PREFETCH=pf_d, TRIPS=trips_d,
+        part.stride(0), WN=wn_d, WK=wk_d, U=u_d, ONE_MUL=one_mul, PERM=permuted, PREFETCH=pf_d, TRIPS=trips_d,
         num_warps=wn_d * wk_d)
     return PairOutputs(part, k, x.dtype)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gptoss_engine.kernels.e2m1 import e2m1_x2e14, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_words_asm, e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights, PairOutputs
 
@@ -29,23 +29,54 @@ _GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile
 
 
 @triton.jit
+def _dequant_perm(blk_ptr, scl_ptr, out_ptr, rows, num_rows, K, s_b, s_s, s_o,
+                  BK: tl.constexpr, ONE_MUL: tl.constexpr):
+    """_dequant_kernel's tile from blocks in mxfp4.WORD_BITS order (sm_90): the PTX word dequant's
+    pairs (k0,k2), (k4,k6), (k1,k3), (k5,k7), already scaled bf16, re-paired into (k0,k1) .. (k6,k7)
+    and stored as int32 runs."""
+    ROWS: tl.constexpr = rows.shape[0]
+    W: tl.constexpr = BK // 8
+    kw = tl.program_id(1) * W + tl.arange(0, W)
+    ok = (rows[:, None] < num_rows) & (kw[None, :] < K // 8)
+    r64 = rows[:, None].to(tl.int64)
+    words = tl.load(blk_ptr.to(tl.pointer_type(tl.int32)) + r64 * (s_b // 4) + kw[None, :], mask=ok, other=0)
+    gw = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
+    s = tl.load(scl_ptr + r64 * s_s + gw[None, :], mask=(rows[:, None] < num_rows) & (gw[None, :] < K // 32),
+                other=127)
+    p02, p46, p13, p57 = dequant_words_asm(words, s, ROWS, W, ONE_MUL, True)
+    q01 = (p02 & 0xFFFF) | (p13 << 16)
+    q23 = ((p02 >> 16) & 0xFFFF) | (p13 & -65536)
+    q45 = (p46 & 0xFFFF) | (p57 << 16)
+    q67 = ((p46 >> 16) & 0xFFFF) | (p57 & -65536)
+    # join stacks on a new last axis, so the most significant index goes first: [.., a, b] = q[2a + b].
+    q = tl.reshape(tl.join(tl.join(q01, q45), tl.join(q23, q67)), (ROWS, BK // 2))
+    c = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+    tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + r64 * (s_o // 2) + c[None, :], q,
+             mask=(rows[:, None] < num_rows) & (c[None, :] < K // 2))
+
+
+@triton.jit
 def _dequant_kernel(blk_ptr, scl_ptr, out_ptr, num_rows, K, s_b, s_s, s_o,
-                    ROWS: tl.constexpr, BK: tl.constexpr):
+                    ROWS: tl.constexpr, BK: tl.constexpr, PERM: tl.constexpr, ONE_MUL: tl.constexpr):
     """out[r, k] = e2m1(blk[r, k/2] nibble) * 2^(scl[r, k/32] - 127) as bf16; even k = low nibble.
     Both nibbles of a byte are joined into adjacent columns in registers so every store is a
-    contiguous run (stride-2 stores of each half ran at a tenth of the bandwidth, PERF_NOTES v5)."""
+    contiguous run (stride-2 stores of each half ran at a tenth of the bandwidth, PERF_NOTES v5).
+    PERM: blocks in mxfp4.WORD_BITS order, through the PTX dequant (_dequant_perm)."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
-    kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
-    ok = (rows[:, None] < num_rows) & (kb[None, :] < K // 2)
-    b = tl.load(blk_ptr + rows[:, None].to(tl.int64) * s_b + kb[None, :], mask=ok, other=0).to(tl.int32)
-    s = tl.load(scl_ptr + rows[:, None].to(tl.int64) * s_s + kb[None, :] // 16, mask=ok, other=127).to(tl.int32)
-    sc = scale_x2e14(s)
-    lo = e2m1_x2e14(b & 0xF)
-    hi = e2m1_x2e14(b >> 4)
-    w = tl.reshape(tl.join((lo * sc).to(tl.bfloat16), (hi * sc).to(tl.bfloat16)), (ROWS, BK))
-    k = tl.program_id(1) * BK + tl.arange(0, BK)
-    tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + k[None, :], w,
-             mask=(rows[:, None] < num_rows) & (k[None, :] < K))
+    if PERM:
+        _dequant_perm(blk_ptr, scl_ptr, out_ptr, rows, num_rows, K, s_b, s_s, s_o, BK, ONE_MUL)
+    else:
+        kb = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
+        ok = (rows[:, None] < num_rows) & (kb[None, :] < K // 2)
+        b = tl.load(blk_ptr + rows[:, None].to(tl.int64) * s_b + kb[None, :], mask=ok, other=0).to(tl.int32)
+        s = tl.load(scl_ptr + rows[:, None].to(tl.int64) * s_s + kb[None, :] // 16, mask=ok, other=127).to(tl.int32)
+        sc = scale_x2e14(s)
+        lo = e2m1_x2e14(b & 0xF)
+        hi = e2m1_x2e14(b >> 4)
+        w = tl.reshape(tl.join((lo * sc).to(tl.bfloat16), (hi * sc).to(tl.bfloat16)), (ROWS, BK))
+        k = tl.program_id(1) * BK + tl.arange(0, BK)
+        tl.store(out_ptr + rows[:, None].to(tl.int64) * s_o + k[None, :], w,
+                 mask=(rows[:, None] < num_rows) & (k[None, :] < K))
 
 
 @triton.jit
@@ -109,15 +140,17 @@ def _scratch_view(device: torch.device, slot: int, shape: tuple[int, int, int]) 
     return buf[:n].view(shape)
 
 
-def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """Packed [E, N, K/32, 16] / [E, N, K/32] -> bf16 `out` [E, N, K] on the current stream."""
+def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+    """Packed [E, N, K/32, 16] / [E, N, K/32] (of `w`, whose layout they have) -> bf16 `out` [E, N, K]
+    on the current stream."""
     E, N, G = scales.shape
     K = G * 32
     o2 = out.view(E * N, K)
     b2 = blocks.reshape(E * N, K // 2)
     s2 = scales.reshape(E * N, G)
     _dequant_kernel[(triton.cdiv(E * N, _ROWS), triton.cdiv(K, _BK))](
-        b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, num_warps=4)
+        b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, PERM=w.permuted,
+        ONE_MUL=w.scale_max is not None and w.scale_max <= 128, num_warps=4)
     return out
 
 
@@ -128,7 +161,7 @@ def dequantized_copy(w: ExpertWeights) -> tuple[torch.Tensor, torch.Tensor]:
     assert gu_b is not None and gu_s is not None and d_b is not None and d_s is not None  # packed
     gu = torch.empty((gu_s.shape[0], gu_s.shape[1], gu_s.shape[2] * 32), dtype=torch.bfloat16, device=gu_b.device)
     d = torch.empty((d_s.shape[0], d_s.shape[1], d_s.shape[2] * 32), dtype=torch.bfloat16, device=d_b.device)
-    return _dequantize(gu_b, gu_s, gu), _dequantize(d_b, d_s, d)
+    return _dequantize(gu_b, gu_s, gu, w), _dequantize(d_b, d_s, d, w)
 
 
 def _chunk(w: ExpertWeights, hidden: int) -> int:
@@ -183,8 +216,8 @@ def moe_experts_grouped_mm(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights
             gu, d = w.gate_up_bf16, w.down_bf16
         else:
             gu, d = _views(w, e1 - e0)
-            _dequantize(gu_b[e0:e1], gu_s[e0:e1], gu)
-            _dequantize(d_b[e0:e1], d_s[e0:e1], d)
+            _dequantize(gu_b[e0:e1], gu_s[e0:e1], gu, w)
+            _dequantize(d_b[e0:e1], d_s[e0:e1], d, w)
         h = _grouped_mm(xs[lo:hi], gu.transpose(1, 2), offs)                         # [rows, 2I] bf16
         _bias_swiglu_kernel[(hi - lo, triton.cdiv(I, _ACT_BLOCK))](
             h, expert[lo:hi], w.gate_up_bias, act[lo:hi], I, float(swiglu_limit), float(alpha),

@@ -31,7 +31,7 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import dequant_asm, e2m1_x2e14, load_scales, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_asm, dequant_words_bf16, e2m1_x2e14, load_scales, scale_x2e14
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe_experts_gemv_mma,
                                                  moe_experts_gemv_mma_tokens)
@@ -118,7 +118,7 @@ def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
                  BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
-                 PAD_S: tl.constexpr):
+                 PAD_S: tl.constexpr, PERM: tl.constexpr):
     """[BM, N] fp32 = a [BM, K] @ one expert's packed MXFP4 weight columns `cols` (K-loop shared by
     the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales.
 
@@ -126,6 +126,10 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
     then the left operand, which Hopper's wgmma may take straight from registers (the right operand
     must sit in shared memory), and a few token rows fill the MMA's narrow N side instead of padding
     its 64-row M side. Returned transposed back to [BM, N] either way.
+
+    PERM: the blocks' words are in mxfp4.WORD_BITS order, which only the PTX modes read (the
+    dispatcher checks); they are loaded as int32 words, since the byte form's asm packs whichever
+    4 bytes a thread's registers hold next, not one word's (the layout puts rows r and r + 8 there).
 
     Every load of the loop must be one Triton can turn into an asynchronous copy (>= 4 aligned
     contiguous bytes), or each trip waits a full memory latency for it: PAD_S (scale rows padded to
@@ -161,15 +165,22 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
             # Hand dequant: the low nibble of byte c holds k = 2c, the high nibble k = 2c + 1
             # (mxfp4.py); joining the two halves puts each byte's pair side by side -- the
             # adjacent-k pairs the MMA operand wants -- so the weights meet contiguous activations.
-            b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
-                        mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
-            if MODE == MODE_ASM or MODE == MODE_ASM1:
-                w_lo, w_hi = dequant_asm(b, s, N, BK // 2, MODE == MODE_ASM1)
+            if PERM:
+                # Permuted words (PTX modes only): read as int32 words, dequantized a whole word at a time.
+                kw = k0 // 8 + tl.arange(0, BK // 8)
+                words = tl.load(wb.to(tl.pointer_type(tl.int32)) + cols[:, None].to(tl.int64) * (s_bn // 4)
+                                + kw[None, :], mask=col_ok[:, None] & (kw[None, :] < K // 8), other=0)
+                w = dequant_words_bf16(words, s, N, BK // 8, MODE == MODE_ASM1, True)
             else:
-                sc = scale_x2e14(s)
-                w_lo = _dequant_half(b & 0xF, sc, N, BK)
-                w_hi = _dequant_half(b >> 4, sc, N, BK)
-            w = tl.reshape(tl.join(w_lo, w_hi), (N, BK))
+                b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
+                            mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
+                if MODE == MODE_ASM or MODE == MODE_ASM1:
+                    w_lo, w_hi = dequant_asm(b, s, N, BK // 2, MODE == MODE_ASM1)
+                else:
+                    sc = scale_x2e14(s)
+                    w_lo = _dequant_half(b & 0xF, sc, N, BK)
+                    w_hi = _dequant_half(b >> 4, sc, N, BK)
+                w = tl.reshape(tl.join(w_lo, w_hi), (N, BK))
             if SWAP:
                 # Permute k the same way in both operands (the product is unchanged): the MMA's
                 # register operand gives quad lane t the byte pairs t, t+4 of every 16-k block, so
@@ -194,7 +205,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
                     num_pairs, H, I, limit, alpha,
                     s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    MODE: tl.constexpr, SWAP: tl.constexpr, PAD_S: tl.constexpr):
+                    MODE: tl.constexpr, SWAP: tl.constexpr, PAD_S: tl.constexpr, PERM: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -209,7 +220,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     col_ok = cols < 2 * I
     acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S)
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S, PERM)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -225,7 +236,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
                  num_pairs, H, I,
                  s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
-                 PAD_S: tl.constexpr):
+                 PAD_S: tl.constexpr, PERM: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -238,7 +249,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
     col_ok = cols < H
     acc = _expert_tile(inter_ptr + rows[:, None].to(tl.int64) * s_it, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP, PAD_S)
+                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP, PAD_S, PERM)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
@@ -356,16 +367,15 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         r = _route(topk_ids, E, TOKEN_BLOCK)
         return moe_experts_gemv_mma_tokens(x, topk_ids, topk_weights, r.sorted_pair, r.block_expert,
                                            gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias, swiglu_limit, alpha,
-                                           one_mul=one_mul)
+                                           one_mul=one_mul, permuted=w.permuted)
     if gemv is None:
         gemv = tiles is None and num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS)
     if gemv:
         if mma:
             return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
-                                        swiglu_limit, alpha, one_mul=one_mul)
+                                        swiglu_limit, alpha, one_mul=one_mul, permuted=w.permuted)
         return moe_experts_gemv(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
-                                swiglu_limit, alpha, asm=asm,
-                                one_mul=asm and one_mul)
+                                swiglu_limit, alpha, asm=asm, one_mul=asm and one_mul, permuted=w.permuted)
     if (tiles is None and grouped_mm is not False and sm90 and not interpret
             and (grouped_mm or num_pairs >= GROUPED_MM_MIN_ROWS * E)):
         return moe_experts_grouped_mm(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
@@ -374,6 +384,9 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         t = Tiles(t.bm, t.bn, t.bk, t.warps, t.stages, mode=1, swap=t.swap)
     elif t.mode == MODE_ASM and one_mul:
         t = dataclasses.replace(t, mode=int(MODE_ASM1))
+    if w.permuted and t.mode not in (MODE_ASM, MODE_ASM1):
+        raise ValueError("experts in the permuted word layout (ExpertWeights.permuted, sm_90) are read by the PTX "
+                         f"dequant modes only, not mode {t.mode}")
     bm, bn, bk, warps, stages = t.bm, t.bn, t.bk, t.warps, t.stages
     td = t if t.down is None else dataclasses.replace(t.down, bm=bm, mode=t.mode)
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
@@ -387,7 +400,8 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         num_pairs, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0),
-        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, num_warps=warps, num_stages=stages)
+        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, PERM=w.permuted, num_warps=warps,
+        num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     grid = (cap // bm, triton.cdiv(H, td.bn))
@@ -396,6 +410,6 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         num_pairs, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
-        BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, num_warps=td.warps,
+        BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, PERM=w.permuted, num_warps=td.warps,
         num_stages=td.stages)
     return PairOutputs(pair_out, k, x.dtype)

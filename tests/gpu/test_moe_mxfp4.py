@@ -29,7 +29,8 @@ def random_packed_experts(num_experts: int, hidden: int, inter: int, device: str
 def fp32_reference(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: ExpertWeights,
                    limit: float) -> torch.Tensor:
     w32 = ExpertWeights(w.gate_up_bias.float(), w.down_bias.float(), gate_up_blocks=w.gate_up_blocks,
-                        gate_up_scales=w.gate_up_scales, down_blocks=w.down_blocks, down_scales=w.down_scales)
+                        gate_up_scales=w.gate_up_scales, down_blocks=w.down_blocks, down_scales=w.down_scales,
+                        permuted=w.permuted)
     return moe_experts_reference(x.float(), ids, wts.float(), w32, limit)
 
 
@@ -37,8 +38,9 @@ def fp32_reference(x: torch.Tensor, ids: torch.Tensor, wts: torch.Tensor, w: Exp
 SHAPES = [(1, 8, 4, 64, 96), (3, 8, 2, 64, 64), (40, 8, 4, 96, 64), (300, 16, 4, 128, 160)]
 
 
-def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
-    """(name, moe_experts kwargs): every kernel path the dispatcher can take, at this size."""
+def _variants(interpreted: bool, tokens: int, permuted: bool = False) -> list[tuple[str, dict]]:
+    """(name, moe_experts kwargs): every kernel path the dispatcher can take, at this size (permuted
+    words: every path but the grouped kernel's dot_scaled mode, which refuses them)."""
     from gptoss_engine.kernels.moe_mxfp4 import Tiles
     if interpreted:
         return [("fp32", dict(interpret=True, gemv=False)),
@@ -47,7 +49,7 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
     out = [("default", {}), ("gemv", dict(gemv=True)), ("gemv fma", dict(gemv=True, gemv_mma=False)),
            ("gemv no asm", dict(gemv=True, gemv_asm=False))]
     out.append(("gemv tokens", dict(gemv_tokens=True)))
-    for mode in (0, 3):
+    for mode in ((3,) if permuted else (0, 3)):
         for swap in (False, True):
             out.append((f"mode{mode} swap{swap}", dict(tiles=Tiles(16, 64, 128, 4, 3, mode, swap))))
             # The down kernel on tiles of its own (as _tiles picks at decode sizes), even the other swap.
@@ -59,10 +61,12 @@ def _variants(interpreted: bool, tokens: int) -> list[tuple[str, dict]]:
 
 
 def padded(w: ExpertWeights) -> ExpertWeights:
-    """The same experts as finalize_model lays them out on the GPU (padded scale rows, scale_max)."""
+    """The same experts as finalize_model lays them out on the GPU (padded scale rows, scale_max and,
+    on sm_90, permuted words)."""
     k = w.kernel_layout()
     assert mxfp4.readable_groups(k.gate_up_scales) % mxfp4.SCALE_ROW_PAD == 0
     assert torch.equal(k.gate_up_scales, w.gate_up_scales) and k.scale_max == int(w.gate_up_scales.max())
+    assert k.permuted == (w.gate_up_blocks.is_cuda and torch.cuda.get_device_capability() >= (9, 0))
     return k
 
 
@@ -81,12 +85,47 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, experts:
     router_w = torch.randn(experts, hidden, generator=gen).to(device, torch.bfloat16)
     ids, wts = route(x, router_w, torch.zeros(experts, device=device, dtype=torch.bfloat16), top_k)
     ref = fp32_reference(x, ids, wts, w, 7.0)
-    for name, kwargs in _variants(interpreted, tokens):
+    for name, kwargs in _variants(interpreted, tokens, w.permuted):
         out = moe_experts(x, ids, wts, w, 7.0, **kwargs)
         assert out.shape == x.shape and out.dtype == x.dtype
         assert torch.isfinite(out).all(), name
         rel = ((out.float() - ref).norm() / ref.norm()).item()
         assert rel < 2e-2, (name, rel)
+    if w.permuted:
+        from gptoss_engine.kernels.moe_mxfp4 import Tiles
+        with pytest.raises(ValueError, match="permuted"):
+            moe_experts(x, ids, wts, w, 7.0, tiles=Tiles(16, 64, 128, 4, 3, 0, True))
+
+
+def test_permuted_words_change_no_bits(device: str, interpreted: bool) -> None:
+    """The same experts in checkpoint and in permuted words (mxfp4.WORD_BITS) give the same bits
+    through every path that reads both: each dequant yields the very same bf16 weights. Under the
+    interpreter the FMA GEMV's plain-Triton unpermute is what runs."""
+    from gptoss_engine.kernels import moe_grouped_mm as gm
+    from gptoss_engine.kernels.moe_mxfp4 import Tiles, moe_experts
+    gen = torch.Generator().manual_seed(41)
+    raw = random_packed_experts(8, 160, 96, device, gen)
+    plain, perm = raw.kernel_layout(permute=False), raw.kernel_layout(permute=True)
+    assert perm.permuted and not plain.permuted and not torch.equal(perm.gate_up_blocks, plain.gate_up_blocks)
+    assert torch.equal(mxfp4.unpermute_words(perm.down_blocks), raw.down_blocks)
+    x = torch.randn(20, 160, generator=gen).to(device, torch.bfloat16)
+    ids = torch.randint(0, 8, (20, 2), generator=gen).to(device)
+    wts = torch.rand(20, 2, generator=gen).to(device)
+    if interpreted:
+        paths = [dict(gemv=True)]
+    else:
+        paths = [dict(gemv=True), dict(gemv=True, gemv_mma=False), dict(gemv=True, gemv_asm=False),
+                 dict(gemv_tokens=True), dict(tiles=Tiles(16, 64, 128, 4, 3, 3, True)),
+                 dict(tiles=Tiles(16, 64, 128, 4, 3, 3, False)), dict(grouped_mm=True)]
+    for kw in paths:
+        a = moe_experts(x, ids, wts, plain, 7.0, **kw)
+        b = moe_experts(x, ids, wts, perm, 7.0, **kw)
+        assert torch.equal(a, b), kw
+    if not interpreted:
+        for one, two in zip(gm.dequantized_copy(plain), gm.dequantized_copy(perm)):
+            assert torch.equal(one, two)
+    # The one-multiply scales (every scale <= 128) too, where the PTX runs.
+    assert plain.scale_max is not None and plain.scale_max <= 128
 
 
 def test_large_scales_take_the_two_multiply_dequant(device: str, interpreted: bool) -> None:
@@ -138,8 +177,8 @@ def test_bf16_expert_copies(device: str, interpreted: bool) -> None:
     gen = torch.Generator().manual_seed(19)
     w = random_packed_experts(16, 128, 160, device, gen).kernel_layout()
     gu, d = gm.dequantized_copy(w)
-    assert torch.equal(gu.float(), mxfp4.dequantize(w.gate_up_blocks, w.gate_up_scales, torch.float32))
-    assert torch.equal(d.float(), mxfp4.dequantize(w.down_blocks, w.down_scales, torch.float32))
+    assert torch.equal(gu.float(), mxfp4.dequantize(w.gate_up_blocks, w.gate_up_scales, torch.float32, w.permuted))
+    assert torch.equal(d.float(), mxfp4.dequantize(w.down_blocks, w.down_scales, torch.float32, w.permuted))
     dense = dataclasses.replace(w, gate_up_bf16=gu, down_bf16=d)
     router_w = torch.randn(16, 128, generator=gen).to(device, torch.bfloat16)
     x = torch.randn(1100, 128, generator=gen).to(device, torch.bfloat16)     # 4400 pairs >= 256 x 16
