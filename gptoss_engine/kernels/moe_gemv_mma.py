@@ -4,7 +4,8 @@ mma.sync instructions fed straight from the e2m1 word dequant in registers.
 The FMA GEMV (moe_gemv) spends ~6 instructions a weight: the dequant (~2.3), taking each bf16 to
 fp32, an FMA, splitting x. Here a warp's weights are the A operand of `mma.sync.m16n8k16` as they
 come out of the dequant, with no shared memory and no layout conversion: 229 SASS instructions a
-loop trip of 64 weights a thread (3.6 a weight; the dequant is 2.25 of it). That needs each thread
+loop trip of 64 weights a thread (3.6 a weight; the dequant is 2.25 of it), 189 on the permuted words
+the GPU keeps on sm_90 (mxfp4.WORD_BITS: 9 integer instructions a word's dequant instead of 14). That needs each thread
 to hold exactly the A-fragment registers, so the kernels are written in Gluon (explicit layouts)
 and the mma is inline PTX on what each thread holds. Measured (PERF_NOTES v12): 1 token 35-37 us a
 layer against the FMA GEMV's 39-40, 4 tokens ~100 against 117, 8 tokens 183-185 against the
@@ -15,7 +16,7 @@ The fragment trick. A thread (g, t) (lane 4g + t) of an m16n8k16 mma supplies A[
 A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. The
 mma's 16 k's may be any 16 of the row's k's as long as B's rows are the same ones. A thread loads
 int32 words (8 codes, one scale: a word never straddles a 32-code group) of two rows, "row a" for
-A[g] and "row b" for A[g+8]; the word dequant (e2m1.E2M1_WORD_ASM) gives pairs (k0,k2), (k4,k6),
+A[g] and "row b" for A[g+8]; the word dequant (e2m1.word_asm, either layout) gives pairs (k0,k2), (k4,k6),
 (k1,k3), (k5,k7) of the word. One word of each row feeds two mmas:
     mma 1: A = (a.k0k2, b.k0k2, a.k1k3, b.k1k3), B = (x.k0k2, x.k1k3)
     mma 2: A = (a.k4k6, b.k4k6, a.k5k7, b.k5k7), B = (x.k4k6, x.k5k7)
@@ -95,10 +96,13 @@ _TILES = ((1, 4, 1, True), (1, 4, 1, True))
 _TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool]] | None = None   # bench sweeps
 # From this many pairs the per-pair kernels run the token-grouped kernels' staged loop (every trip's
 # weight words copied into shared memory at the start, x loaded in its trip; 76 registers against 72).
-# Whole-model decode (bench/decode_ab.py pairstaged / pairstaged4, H100, ms a step): 20b batch 1
-# 2.158 -> 2.207 (slower: 4 pairs, 1.56 waves of programs), batch 2 2.769 -> 2.719, 3 3.463 -> 3.363,
-# 4 4.143 -> 3.952; 120b batch 1 2.994 -> 3.065, 2 3.915 -> 3.871, 4 5.864 -> 5.612.
-PAIR_STAGED_MIN_PAIRS = 8
+# Whole-model decode (bench/decode_ab.py pairstaged / pairstaged4, H100, ms a step, register loop ->
+# staged): on checkpoint-order words (PERF_NOTES v19) 20b batch 1 2.158 -> 2.207, 2 2.769 -> 2.719,
+# 3 3.463 -> 3.363, 4 4.143 -> 3.952; 120b 1 2.994 -> 3.065, 2 3.915 -> 3.871, 4 5.864 -> 5.612. On
+# permuted words (fewer instructions a trip, v20) the register loop wins at every batch: 20b 1 2.227 /
+# 2.223, 2 2.721 -> 2.765, 3 3.320 -> 3.376, 4 3.814 -> 3.829; 120b 2 3.965 -> 4.059, 4 5.836 -> 5.911.
+# So never by default (the bench and the GPU test set it to compare the two loops).
+PAIR_STAGED_MIN_PAIRS = 1 << 30
 
 
 @gluon.jit
@@ -340,7 +344,8 @@ _TOK_TILES_OVERRIDE: tuple[tuple[int, int, int, bool], tuple[int, int, int, bool
 # The token-grouped kernels copy every trip's weight words into shared memory up front (_tok_rows_staged)
 # when that takes at most STAGED_MAX_BYTES a program; STAGED = False keeps the register loop (bench A/B).
 # Whole-model decode (bench/decode_ab.py staged, H100): 20b batch 32 7.159 -> 7.044 ms, 120b batch 64
-# 28.79 -> 28.40. The per-pair kernels take the same loop from PAIR_STAGED_MIN_PAIRS (above).
+# 28.79 -> 28.40; on permuted words (v20) 20b 32 7.032 -> 6.791, 120b 64 28.445 -> 27.215, batch 16
+# even. The per-pair kernels can take the same loop (PAIR_STAGED_MIN_PAIRS, above).
 STAGED = True
 STAGED_MAX_BYTES = 32 * 1024
 
