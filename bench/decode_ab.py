@@ -19,10 +19,13 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
   tokens64  the token-grouped kernels against the grouped kernel at 20b batch 64
   words   the experts' packed words in checkpoint order against the permuted order (mxfp4.WORD_BITS,
           the 9-instruction PTX dequant), converted in place between forms
+  groupedwarps  the grouped MoE kernels (20b batch 64, 256) at 8 warps a program, and gate_up at
+          half the rows: on permuted words a 4-warp program holds 154-167 registers, an 8-warp one 84-88
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import pathlib
@@ -49,6 +52,7 @@ _MMA_MAX_PAIRS = moe_mxfp4.GEMV_MMA_MAX_PAIRS
 _PAIR_STAGED_FROM = moe_gemv_mma.PAIR_STAGED_MIN_PAIRS
 _NEVER = 1 << 30
 _TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
+_GROUPED_TILES = moe_mxfp4._tiles
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -66,6 +70,15 @@ def _splits_scaled(factor: float) -> Callable[..., int]:
     return decode_splits
 
 
+def _grouped(gate_up: dict[str, int], down: dict[str, int]) -> Callable[..., moe_mxfp4.Tiles]:
+    """moe_mxfp4._tiles with fields of the gate_up and the down kernel's tiles replaced."""
+    def tiles(num_pairs: int, num_experts: int, sm90: bool) -> moe_mxfp4.Tiles:
+        t = _GROUPED_TILES(num_pairs, num_experts, sm90)
+        d = dataclasses.replace(t.down or t, **down)
+        return dataclasses.replace(t, down=d, **gate_up)
+    return tiles
+
+
 def _set(**switches: object) -> Callable[[], None]:
     """A form: module switches set by its call; `words` ("checkpoint" or, by default, the layout
     finalize_model gives) is applied to the model by run()."""
@@ -80,6 +93,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_gemv_mma.PAIR_STAGED_MIN_PAIRS = ints.get("pair_staged_from", _PAIR_STAGED_FROM)
         moe_mxfp4.GEMV_MMA_MAX_PAIRS = ints.get("mma_max_pairs", _MMA_MAX_PAIRS)
         moe_mxfp4.TOKENS_GEMV_MAX_ROWS = ints.get("tokens_max_rows", _TOKENS_MAX_ROWS)
+        moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -127,6 +141,11 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                  {"grouped": _set(), "token-grouped": _set(tokens_max_rows=8)}),
     "words": ([("20b", (1, 2, 4, 8, 64)), ("120b", (1,))],
               {"checkpoint words": _set(words="checkpoint"), "permuted words": _set()}),
+    "groupedwarps": ([("20b", (64, 256))],
+                     {"default": _set(), "gate_up 8 warps": _set(grouped_tiles=_grouped(dict(warps=8), {})),
+                      "down 8 warps": _set(grouped_tiles=_grouped({}, dict(warps=8))),
+                      "both 8 warps": _set(grouped_tiles=_grouped(dict(warps=8), dict(warps=8))),
+                      "gate_up bn 32": _set(grouped_tiles=_grouped(dict(bn=32), {}))}),
 }
 
 

@@ -57,6 +57,10 @@ def _variants(interpreted: bool, tokens: int, permuted: bool = False) -> list[tu
             out.append((f"mode{mode} swap{swap} split", dict(tiles=split)))
             if tokens > 64:
                 out.append((f"mode{mode} swap{swap} big", dict(tiles=Tiles(64, 128, 64, 4, 3, mode, swap))))
+            if mode == 3:
+                # 8 warps a program, both kernels (decode_ab groupedwarps).
+                eight = Tiles(16, 64, 128, 8, 3, mode, swap, down=Tiles(0, 128, 128, 8, 3, mode, swap))
+                out.append((f"mode{mode} swap{swap} 8 warps", dict(tiles=eight)))
     return out
 
 
