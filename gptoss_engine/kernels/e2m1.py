@@ -63,12 +63,18 @@ and.b32 h, y, 0xF000F000; shr.b32 a, h, 6; lop3.b32 a, a, h, m, 0xA8;
 SCALE $3, a, $6;
 }
 """
-E2M1_ASM: tl.constexpr = tl.constexpr(
-    "".join(line.replace("SCALE $", "mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $") + "\n"
-            for line in _E2M1_PTX.strip("\n").splitlines()))
-E2M1_ASM_1MUL: tl.constexpr = tl.constexpr(
-    "".join(line.replace("SCALE $", "mul.rn.bf16x2 $") + "\n"
-            for line in _E2M1_PTX.strip("\n").splitlines() if "mov.b32 c," not in line))
+
+
+def _scaled(ptx: str, one_mul: bool) -> str:
+    """A dequant template with its SCALE statements as two bf16x2 multiplies (by 2^63, then by the
+    scale operand) or one (and no 2^63 constant)."""
+    mul = "mul.rn.bf16x2 $" if one_mul else "mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $"
+    return "".join(line.replace("SCALE $", mul) + "\n" for line in ptx.strip("\n").splitlines()
+                   if not (one_mul and "mov.b32 c," in line))
+
+
+E2M1_ASM: tl.constexpr = tl.constexpr(_scaled(_E2M1_PTX, False))
+E2M1_ASM_1MUL: tl.constexpr = tl.constexpr(_scaled(_E2M1_PTX, True))
 
 
 # The same on one int32 word (4 bytes) with one scale for all 8 codes (a word never straddles a
@@ -76,7 +82,6 @@ E2M1_ASM_1MUL: tl.constexpr = tl.constexpr(
 # $0 = (k0, k2), $1 = (k4, k6), $2 = (k1, k3), $3 = (k5, k7) (low half first; k = code index in the word).
 E2M1_WORD_ASM: tl.constexpr = tl.constexpr(E2M1_ASM.value.replace("$6", "$5"))
 E2M1_WORD_ASM_1MUL: tl.constexpr = tl.constexpr(E2M1_ASM_1MUL.value.replace("$6", "$5"))
-
 
 
 # The same outputs from a word in mxfp4.WORD_BITS order (the permuted layout the GPU keeps on sm_90):
@@ -100,12 +105,8 @@ shf.l.wrap.b32 a, $4, $4, 6; shf.l.wrap.b32 b, $4, $4, 14; and.b32 b, b, 0x01000
 SCALE $3, a, $5;
 }
 """
-E2M1_PERM_ASM: tl.constexpr = tl.constexpr(
-    "".join(line.replace("SCALE $", "mul.rn.bf16x2 a, a, c; mul.rn.bf16x2 $") + "\n"
-            for line in _E2M1_PERM_PTX.strip("\n").splitlines()))
-E2M1_PERM_ASM_1MUL: tl.constexpr = tl.constexpr(
-    "".join(line.replace("SCALE $", "mul.rn.bf16x2 $") + "\n"
-            for line in _E2M1_PERM_PTX.strip("\n").splitlines() if "mov.b32 c," not in line))
+E2M1_PERM_ASM: tl.constexpr = tl.constexpr(_scaled(_E2M1_PERM_PTX, False))
+E2M1_PERM_ASM_1MUL: tl.constexpr = tl.constexpr(_scaled(_E2M1_PERM_PTX, True))
 
 
 def word_asm(permuted: bool, one_mul: bool) -> str:
