@@ -104,6 +104,30 @@ def test_expert_kernel_layout_pads_scales_and_records_the_largest() -> None:
     assert k.gate_up_blocks is w.gate_up_blocks
 
 
+def test_permuted_words_hold_the_same_codes() -> None:
+    """kernel_layout(permute=True) (what sm_90 gets): every code bit moves where mxfp4.WORD_BITS says,
+    the words read back through unpermute_words, and the reference path dequantizes the same experts."""
+    from gptoss_engine.moe import ExpertWeights
+    for k, bits in enumerate(mxfp4.WORD_BITS):
+        for j, dst in zip((3, 2, 1, 0), bits):       # sign, e1, e0, m of code k
+            word = torch.tensor([1 << (4 * k + j)], dtype=torch.int64).to(torch.int32)
+            blocks = torch.zeros(1, 16, dtype=torch.uint8)
+            blocks.view(torch.int32)[0, 0] = word
+            moved = int(mxfp4.permute_words(blocks).view(torch.int32)[0, 0]) & 0xFFFFFFFF
+            assert moved == 1 << dst, (k, j)
+    gu_b, gu_s = mxfp4.quantize(torch.randn(3, 8, 64))
+    d_b, d_s = mxfp4.quantize(torch.randn(3, 64, 32))
+    w = ExpertWeights(torch.zeros(3, 8), torch.zeros(3, 64), gate_up_blocks=gu_b, gate_up_scales=gu_s,
+                      down_blocks=d_b, down_scales=d_s)
+    k = w.kernel_layout(permute=True)
+    assert k.permuted and not w.permuted and not torch.equal(k.gate_up_blocks, gu_b)
+    assert torch.equal(mxfp4.unpermute_words(k.gate_up_blocks), gu_b)
+    assert torch.equal(mxfp4.dequantize(k.down_blocks, k.down_scales, permuted=True), mxfp4.dequantize(d_b, d_s))
+    for e in range(3):
+        assert all(torch.equal(a, b) for a, b in zip(k.expert(e, torch.float32), w.expert(e, torch.float32)))
+    assert k.kernel_layout().gate_up_blocks is k.gate_up_blocks      # permuted once
+
+
 def test_mxfp4_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="divisible by 32"):
         mxfp4.quantize(torch.zeros(2, 33))
