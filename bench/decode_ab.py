@@ -21,6 +21,8 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           the 9-instruction PTX dequant), converted in place between forms
   groupedwarps  the grouped MoE kernels (20b batch 64, 256) at 8 warps a program, and gate_up at
           half the rows: on permuted words a 4-warp program holds 154-167 registers, an 8-warp one 84-88
+  wordpairs  the grouped kernels' weights left in the dequant's register pairs, the activations
+          permuted to match (moe_mxfp4.WORD_PAIRS), against the re-pairing into k order: 20b batch 64, 256
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ _PAIR_STAGED_FROM = moe_gemv_mma.PAIR_STAGED_MIN_PAIRS
 _NEVER = 1 << 30
 _TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
 _GROUPED_TILES = moe_mxfp4._tiles
+_WORD_PAIRS = moe_mxfp4.WORD_PAIRS
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -94,6 +97,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.GEMV_MMA_MAX_PAIRS = ints.get("mma_max_pairs", _MMA_MAX_PAIRS)
         moe_mxfp4.TOKENS_GEMV_MAX_ROWS = ints.get("tokens_max_rows", _TOKENS_MAX_ROWS)
         moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
+        moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -148,6 +152,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                       "down 8 warps": _set(grouped_tiles=_grouped({}, dict(warps=8))),
                       "both 8 warps": _set(grouped_tiles=_grouped(dict(warps=8), dict(warps=8))),
                       "gate_up bn 32": _set(grouped_tiles=_grouped(dict(bn=32), {}))}),
+    "wordpairs": ([("20b", (64, 256))],
+                  {"k-order pairs": _set(word_pairs=False), "dequant's pairs": _set(word_pairs=True)}),
 }
 
 

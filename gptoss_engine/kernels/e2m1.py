@@ -150,7 +150,7 @@ def dequant_words_asm(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.co
 
 
 @triton.jit
-def _bf16_halves(pair):
+def bf16_halves(pair):
     """int32 holding a bf16 pair -> (low, high) bf16: register halves, no instruction once compiled."""
     return tl.inline_asm_elementwise("mov.b32 {$0, $1}, $2;", "=h,=h,r", [pair], dtype=(tl.bfloat16, tl.bfloat16),
                                      is_pure=True, pack=1)
@@ -163,10 +163,10 @@ def dequant_words_bf16(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.c
     order (dequant_words_asm's pairs split and interleaved back). For blocks in mxfp4.WORD_BITS order,
     whose codes need whole words: dequant_asm packs whichever 4 bytes a thread's registers hold next."""
     p02, p46, p13, p57 = dequant_words_asm(words, s, R, W, ONE_MUL, PERMUTED)
-    k0, k2 = _bf16_halves(p02)
-    k4, k6 = _bf16_halves(p46)
-    k1, k3 = _bf16_halves(p13)
-    k5, k7 = _bf16_halves(p57)
+    k0, k2 = bf16_halves(p02)
+    k4, k6 = bf16_halves(p46)
+    k1, k3 = bf16_halves(p13)
+    k5, k7 = bf16_halves(p57)
     # join stacks on a new last axis, so the most significant bit of k within the word goes first.
     a = tl.join(tl.join(tl.join(k0, k4), tl.join(k2, k6)), tl.join(tl.join(k1, k5), tl.join(k3, k7)))
     return tl.reshape(a, (R, 8 * W))

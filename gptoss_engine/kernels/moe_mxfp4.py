@@ -31,7 +31,8 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import dequant_asm, dequant_words_bf16, e2m1_x2e14, load_scales, scale_x2e14
+from gptoss_engine.kernels.e2m1 import (bf16_halves, dequant_asm, dequant_words_asm, dequant_words_bf16, e2m1_x2e14,
+                                         load_scales, scale_x2e14)
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe_experts_gemv_mma,
                                                  moe_experts_gemv_mma_tokens)
@@ -59,6 +60,10 @@ TOKENS_GEMV_MAX_ROWS = 4
 # expert copies kept (no dequant pass): below it the bf16 grouped GEMM lost to the packed kernels too
 # (1k tokens, 128 rows an expert: 47.2 against 33.4 ms a prefill, PERF_NOTES v9).
 GROUPED_MM_MIN_ROWS = 256
+# The grouped kernels' weights-left (SWAP) product on permuted words without re-pairing the dequant's
+# bf16 pairs into k order (_word_pair_tiles: the activations take the permutation). Off until it has
+# run on a GPU (written in a session with no device time left; PERF_NOTES v20, Next).
+WORD_PAIRS = False
 
 
 @dataclass(frozen=True)
@@ -116,9 +121,33 @@ def _dequant_half(nib, sc, R: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _word_pair_tiles(words, s, at, N: tl.constexpr, BK: tl.constexpr, BM: tl.constexpr, ONE_MUL: tl.constexpr):
+    """One trip's weights [N, BK] and activations [BK, BM] in one k order for the SWAP product, from
+    permuted words [N, BK/8]. Read the stored words of a row as (t, i): word t BK/32 + i, i < BK/32.
+    The word dequant gives bf16 pairs (k0,k2), (k4,k6), (k1,k3), (k5,k7); the MMA's register operand
+    gives quad lane t the k pairs t and t + 4 of every 16-k block. So pair q = 2 j0 + j2 of word
+    (t, i) is made the pair (slot j2, lane t) of block 2 i + j0: column c = 32 i + 16 j0 + 8 j2 + 2 t
+    + h holds the word's code 4 j2 + 2 h + j0, and lane t's registers are its own words' pairs as the
+    dequant left them (dequant_words_bf16 re-pairs them into k order: 4 PRMT a word, 15% of the
+    gate_up loop). The activations, a few rows, take the permutation instead (the product is the
+    same but for the order of the fp32 sums)."""
+    p02, p46, p13, p57 = dequant_words_asm(words, s, N, BK // 8, ONE_MUL, True)
+    k0, k2 = bf16_halves(p02)
+    k4, k6 = bf16_halves(p46)
+    k1, k3 = bf16_halves(p13)
+    k5, k7 = bf16_halves(p57)
+    # [N, words, j0, j2, h]: join stacks on a new last axis, so j0 is joined first.
+    c = tl.join(tl.join(tl.join(k0, k1), tl.join(k4, k5)), tl.join(tl.join(k2, k3), tl.join(k6, k7)))
+    w = tl.reshape(tl.permute(tl.reshape(c, (N, 4, BK // 32, 2, 2, 2)), (0, 2, 3, 4, 1, 5)), (N, BK))
+    # k = 8 (t BK/32 + i) + 4 j2 + 2 h + j0, laid out as (i, j0, j2, t, h).
+    at = tl.reshape(tl.permute(tl.reshape(at, (4, BK // 32, 2, 2, 2, BM)), (1, 4, 2, 0, 3, 5)), (BK, BM))
+    return w, at
+
+
+@triton.jit
 def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
                  BM: tl.constexpr, N: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
-                 PAD_S: tl.constexpr, PERM: tl.constexpr):
+                 PAD_S: tl.constexpr, PERM: tl.constexpr, PAIRS: tl.constexpr):
     """[BM, N] fp32 = a [BM, K] @ one expert's packed MXFP4 weight columns `cols` (K-loop shared by
     the gate_up and down kernels). a_rows: [BM, 1] row pointers; wb/ws: the expert's blocks/scales.
 
@@ -130,6 +159,8 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
     PERM: the blocks' words are in mxfp4.WORD_BITS order, which only the PTX modes read (the
     dispatcher checks); they are loaded as int32 words, since the byte form's asm packs whichever
     4 bytes a thread's registers hold next, not one word's (the layout puts rows r and r + 8 there).
+    PAIRS (with SWAP and PERM): the weights stay in the dequant's register pairs and the activations
+    take the k order that makes them the MMA's operand as they are (_word_pair_tiles).
 
     Every load of the loop must be one Triton can turn into an asynchronous copy (>= 4 aligned
     contiguous bytes), or each trip waits a full memory latency for it: PAD_S (scale rows padded to
@@ -170,7 +201,10 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
                 kw = k0 // 8 + tl.arange(0, BK // 8)
                 words = tl.load(wb.to(tl.pointer_type(tl.int32)) + cols[:, None].to(tl.int64) * (s_bn // 4)
                                 + kw[None, :], mask=col_ok[:, None] & (kw[None, :] < K // 8), other=0)
-                w = dequant_words_bf16(words, s, N, BK // 8, MODE == MODE_ASM1, True)
+                if SWAP and PAIRS:
+                    w, at = _word_pair_tiles(words, s, at, N, BK, BM, MODE == MODE_ASM1)
+                else:
+                    w = dequant_words_bf16(words, s, N, BK // 8, MODE == MODE_ASM1, True)
             else:
                 b = tl.load(wb + cols[:, None].to(tl.int64) * s_bn + kb[None, :],
                             mask=col_ok[:, None] & (kb[None, :] < K // 2), other=0)
@@ -181,7 +215,9 @@ def _expert_tile(a_rows, row_ok, wb, ws, cols, col_ok, s_bn, s_sn, K,
                     w_lo = _dequant_half(b & 0xF, sc, N, BK)
                     w_hi = _dequant_half(b >> 4, sc, N, BK)
                 w = tl.reshape(tl.join(w_lo, w_hi), (N, BK))
-            if SWAP:
+            if SWAP and PERM and PAIRS:
+                acc = tl.dot(w, at.to(w.dtype), acc)        # both already in _word_pair_tiles' k order
+            elif SWAP:
                 # Permute k the same way in both operands (the product is unchanged): the MMA's
                 # register operand gives quad lane t the byte pairs t, t+4 of every 16-k block, so
                 # in stored order each thread's bytes lay 4 apart and were loaded one by one.
@@ -205,7 +241,8 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
                     num_pairs, H, I, limit, alpha,
                     s_xt, s_be, s_bn, s_se, s_sn, s_bias_e, s_it,
                     TOPK: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                    MODE: tl.constexpr, SWAP: tl.constexpr, PAD_S: tl.constexpr, PERM: tl.constexpr):
+                    MODE: tl.constexpr, SWAP: tl.constexpr, PAD_S: tl.constexpr, PERM: tl.constexpr,
+                    PAIRS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -220,7 +257,8 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     col_ok = cols < 2 * I
     acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S, PERM)
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S, PERM,
+                       PAIRS)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -236,7 +274,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
                  num_pairs, H, I,
                  s_it, s_be, s_bn, s_se, s_sn, s_bias_e, s_ot,
                  BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, MODE: tl.constexpr, SWAP: tl.constexpr,
-                 PAD_S: tl.constexpr, PERM: tl.constexpr):
+                 PAD_S: tl.constexpr, PERM: tl.constexpr, PAIRS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(block_expert_ptr + pid_m)
@@ -249,7 +287,7 @@ def _down_kernel(inter_ptr, blk_ptr, scl_ptr, bias_ptr, weight_ptr, out_ptr, sor
     col_ok = cols < H
     acc = _expert_tile(inter_ptr + rows[:, None].to(tl.int64) * s_it, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP, PAD_S, PERM)
+                       cols, col_ok, s_bn, s_sn, I, BM, BN, BK, MODE, SWAP, PAD_S, PERM, PAIRS)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     wt = tl.load(weight_ptr + pair, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * wt[:, None]
@@ -400,7 +438,8 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         num_pairs, H, I, float(swiglu_limit), float(alpha),
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0),
-        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, PERM=w.permuted, num_warps=warps,
+        TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, PERM=w.permuted, PAIRS=WORD_PAIRS,
+        num_warps=warps,
         num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
@@ -410,6 +449,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         num_pairs, H, I,
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
-        BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, PERM=w.permuted, num_warps=td.warps,
+        BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, PERM=w.permuted, PAIRS=WORD_PAIRS,
+        num_warps=td.warps,
         num_stages=td.stages)
     return PairOutputs(pair_out, k, x.dtype)

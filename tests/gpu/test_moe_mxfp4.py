@@ -193,6 +193,34 @@ def test_bf16_expert_copies(device: str, interpreted: bool) -> None:
     assert ((out.float() - ref).norm() / ref.norm()).item() < 2e-2
 
 
+def test_word_pairs_tiles_match(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """moe_mxfp4.WORD_PAIRS: the grouped kernels' weights in the dequant's own register pairs and the
+    activations permuted to match. The same products summed in another k order: within rounding of
+    the k-order form and of the fp32 reference, at every tile the dispatcher uses on sm_90 (16-, 32-
+    and 64-row blocks, the down kernel on its own tiles) and a hidden size that ends inside a trip."""
+    if interpreted:
+        pytest.skip("inline PTX: GPU only")
+    from gptoss_engine.kernels import moe_mxfp4
+    from gptoss_engine.kernels.moe_mxfp4 import Tiles, moe_experts
+    down = Tiles(0, 128, 128, 4, 3, 3, True)
+    for hidden, tokens in ((160, 24), (2880, 40), (2880, 300)):
+        gen = torch.Generator().manual_seed(43 + tokens)
+        w = random_packed_experts(8, hidden, 96, device, gen).kernel_layout(permute=True)
+        x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
+        ids = torch.randint(0, 8, (tokens, 4), generator=gen).to(device)
+        wts = torch.rand(tokens, 4, generator=gen).to(device)
+        ref = fp32_reference(x, ids, wts, w, 7.0)
+        for bm in (16, 32, 64):
+            tiles = Tiles(bm, 64, 128, 4, 3, 3, True, down=down)
+            monkeypatch.setattr(moe_mxfp4, "WORD_PAIRS", False)
+            k_order = moe_experts(x, ids, wts, w, 7.0, tiles=tiles).float()
+            monkeypatch.setattr(moe_mxfp4, "WORD_PAIRS", True)
+            pairs = moe_experts(x, ids, wts, w, 7.0, tiles=tiles).float()
+            case = (hidden, tokens, bm)
+            assert ((pairs - ref).norm() / ref.norm()).item() < 2e-2, case
+            assert ((pairs - k_order).norm() / k_order.norm()).item() < 5e-3, case
+
+
 @pytest.mark.parametrize("tokens", [1, 3])
 def test_gemv_prefetch_changes_no_bits(device: str, interpreted: bool, tokens: int,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
