@@ -140,33 +140,28 @@ _PERMUTE, _UNPERMUTE = _rotation_masks(False), _rotation_masks(True)
 _WORDS_A_CHUNK = 1 << 24       # int64 temporaries of 128 MiB at most
 
 
-def _rotate_words(src: torch.Tensor, out: torch.Tensor, table: tuple[tuple[int, int], ...]) -> None:
-    """out[i] = OR over (r, mask) of rotl(src[i] & mask, r), over int32 words, a chunk at a time."""
-    flat_src, flat_out = src.reshape(-1), out.reshape(-1)
-    for start in range(0, flat_src.numel(), _WORDS_A_CHUNK):
-        w = flat_src[start:start + _WORDS_A_CHUNK].to(torch.int64) & 0xFFFFFFFF
+def _rotated(blocks: torch.Tensor, table: tuple[tuple[int, int], ...]) -> torch.Tensor:
+    """A new contiguous blocks tensor whose int32 words are OR over (r, mask) of rotl(word & mask, r),
+    computed a chunk of words at a time (int64, so the shifts need no sign handling)."""
+    if blocks.dtype != torch.uint8 or blocks.shape[-1] != GROUP // 2:
+        raise ValueError(f"MXFP4 blocks must be uint8 [.., {GROUP // 2}], got {blocks.dtype} {tuple(blocks.shape)}")
+    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
+    src, dst = blocks.contiguous().view(torch.int32).reshape(-1), out.view(torch.int32).reshape(-1)
+    for start in range(0, src.numel(), _WORDS_A_CHUNK):
+        w = src[start:start + _WORDS_A_CHUNK].to(torch.int64) & 0xFFFFFFFF
         acc = torch.zeros_like(w)
         for r, mask in table:
             v = w & mask
             acc |= ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF if r else v
-        flat_out[start:start + _WORDS_A_CHUNK] = (acc - ((acc >> 31) << 32)).to(torch.int32)
-
-
-def _words(blocks: torch.Tensor) -> torch.Tensor:
-    if blocks.dtype != torch.uint8 or blocks.shape[-1] != GROUP // 2:
-        raise ValueError(f"MXFP4 blocks must be uint8 [.., {GROUP // 2}], got {blocks.dtype} {tuple(blocks.shape)}")
-    return blocks.contiguous().view(torch.int32)
+        dst[start:start + _WORDS_A_CHUNK] = (acc - ((acc >> 31) << 32)).to(torch.int32)
+    return out
 
 
 def permute_words(blocks: torch.Tensor) -> torch.Tensor:
     """Checkpoint blocks [.., 16] u8 -> a new tensor of the same shape, each word in WORD_BITS order."""
-    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
-    _rotate_words(_words(blocks), out.view(torch.int32), _PERMUTE)
-    return out
+    return _rotated(blocks, _PERMUTE)
 
 
 def unpermute_words(blocks: torch.Tensor) -> torch.Tensor:
     """permute_words' inverse: blocks in WORD_BITS order -> a new tensor in checkpoint order."""
-    out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
-    _rotate_words(_words(blocks), out.view(torch.int32), _UNPERMUTE)
-    return out
+    return _rotated(blocks, _UNPERMUTE)

@@ -140,11 +140,8 @@ def dequant_words_asm(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.co
         sb = (s.to(tl.int32) + 63) << 7                                    # 2^(s-64)
     sb = sb | (sb << 16)
     sb = tl.reshape(tl.broadcast_to(sb[:, :, None], (R, W // 4, 4)), (R, W))
-    if PERMUTED:
-        return tl.inline_asm_elementwise(E2M1_PERM_ASM_1MUL if ONE_MUL else E2M1_PERM_ASM, "=r,=r,=r,=r,r,r",
-                                         [words, sb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
-                                         is_pure=True, pack=1)
-    return tl.inline_asm_elementwise(E2M1_WORD_ASM_1MUL if ONE_MUL else E2M1_WORD_ASM, "=r,=r,=r,=r,r,r",
+    return tl.inline_asm_elementwise((E2M1_PERM_ASM_1MUL if ONE_MUL else E2M1_PERM_ASM) if PERMUTED
+                                     else (E2M1_WORD_ASM_1MUL if ONE_MUL else E2M1_WORD_ASM), "=r,=r,=r,=r,r,r",
                                      [words, sb], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
                                      is_pure=True, pack=1)
 
@@ -157,16 +154,24 @@ def bf16_halves(pair):
 
 
 @triton.jit
-def dequant_words_bf16(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False,
-                       PERMUTED: tl.constexpr = False):
-    """words [R, W] int32 (8 codes each) and scales s [R, W//4] u8 -> the weights [R, 8 W] bf16 in k
-    order (dequant_words_asm's pairs split and interleaved back). For blocks in mxfp4.WORD_BITS order,
-    whose codes need whole words: dequant_asm packs whichever 4 bytes a thread's registers hold next."""
+def dequant_words_codes(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False,
+                        PERMUTED: tl.constexpr = False):
+    """dequant_words_asm's pairs as the eight scaled codes k0..k7 of each word, [R, W] bf16 each."""
     p02, p46, p13, p57 = dequant_words_asm(words, s, R, W, ONE_MUL, PERMUTED)
     k0, k2 = bf16_halves(p02)
     k4, k6 = bf16_halves(p46)
     k1, k3 = bf16_halves(p13)
     k5, k7 = bf16_halves(p57)
+    return k0, k1, k2, k3, k4, k5, k6, k7
+
+
+@triton.jit
+def dequant_words_bf16(words, s, R: tl.constexpr, W: tl.constexpr, ONE_MUL: tl.constexpr = False,
+                       PERMUTED: tl.constexpr = False):
+    """words [R, W] int32 (8 codes each) and scales s [R, W//4] u8 -> the weights [R, 8 W] bf16 in k
+    order (dequant_words_asm's pairs split and interleaved back). For blocks in mxfp4.WORD_BITS order,
+    whose codes need whole words: dequant_asm packs whichever 4 bytes a thread's registers hold next."""
+    k0, k1, k2, k3, k4, k5, k6, k7 = dequant_words_codes(words, s, R, W, ONE_MUL, PERMUTED)
     # join stacks on a new last axis, so the most significant bit of k within the word goes first.
     a = tl.join(tl.join(tl.join(k0, k4), tl.join(k2, k6)), tl.join(tl.join(k1, k5), tl.join(k3, k7)))
     return tl.reshape(a, (R, 8 * W))

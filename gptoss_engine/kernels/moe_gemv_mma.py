@@ -5,8 +5,8 @@ The FMA GEMV (moe_gemv) spends ~6 instructions a weight: the dequant (~2.3), tak
 fp32, an FMA, splitting x. Here a warp's weights are the A operand of `mma.sync.m16n8k16` as they
 come out of the dequant, with no shared memory and no layout conversion: 229 SASS instructions a
 loop trip of 64 weights a thread (3.6 a weight; the dequant is 2.25 of it), 189 on the permuted words
-the GPU keeps on sm_90 (mxfp4.WORD_BITS: 9 integer instructions a word's dequant instead of 14). That needs each thread
-to hold exactly the A-fragment registers, so the kernels are written in Gluon (explicit layouts)
+the GPU keeps on sm_90 (mxfp4.WORD_BITS: a word's dequant in 9 integer instructions instead of 14).
+That needs each thread to hold exactly the A-fragment registers, so the kernels are written in Gluon (explicit layouts)
 and the mma is inline PTX on what each thread holds. Measured (PERF_NOTES v12): 1 token 35-37 us a
 layer against the FMA GEMV's 39-40, 4 tokens ~100 against 117, 8 tokens 183-185 against the
 grouped kernel's 171-190 (even): well short of the instruction ratio, so at batch 1 the GEMV is no longer bound by
@@ -16,8 +16,8 @@ The fragment trick. A thread (g, t) (lane 4g + t) of an m16n8k16 mma supplies A[
 A[g+8][2t, 2t+1], A[g][2t+8, 2t+9], A[g+8][2t+8, 2t+9] and B[2t, 2t+1][g], B[2t+8, 2t+9][g]. The
 mma's 16 k's may be any 16 of the row's k's as long as B's rows are the same ones. A thread loads
 int32 words (8 codes, one scale: a word never straddles a 32-code group) of two rows, "row a" for
-A[g] and "row b" for A[g+8]; the word dequant (e2m1.word_asm, either layout) gives pairs (k0,k2), (k4,k6),
-(k1,k3), (k5,k7) of the word. One word of each row feeds two mmas:
+A[g] and "row b" for A[g+8]; the word dequant (e2m1.word_asm, either layout) gives pairs (k0,k2),
+(k4,k6), (k1,k3), (k5,k7) of the word. One word of each row feeds two mmas:
     mma 1: A = (a.k0k2, b.k0k2, a.k1k3, b.k1k3), B = (x.k0k2, x.k1k3)
     mma 2: A = (a.k4k6, b.k4k6, a.k5k7, b.k5k7), B = (x.k4k6, x.k5k7)
 B's column g is token g's x; one pair is one token, so every column holds the same x and every
@@ -169,12 +169,9 @@ def _loads(x_ptr, w_ptr, s_ptr, rows_a, rows_b, ok_a, ok_b, kw0, KW, s_wn, s_sn,
 def _mma(acc, wa, wb, sa, sb, x_lo, x_hi, ONE_MUL: gl.constexpr, PERM: gl.constexpr):
     """One trip's two mmas a word into the accumulator quad. PERM: the words are in mxfp4.WORD_BITS
     order (the 9-instruction dequant)."""
-    if PERM:
-        return gl.inline_asm_elementwise(MMA_PERM_ASM_1MUL if ONE_MUL else MMA_PERM_ASM,
-                                         "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
-                                         [wa, wb, sa, sb, x_lo, x_hi, acc[0], acc[1], acc[2], acc[3]],
-                                         dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
-    return gl.inline_asm_elementwise(MMA_WORD_ASM_1MUL if ONE_MUL else MMA_WORD_ASM, "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
+    return gl.inline_asm_elementwise((MMA_PERM_ASM_1MUL if ONE_MUL else MMA_PERM_ASM) if PERM
+                                     else (MMA_WORD_ASM_1MUL if ONE_MUL else MMA_WORD_ASM),
+                                     "=f,=f,=f,=f,r,r,r,r,l,l,0,1,2,3",
                                      [wa, wb, sa, sb, x_lo, x_hi, acc[0], acc[1], acc[2], acc[3]],
                                      dtype=(gl.float32, gl.float32, gl.float32, gl.float32), is_pure=True, pack=1)
 

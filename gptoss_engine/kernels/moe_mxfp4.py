@@ -31,8 +31,8 @@ import triton
 import triton.language as tl
 
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels.e2m1 import (bf16_halves, dequant_asm, dequant_words_asm, dequant_words_bf16, e2m1_x2e14,
-                                         load_scales, scale_x2e14)
+from gptoss_engine.kernels.e2m1 import (dequant_asm, dequant_words_bf16, dequant_words_codes, e2m1_x2e14, load_scales,
+                                         scale_x2e14)
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe_experts_gemv_mma,
                                                  moe_experts_gemv_mma_tokens)
@@ -131,11 +131,7 @@ def _word_pair_tiles(words, s, at, N: tl.constexpr, BK: tl.constexpr, BM: tl.con
     dequant left them (dequant_words_bf16 re-pairs them into k order: 4 PRMT a word, 15% of the
     gate_up loop). The activations, a few rows, take the permutation instead (the product is the
     same but for the order of the fp32 sums)."""
-    p02, p46, p13, p57 = dequant_words_asm(words, s, N, BK // 8, ONE_MUL, True)
-    k0, k2 = bf16_halves(p02)
-    k4, k6 = bf16_halves(p46)
-    k1, k3 = bf16_halves(p13)
-    k5, k7 = bf16_halves(p57)
+    k0, k1, k2, k3, k4, k5, k6, k7 = dequant_words_codes(words, s, N, BK // 8, ONE_MUL, True)
     # [N, words, j0, j2, h]: join stacks on a new last axis, so j0 is joined first.
     c = tl.join(tl.join(tl.join(k0, k1), tl.join(k4, k5)), tl.join(tl.join(k2, k3), tl.join(k6, k7)))
     w = tl.reshape(tl.permute(tl.reshape(c, (N, 4, BK // 32, 2, 2, 2)), (0, 2, 3, 4, 1, 5)), (N, BK))
@@ -257,8 +253,7 @@ def _gate_up_kernel(x_ptr, blk_ptr, scl_ptr, bias_ptr, inter_ptr, sorted_pair_pt
     col_ok = cols < 2 * I
     acc = _expert_tile(x_ptr + token[:, None].to(tl.int64) * s_xt, row_ok,
                        blk_ptr + expert.to(tl.int64) * s_be, scl_ptr + expert.to(tl.int64) * s_se,
-                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S, PERM,
-                       PAIRS)
+                       cols, col_ok, s_bn, s_sn, H, BM, 2 * BN, BK, MODE, SWAP, PAD_S, PERM, PAIRS)
     acc += tl.load(bias_ptr + expert * s_bias_e + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
     gate, up = tl.split(tl.reshape(acc, (BM, BN, 2)))
     gate = tl.minimum(gate, limit)
@@ -439,8 +434,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         x.stride(0), gu_blk.stride(0), gu_blk.stride(1), gu_scl.stride(0), gu_scl.stride(1), gu_bias.stride(0),
         inter.stride(0),
         TOPK=k, BM=bm, BN=bn, BK=bk, MODE=t.mode, SWAP=t.swap, PAD_S=pad_gu, PERM=w.permuted, PAIRS=WORD_PAIRS,
-        num_warps=warps,
-        num_stages=stages)
+        num_warps=warps, num_stages=stages)
     pair_out = torch.empty((num_pairs, H), dtype=x.dtype, device=x.device)
     weights = topk_weights.reshape(-1).contiguous()
     grid = (cap // bm, triton.cdiv(H, td.bn))
@@ -450,6 +444,5 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         inter.stride(0), d_blk.stride(0), d_blk.stride(1), d_scl.stride(0), d_scl.stride(1), d_bias.stride(0),
         pair_out.stride(0),
         BM=bm, BN=td.bn, BK=td.bk, MODE=td.mode, SWAP=td.swap, PAD_S=pad_d, PERM=w.permuted, PAIRS=WORD_PAIRS,
-        num_warps=td.warps,
-        num_stages=td.stages)
+        num_warps=td.warps, num_stages=td.stages)
     return PairOutputs(pair_out, k, x.dtype)
