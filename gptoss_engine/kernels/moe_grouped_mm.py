@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gptoss_engine.kernels.e2m1 import dequant_words_asm, e2m1_x2e14, scale_x2e14
+from gptoss_engine.kernels.e2m1 import dequant_words_bf16, e2m1_x2e14, scale_x2e14
 from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights, PairOutputs
 
@@ -31,28 +31,20 @@ _GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile
 @triton.jit
 def _dequant_perm(blk_ptr, scl_ptr, out_ptr, rows, num_rows, K, s_b, s_s, s_o,
                   BK: tl.constexpr, ONE_MUL: tl.constexpr):
-    """_dequant_kernel's tile from blocks in mxfp4.WORD_BITS order (sm_90): the PTX word dequant's
-    pairs (k0,k2), (k4,k6), (k1,k3), (k5,k7), already scaled bf16, re-paired into (k0,k1) .. (k6,k7)
-    and stored as int32 runs."""
+    """_dequant_kernel's tile from blocks in mxfp4.WORD_BITS order (sm_90), read as int32 words and
+    dequantized by the PTX word dequant into k order (e2m1.dequant_words_bf16)."""
     ROWS: tl.constexpr = rows.shape[0]
     W: tl.constexpr = BK // 8
     kw = tl.program_id(1) * W + tl.arange(0, W)
-    ok = (rows[:, None] < num_rows) & (kw[None, :] < K // 8)
+    row_ok = rows[:, None] < num_rows
     r64 = rows[:, None].to(tl.int64)
-    words = tl.load(blk_ptr.to(tl.pointer_type(tl.int32)) + r64 * (s_b // 4) + kw[None, :], mask=ok, other=0)
+    words = tl.load(blk_ptr.to(tl.pointer_type(tl.int32)) + r64 * (s_b // 4) + kw[None, :],
+                    mask=row_ok & (kw[None, :] < K // 8), other=0)
     gw = tl.program_id(1) * (BK // 32) + tl.arange(0, BK // 32)
-    s = tl.load(scl_ptr + r64 * s_s + gw[None, :], mask=(rows[:, None] < num_rows) & (gw[None, :] < K // 32),
-                other=127)
-    p02, p46, p13, p57 = dequant_words_asm(words, s, ROWS, W, ONE_MUL, True)
-    q01 = (p02 & 0xFFFF) | (p13 << 16)
-    q23 = ((p02 >> 16) & 0xFFFF) | (p13 & -65536)
-    q45 = (p46 & 0xFFFF) | (p57 << 16)
-    q67 = ((p46 >> 16) & 0xFFFF) | (p57 & -65536)
-    # join stacks on a new last axis, so the most significant index goes first: [.., a, b] = q[2a + b].
-    q = tl.reshape(tl.join(tl.join(q01, q45), tl.join(q23, q67)), (ROWS, BK // 2))
-    c = tl.program_id(1) * (BK // 2) + tl.arange(0, BK // 2)
-    tl.store(out_ptr.to(tl.pointer_type(tl.int32)) + r64 * (s_o // 2) + c[None, :], q,
-             mask=(rows[:, None] < num_rows) & (c[None, :] < K // 2))
+    s = tl.load(scl_ptr + r64 * s_s + gw[None, :], mask=row_ok & (gw[None, :] < K // 32), other=127)
+    w = dequant_words_bf16(words, s, ROWS, W, ONE_MUL, True)
+    k = tl.program_id(1) * BK + tl.arange(0, BK)
+    tl.store(out_ptr + r64 * s_o + k[None, :], w, mask=row_ok & (k[None, :] < K))
 
 
 @triton.jit
