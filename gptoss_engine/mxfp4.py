@@ -136,32 +136,53 @@ def _rotation_masks(inverse: bool) -> tuple[tuple[int, int], ...]:
     return tuple(sorted(masks.items()))
 
 
-_PERMUTE, _UNPERMUTE = _rotation_masks(False), _rotation_masks(True)
-_WORDS_A_CHUNK = 1 << 24       # int64 temporaries of 128 MiB at most
+def _shift_terms(inverse: bool) -> tuple[tuple[int, int], ...]:
+    """The rotations as (shift, mask) terms, shift > 0 left and < 0 logical right, mask applied after
+    the shift: word -> OR of (word shifted) & mask. The same terms as constants in
+    kernels/e2m1.py's permute_words / unpermute_words (checked against these by tests/gpu)."""
+    terms: dict[int, int] = {}
+    for r, m in _rotation_masks(inverse):
+        for shift, bits in ((r, (m << r) & 0xFFFFFFFF), (r - 32, m >> (32 - r) if r else 0)):
+            if bits:
+                terms[shift] = terms.get(shift, 0) | bits
+    return tuple(sorted(terms.items()))
 
 
-def _rotated(blocks: torch.Tensor, table: tuple[tuple[int, int], ...]) -> torch.Tensor:
-    """A new contiguous blocks tensor whose int32 words are OR over (r, mask) of rotl(word & mask, r),
-    computed a chunk of words at a time (int64, so the shifts need no sign handling)."""
+_PERMUTE, _UNPERMUTE = _shift_terms(False), _shift_terms(True)
+_WORDS_A_CHUNK = 1 << 25       # int32 temporaries of 128 MiB at most
+
+
+def _signed(m: int) -> int:
+    return m - (1 << 32) if m >> 31 else m
+
+
+def _rotated(blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """A new contiguous blocks tensor whose int32 words are permuted (inverse: unpermuted). On CUDA one
+    Triton pass (kernels/word_permute.py; the torch form below is ~40 passes over the words and made
+    loading 120b 7 s slower); elsewhere torch on int32 a chunk at a time: a right shift's sign copies
+    fall outside its mask, so no int64 is needed."""
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != GROUP // 2:
         raise ValueError(f"MXFP4 blocks must be uint8 [.., {GROUP // 2}], got {blocks.dtype} {tuple(blocks.shape)}")
     out = torch.empty_like(blocks, memory_format=torch.contiguous_format)
     src, dst = blocks.contiguous().view(torch.int32).reshape(-1), out.view(torch.int32).reshape(-1)
+    if blocks.is_cuda:
+        from gptoss_engine.kernels.word_permute import permute_words_into
+        permute_words_into(src, dst, inverse)
+        return out
     for start in range(0, src.numel(), _WORDS_A_CHUNK):
-        w = src[start:start + _WORDS_A_CHUNK].to(torch.int64) & 0xFFFFFFFF
+        w = src[start:start + _WORDS_A_CHUNK]
         acc = torch.zeros_like(w)
-        for r, mask in table:
-            v = w & mask
-            acc |= ((v << r) | (v >> (32 - r))) & 0xFFFFFFFF if r else v
-        dst[start:start + _WORDS_A_CHUNK] = (acc - ((acc >> 31) << 32)).to(torch.int32)
+        for shift, mask in _UNPERMUTE if inverse else _PERMUTE:
+            acc |= (w << shift if shift >= 0 else w >> -shift) & _signed(mask)
+        dst[start:start + _WORDS_A_CHUNK] = acc
     return out
 
 
 def permute_words(blocks: torch.Tensor) -> torch.Tensor:
     """Checkpoint blocks [.., 16] u8 -> a new tensor of the same shape, each word in WORD_BITS order."""
-    return _rotated(blocks, _PERMUTE)
+    return _rotated(blocks, False)
 
 
 def unpermute_words(blocks: torch.Tensor) -> torch.Tensor:
     """permute_words' inverse: blocks in WORD_BITS order -> a new tensor in checkpoint order."""
-    return _rotated(blocks, _UNPERMUTE)
+    return _rotated(blocks, True)

@@ -117,10 +117,22 @@ def word_asm(permuted: bool, one_mul: bool) -> str:
 
 
 @triton.jit
+def permute_words(words):
+    """int32 words in checkpoint order -> the same words in mxfp4.WORD_BITS order: mxfp4._PERMUTE's
+    shift terms as constants (kernels/word_permute.py's load-time pass; checked by tests/gpu)."""
+    w = words.to(tl.uint32, bitcast=True)
+    out = (w & 0x08007000) | ((w << 4) & 0x04000000) | ((w << 6) & 0x002001C0) | ((w << 12) & 0x00008000)
+    out |= ((w << 14) & 0x01C00000) | ((w << 20) & 0x80000000) | ((w << 24) & 0x70000000)
+    out |= ((w >> 2) & 0x00000020) | ((w >> 6) & 0x021C0000) | ((w >> 8) & 0x00000800)
+    out |= ((w >> 12) & 0x00030000) | ((w >> 14) & 0x0000021C) | ((w >> 20) & 0x00000403)
+    return out.to(tl.int32, bitcast=True)
+
+
+@triton.jit
 def unpermute_words(words):
     """int32 words in mxfp4.WORD_BITS order -> the same words in checkpoint order (plain integer
-    Triton, so the paths without the PTX dequant read permuted blocks too): the inverse rotations of
-    mxfp4._UNPERMUTE, checked against it by tests/gpu/test_moe_mxfp4.py."""
+    Triton, so the paths without the PTX dequant read permuted blocks too): mxfp4._UNPERMUTE's shift
+    terms as constants, checked against it by tests/gpu/test_moe_mxfp4.py."""
     w = words.to(tl.uint32, bitcast=True)
     out = (w & 0x08007000) | ((w << 2) & 0x00000080) | ((w << 6) & 0x87000000) | ((w << 8) & 0x00080000)
     out |= ((w >> 24) & 0x00000070) | ((w << 12) & 0x30000000) | ((w >> 20) & 0x00000800)

@@ -112,6 +112,9 @@ def test_permuted_words_change_no_bits(device: str, interpreted: bool) -> None:
     plain, perm = raw.kernel_layout(permute=False), raw.kernel_layout(permute=True)
     assert perm.permuted and not plain.permuted and not torch.equal(perm.gate_up_blocks, plain.gate_up_blocks)
     assert torch.equal(mxfp4.unpermute_words(perm.down_blocks), raw.down_blocks)
+    # On CUDA both directions ran kernels/word_permute.py: the same words as the CPU's torch form.
+    assert torch.equal(perm.gate_up_blocks.cpu(), mxfp4.permute_words(raw.gate_up_blocks.cpu()))
+    assert torch.equal(mxfp4.unpermute_words(perm.down_blocks).cpu(), mxfp4.unpermute_words(perm.down_blocks.cpu()))
     x = torch.randn(20, 160, generator=gen).to(device, torch.bfloat16)
     ids = torch.randint(0, 8, (20, 2), generator=gen).to(device)
     wts = torch.rand(20, 2, generator=gen).to(device)
