@@ -26,7 +26,7 @@ import torch
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, kernel_timeline, time_ms, uniform_batch
 from gptoss_engine import model as model_module
-from gptoss_engine.kernels import moe_grouped_mm, paged_attention
+from gptoss_engine.kernels import moe_grouped_mm, moe_mxfp4, paged_attention
 from gptoss_engine.kernels.norm import add_rmsnorm
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
@@ -41,7 +41,7 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
     """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
     attached only for the "bf16 experts" variant."""
     pa, gm = paged_attention, moe_grouped_mm
-    saved = pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm
+    saved = pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS
     change = {key: value for part in name.split("+") for key, value in VARIANTS[part].items()}
     if change.get("split_loop") is False:
         pa.paged_attention = functools.partial(saved[0], split_loop=False)
@@ -51,21 +51,23 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
         gm._gather_rows = lambda x, idx: x.to(torch.bfloat16)[idx]
     if change.get("unfused_sum"):
         model_module._add_rmsnorm = lambda: unfused_add_rmsnorm
+    if change.get("k_order_pairs"):
+        moe_mxfp4.WORD_PAIRS = False
     layers = model.model.layers
     for layer, copy in zip(layers, bf16):
         layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
-        pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm = saved
+        pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS = saved
         for layer in layers:
             layer.mlp.experts.bf16_copy = None
 
 
 # name -> what differs from the default; a variant may join several with "+" ("bf16 experts+torch
-# gather"). All but "masked attention" compute the default's bits: the same sorted rows, the same
-# bf16 weights reaching the same GEMMs, the same sums. (A prefetch of
-# the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
+# gather"). All but INEXACT compute the default's bits: the same sorted rows, the same bf16 weights
+# reaching the same GEMMs, the same sums ("k-order pairs", the 1k grouped kernels before
+# moe_mxfp4.WORD_PAIRS, sums in another order). (A prefetch of the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
 # 2.7 ms of 140 at 8k, PERF_NOTES v9.)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
@@ -74,8 +76,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "bf16 experts": {"bf16": True},
     "torch gather": {"torch_gather": True},
     "unfused MoE sum": {"unfused_sum": True},
+    "k-order pairs": {"k_order_pairs": True},
 }
-INEXACT = {"masked attention"}
+INEXACT = {"masked attention", "k-order pairs"}
 
 
 def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:
