@@ -67,8 +67,8 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
 # name -> what differs from the default; a variant may join several with "+" ("bf16 experts+torch
 # gather"). All but INEXACT compute the default's bits: the same sorted rows, the same bf16 weights
 # reaching the same GEMMs, the same sums ("k-order pairs", the 1k grouped kernels before
-# moe_mxfp4.WORD_PAIRS, sums in another order). (A prefetch of the dequant on a side stream, beside the attention, was here at bf97451..b28ce7b and removed: 0.1 to
-# 2.7 ms of 140 at 8k, PERF_NOTES v9.)
+# moe_mxfp4.WORD_PAIRS, sums in another order). (A prefetch of the dequant on a side stream, beside
+# the attention, was here at bf97451..b28ce7b and removed: 0.1 to 2.7 ms of 140 at 8k, PERF_NOTES v9.)
 VARIANTS: dict[str, dict[str, object]] = {
     "default": {},
     "masked attention": {"split_loop": False},
