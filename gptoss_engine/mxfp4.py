@@ -158,9 +158,9 @@ def _signed(m: int) -> int:
 
 def _rotated(blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
     """A new contiguous blocks tensor whose int32 words are permuted (inverse: unpermuted). On CUDA one
-    Triton pass (kernels/word_permute.py; the torch form below is ~40 passes over the words and made
-    loading 120b 7 s slower); elsewhere torch on int32 a chunk at a time: a right shift's sign copies
-    fall outside its mask, so no int64 is needed."""
+    Triton pass (kernels/word_permute.py: torch's elementwise form is ~40 passes over the words, and an
+    int64 form of it made building 120b 7 s slower, PERF_NOTES v20); elsewhere torch on int32 a chunk
+    at a time: a right shift's sign copies fall outside its mask, so no int64 is needed."""
     if blocks.dtype != torch.uint8 or blocks.shape[-1] != GROUP // 2:
         raise ValueError(f"MXFP4 blocks must be uint8 [.., {GROUP // 2}], got {blocks.dtype} {tuple(blocks.shape)}")
     out = torch.empty_like(blocks, memory_format=torch.contiguous_format)

@@ -1,7 +1,8 @@
 """The load-time pass that lays MXFP4 blocks out in mxfp4.WORD_BITS order on the GPU (or back).
 
 One read and one write of every word: mxfp4.permute_words / unpermute_words call it for CUDA
-tensors, where torch's elementwise form took ~40 passes (120b's 57 GB of blocks: +7 s a load).
+tensors, where torch's elementwise forms take tens of passes (the int64 one added 7 s to building
+120b, 57 GB of blocks; PERF_NOTES v20/v21).
 """
 import torch
 import triton
