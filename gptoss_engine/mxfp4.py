@@ -123,28 +123,18 @@ WORD_BITS = ((15, 8, 7, 6), (5, 30, 29, 28), (31, 24, 23, 22), (21, 14, 13, 12),
              (11, 4, 3, 2), (9, 26, 1, 0), (27, 20, 19, 18), (25, 10, 17, 16))
 
 
-def _rotation_masks(inverse: bool) -> tuple[tuple[int, int], ...]:
-    """The permutation as (left rotation r, mask of the bits it moves), one entry a distinct r."""
-    masks: dict[int, int] = {}
+def _shift_terms(inverse: bool) -> tuple[tuple[int, int], ...]:
+    """The permutation as (shift, mask) terms, one a distinct distance a bit moves: word -> OR of
+    (word shifted left by `shift`, right where negative) & mask, the mask holding the bits' new
+    places. The same terms as constants in kernels/e2m1.py's permute_words / unpermute_words
+    (checked against these by tests/gpu)."""
+    terms: dict[int, int] = {}
     for k, bits in enumerate(WORD_BITS):
         for j, dst in zip((3, 2, 1, 0), bits):
             src = 4 * k + j
             if inverse:
                 src, dst = dst, src
-            r = (dst - src) % 32
-            masks[r] = masks.get(r, 0) | 1 << src
-    return tuple(sorted(masks.items()))
-
-
-def _shift_terms(inverse: bool) -> tuple[tuple[int, int], ...]:
-    """The rotations as (shift, mask) terms, shift > 0 left and < 0 logical right, mask applied after
-    the shift: word -> OR of (word shifted) & mask. The same terms as constants in
-    kernels/e2m1.py's permute_words / unpermute_words (checked against these by tests/gpu)."""
-    terms: dict[int, int] = {}
-    for r, m in _rotation_masks(inverse):
-        for shift, bits in ((r, (m << r) & 0xFFFFFFFF), (r - 32, m >> (32 - r) if r else 0)):
-            if bits:
-                terms[shift] = terms.get(shift, 0) | bits
+            terms[dst - src] = terms.get(dst - src, 0) | 1 << dst
     return tuple(sorted(terms.items()))
 
 
@@ -156,7 +146,7 @@ def _signed(m: int) -> int:
     return m - (1 << 32) if m >> 31 else m
 
 
-def _rotated(blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
+def _moved_bits(blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
     """A new contiguous blocks tensor whose int32 words are permuted (inverse: unpermuted). On CUDA one
     Triton pass (kernels/word_permute.py: torch's elementwise form is ~40 passes over the words, and an
     int64 form of it made building 120b 7 s slower, PERF_NOTES v20); elsewhere torch on int32 a chunk
@@ -180,9 +170,9 @@ def _rotated(blocks: torch.Tensor, inverse: bool) -> torch.Tensor:
 
 def permute_words(blocks: torch.Tensor) -> torch.Tensor:
     """Checkpoint blocks [.., 16] u8 -> a new tensor of the same shape, each word in WORD_BITS order."""
-    return _rotated(blocks, False)
+    return _moved_bits(blocks, False)
 
 
 def unpermute_words(blocks: torch.Tensor) -> torch.Tensor:
     """permute_words' inverse: blocks in WORD_BITS order -> a new tensor in checkpoint order."""
-    return _rotated(blocks, True)
+    return _moved_bits(blocks, True)
