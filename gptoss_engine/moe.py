@@ -57,6 +57,12 @@ class ExpertWeights:
     def packed(self) -> bool:
         return self.gate_up is None
 
+    @property
+    def one_mul(self) -> bool:
+        """Every scale is known to be <= 128, so the PTX dequant may apply them with one bf16x2
+        multiply instead of two (kernels/e2m1.py)."""
+        return self.scale_max is not None and self.scale_max <= 128
+
     def kernel_layout(self, permute: bool | None = None) -> ExpertWeights:
         """Packed experts as the GPU kernels read them fastest: scale rows padded
         (mxfp4.pad_scales; same shapes and values), scale_max recorded (one device sync), and, where

@@ -142,7 +142,7 @@ def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, w
     s2 = scales.reshape(E * N, G)
     _dequant_kernel[(triton.cdiv(E * N, _ROWS), triton.cdiv(K, _BK))](
         b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, PERM=w.permuted,
-        ONE_MUL=w.scale_max is not None and w.scale_max <= 128, num_warps=4)
+        ONE_MUL=w.one_mul, num_warps=4)
     return out
 
 

@@ -390,8 +390,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     gu_blk = gu_blk.reshape(E, two_i, H // 2)
     d_blk = d_blk.reshape(E, H, I // 2)
     sm90 = _is_sm90(x.device)
-    # The PTX dequant may apply the scales with one multiply when every scale is <= 128 (e2m1.py).
-    one_mul = w.scale_max is not None and w.scale_max <= 128
+    one_mul = w.one_mul
     asm = sm90 if gemv_asm is None else gemv_asm
     mma = gemv_mma if gemv_mma is not None else (asm and mma_gemv_takes(x))
     if gemv_tokens is None:
