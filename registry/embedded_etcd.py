@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import random
 import shutil
 import signal
 import socket
@@ -46,14 +47,38 @@ def free_port(host: str = "127.0.0.1") -> int:
     return free_ports(1, host)[0]
 
 
+def _ephemeral_low() -> int | None:
+    """The lowest port the kernel hands to outgoing connections (Linux), or None where unknown."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
     """n distinct ports the OS had free just now: the sockets stay bound until all n are picked, so
-    no two picks coincide. Another process may still take one before its user binds it; start()
-    re-picks and retries for that."""
-    socks = [socket.socket() for _ in range(n)]
+    no two picks coincide. Picked below the kernel's ephemeral range where it is known: a port from
+    that range can become the local end of any process's outgoing connection (an etcd client, a
+    gRPC channel) before its user binds it, which once failed a daemon's start in the systemd test.
+    Another process may still take one; start() re-picks and retries for that."""
+    socks: list[socket.socket] = []
+    low = _ephemeral_low()
+    candidates = random.sample(range(10000, low), 20 * n) if low is not None and low - 10000 >= 20 * n else []
     try:
-        for s in socks:
+        for port in candidates:
+            if len(socks) == n:
+                break
+            s = socket.socket()
+            try:
+                s.bind((host, port))
+            except OSError:
+                s.close()
+                continue
+            socks.append(s)
+        while len(socks) < n:     # no range known, or too few free below it: any port the OS gives
+            s = socket.socket()
             s.bind((host, 0))
+            socks.append(s)
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:

@@ -8,7 +8,7 @@ import urllib.request
 
 import pytest
 
-from registry.embedded_etcd import EmbeddedEtcd, EtcdExited, free_ports
+from registry.embedded_etcd import EmbeddedEtcd, EtcdExited, _ephemeral_low, free_ports
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -28,6 +28,15 @@ def healthy(etcd: EmbeddedEtcd) -> bool:
 def test_free_ports_are_distinct():
     ports = free_ports(16)
     assert len(set(ports)) == 16
+
+
+def test_free_ports_avoid_the_ephemeral_range():
+    """Outgoing connections take their local ports from that range, so a port picked there can be
+    gone by the time a daemon binds it."""
+    low = _ephemeral_low()
+    if low is None:
+        pytest.skip("no /proc/sys/net/ipv4/ip_local_port_range here")
+    assert all(p < low for p in free_ports(16))
 
 
 def test_picked_port_taken_before_start_is_repicked(tmp_path):
