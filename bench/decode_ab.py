@@ -23,6 +23,12 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           half the rows: on permuted words a 4-warp program holds 154-167 registers, an 8-warp one 84-88
   wordpairs  the grouped kernels' weights left in the dequant's register pairs, the activations
           permuted to match (moe_mxfp4.WORD_PAIRS), against the re-pairing into k order: 20b batch 64, 256
+  groupedstages  the grouped MoE kernels' pipeline depth (3 stages, the default, against 4 and 5: one
+          and two more trips of weights in flight a program at the same registers): 20b batch 64, 256
+  slidingsplits  the key splits of the sliding-window layers below 512 programs (4, the default,
+          against 2 and 1: 1 drops their combine launch): 20b batch 1 and 8
+  routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
+          batch 1 and 64
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ import triton
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention
+from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -56,6 +62,7 @@ _NEVER = 1 << 30
 _TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
 _GROUPED_TILES = moe_mxfp4._tiles
 _WORD_PAIRS = moe_mxfp4.WORD_PAIRS
+_ROUTER_EB = routing.ROUTER_EB
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -70,6 +77,14 @@ def _splits_scaled(factor: float) -> Callable[..., int]:
     """The default split counts below 512 programs times `factor` (at least 1)."""
     def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
         return max(1, int(_DEFAULT_SPLITS(num_seqs, num_kv_heads, window) * factor))
+    return decode_splits
+
+
+def _sliding_splits(sliding: int) -> Callable[..., int]:
+    """The default split counts, but `sliding` on the sliding-window layers below 512 programs."""
+    def decode_splits(num_seqs: int, num_kv_heads: int, window: int | None = None) -> int:
+        full = _DEFAULT_SPLITS(num_seqs, num_kv_heads, window)
+        return min(full, sliding) if window else full
     return decode_splits
 
 
@@ -98,6 +113,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.TOKENS_GEMV_MAX_ROWS = ints.get("tokens_max_rows", _TOKENS_MAX_ROWS)
         moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
+        routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -154,6 +170,15 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                       "gate_up bn 32": _set(grouped_tiles=_grouped(dict(bn=32), {}))}),
     "wordpairs": ([("20b", (64, 256))],
                   {"k-order pairs": _set(word_pairs=False), "dequant's pairs": _set(word_pairs=True)}),
+    "groupedstages": ([("20b", (64, 256))],
+                      {"3 stages": _set(), "4 stages": _set(grouped_tiles=_grouped(dict(stages=4), dict(stages=4))),
+                       "5 stages": _set(grouped_tiles=_grouped(dict(stages=5), dict(stages=5))),
+                       "gate_up 4 stages": _set(grouped_tiles=_grouped(dict(stages=4), {}))}),
+    "slidingsplits": ([("20b", (1, 8))],
+                      {"sliding 4": _set(), "sliding 2": _set(splits=_sliding_splits(2)),
+                       "sliding 1": _set(splits=_sliding_splits(1))}),
+    "routereb": ([("20b", (1, 64))],
+                 {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
 }
 
 
