@@ -29,8 +29,6 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           against 2 and 1: 1 drops their combine launch): 20b batch 1 and 8
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
           batch 1 and 64
-  sortfold  the MoE's expert sort done by the router's launch (moe_mxfp4.ROUTER_SORTS) against its
-          own launch: 20b batch 8, 64, 256 and 120b batch 8, 64
 """
 from __future__ import annotations
 
@@ -65,7 +63,6 @@ _TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
 _GROUPED_TILES = moe_mxfp4._tiles
 _WORD_PAIRS = moe_mxfp4.WORD_PAIRS
 _ROUTER_EB = routing.ROUTER_EB
-_ROUTER_SORTS = moe_mxfp4.ROUTER_SORTS
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -117,7 +114,6 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
-        moe_mxfp4.ROUTER_SORTS = bool(switches.get("router_sorts", _ROUTER_SORTS))
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -183,8 +179,6 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                        "sliding 1": _set(splits=_sliding_splits(1))}),
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
-    "sortfold": ([("20b", (8, 64, 256)), ("120b", (8, 64))],
-                 {"sort launch": _set(router_sorts=False), "router sorts": _set(router_sorts=True)}),
 }
 
 

@@ -18,7 +18,7 @@ from gptoss_engine import mxfp4
 from gptoss_engine.attention import paged_attention, write_kv
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
-from gptoss_engine.moe import ExpertWeights, PairOutputs, SortedPairs, moe_expert_pairs, route, summed
+from gptoss_engine.moe import ExpertWeights, PairOutputs, moe_expert_pairs, route, summed
 from gptoss_engine.rope import RotaryEmbedding, apply_rotary
 from gptoss_engine.step_batch import StepBatch
 
@@ -72,15 +72,6 @@ def _add_rmsnorm_route() -> Callable[..., tuple[torch.Tensor, ...]] | None:
     except ImportError:
         return None
     return add_rmsnorm_route
-
-
-@functools.cache
-def _sort_block_m() -> Callable[[torch.Tensor, int, int], int]:
-    try:
-        from gptoss_engine.kernels.moe_mxfp4 import sort_block_m
-    except ImportError:
-        return lambda x, num_pairs, num_experts: 0
-    return sort_block_m
 
 
 @functools.cache
@@ -234,20 +225,12 @@ class MLP(nn.Module):
         self.router = Router(config)
         self.experts = Experts(config, packed)
 
-    def forward(self, x: torch.Tensor, routing: tuple[torch.Tensor, torch.Tensor] | None = None,
-                presorted: SortedPairs | None = None) -> torch.Tensor | PairOutputs:
+    def forward(self, x: torch.Tensor,
+                routing: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor | PairOutputs:
         """The MoE's delta; on CUDA as PairOutputs, summed by the next RMSNorm.add_forward's launch.
-        routing: (topk_ids, topk_weights) of x when the caller already routed it; presorted: its pairs
-        sorted by expert for sort_block_m(x)'s block, when the router's launch did that too."""
+        routing: (topk_ids, topk_weights) of x when the caller already routed it."""
         topk_ids, topk_weights = routing or route(x, self.router.weight, self.router.bias, self.top_k)
-        return moe_expert_pairs(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha,
-                                presorted)
-
-    def sort_block_m(self, x: torch.Tensor) -> int:
-        """The row block by which the MoE kernels will read x's pairs sorted by expert (0: unsorted)."""
-        if not self.experts.packed:
-            return 0
-        return _sort_block_m()(x, x.shape[0] * self.top_k, self.router.weight.shape[0])
+        return moe_expert_pairs(x, topk_ids, topk_weights, self.experts.weights(), self.limit, self.alpha)
 
 
 class DecoderLayer(nn.Module):
@@ -267,10 +250,8 @@ class DecoderLayer(nn.Module):
         norm, router = self.post_attention_layernorm, self.mlp.router
         if x.is_cuda and (fused := _add_rmsnorm_route()) is not None:
             # The residual add, the norm and the router in one launch (kernels/routing.py).
-            # ... and, where the MoE kernels read the pairs sorted by expert, their sort too.
-            x, h, ids, wts, presorted = fused(x, attn, norm.weight, norm.eps, router.weight, router.bias,
-                                              self.mlp.top_k, self.mlp.sort_block_m(x))
-            delta = self.mlp(h, (ids, wts), presorted)
+            x, h, ids, wts = fused(x, attn, norm.weight, norm.eps, router.weight, router.bias, self.mlp.top_k)
+            delta = self.mlp(h, (ids, wts))
         else:
             x, h = norm.add_forward(x, attn)
             delta = self.mlp(h)

@@ -92,23 +92,6 @@ class ExpertWeights:
 
 
 @dataclass(frozen=True)
-class SortedPairs:
-    """The T*k (token, expert) pairs sorted by expert, stable, each expert's run padded to a multiple
-    of block_m, as the CUDA kernels that read them so take them (kernels/routing.py makes them):
-    sorted_pair [cap] int32, the pair index t*k + j of each padded row (padding rows hold T*k), and
-    block_expert [cap // block_m] int32, each row block's expert (-1 past the last run)."""
-    sorted_pair: torch.Tensor
-    block_expert: torch.Tensor
-    block_m: int
-
-    @staticmethod
-    def capacity(num_pairs: int, num_experts: int, block_m: int) -> int:
-        """Padded rows that always suffice: at most min(E, n) runs, each wasting < block_m rows."""
-        blocks = -(-(num_pairs + min(num_experts, num_pairs) * (block_m - 1)) // block_m)
-        return blocks * block_m
-
-
-@dataclass(frozen=True)
 class PairOutputs:
     """The MoE's per-(token, expert) outputs before their weighted sum; token t's delta is
         sum over j < k of  w[p] * (y[row[p]] + bias[ids[p]]),   p = t*k + j, summed in fp32 in j order
@@ -167,13 +150,11 @@ def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Ten
 
 
 def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
-                     swiglu_limit: float, alpha: float = 1.702,
-                     presorted: SortedPairs | None = None) -> torch.Tensor | PairOutputs:
+                     swiglu_limit: float, alpha: float = 1.702) -> torch.Tensor | PairOutputs:
     """moe_experts with the sum over k left undone where the CUDA kernels run (PairOutputs, for the
-    next fused add + RMSNorm); elsewhere the summed [T, H]. presorted: the pairs already sorted by
-    expert (kernels/routing.py), for the kernels that read them so."""
+    next fused add + RMSNorm); elsewhere the summed [T, H]."""
     if x.is_cuda and (kernels := _kernels()) is not None:
-        return kernels[0](x, topk_ids, topk_weights, w, swiglu_limit, alpha, presorted=presorted)
+        return kernels[0](x, topk_ids, topk_weights, w, swiglu_limit, alpha)
     return moe_experts_reference(x, topk_ids, topk_weights, w, swiglu_limit, alpha)
 
 

@@ -38,7 +38,7 @@ from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe
                                                  moe_experts_gemv_mma_tokens)
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
-from gptoss_engine.moe import ExpertWeights, PairOutputs, SortedPairs, summed
+from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
 
 # Up to this many (token, expert) pairs the GEMV kernels (moe_gemv) run instead of the grouped GEMM:
 # each pair then streams its expert's rows once, and the pairs are too few to share a tensor-core tile.
@@ -67,17 +67,22 @@ GROUPED_MM_MIN_ROWS = 256
 WORD_PAIRS = True
 
 
-def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int, presorted: SortedPairs | None) -> SortedPairs:
-    """The pairs sorted by expert, each expert's run padded to block_m: `presorted` where the router's
-    launch already did it for this block (sort_block_m), else a launch of its own. Sync-free."""
-    if presorted is not None and presorted.block_m == block_m:
-        return presorted
+@dataclass(frozen=True)
+class _Routing:
+    sorted_pair: torch.Tensor   # [P] int32, pair index (t*k + j) per padded sorted row; num_pairs = padding
+    block_expert: torch.Tensor  # [P // BLOCK_M] int32, expert of each row block; -1 = unused block
+    block_m: int
+
+
+def _route(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> _Routing:
+    """Sort (token, expert) pairs by expert, pad each expert's run to block_m. Sync-free."""
     flat = topk_ids.reshape(-1).to(torch.int64)
     n = flat.numel()
+    # Upper bound on padded rows: at most min(E, n) experts are non-empty, each wastes < block_m rows.
+    cap = triton.cdiv(n + min(num_experts, n) * (block_m - 1), block_m) * block_m
     if n <= SORT_MAX_PAIRS:
-        return sort_by_expert(flat, num_experts, block_m)
-    cap = SortedPairs.capacity(n, num_experts, block_m)
-    return SortedPairs(*route_torch(flat, num_experts, block_m, cap), block_m)
+        return _Routing(*sort_by_expert(flat, num_experts, block_m, cap), block_m)
+    return _Routing(*route_torch(flat, num_experts, block_m, cap), block_m)
 
 
 def route_torch(flat: torch.Tensor, num_experts: int, block_m: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -332,27 +337,6 @@ def _tiles(num_pairs: int, num_experts: int, sm90: bool) -> Tiles:
     return Tiles(256, 64, 128, 8, 3)        # long prefill: compute-bound tiles
 
 
-# Whether the router's launch sorts the pairs for the MoE kernels that read them sorted (sort_block_m);
-# off, those kernels' own sort launch runs (the A/B in bench/decode_ab.py sortfold).
-ROUTER_SORTS = True
-
-
-def sort_block_m(x: torch.Tensor, num_pairs: int, num_experts: int) -> int:
-    """The row block by which moe_expert_pairs' default path (no options) at num_pairs pairs of x sorts
-    them (token-grouped GEMV or grouped kernel), 0 where it sorts none (per-pair GEMV, grouped_mm's
-    own counting sort) or in more than one program: the router's launch may then sort for it."""
-    sm90 = _is_sm90(x.device)
-    mma = sm90 and mma_gemv_takes(x)
-    if not ROUTER_SORTS or num_pairs > SORT_MAX_PAIRS:
-        return 0
-    if mma and GEMV_MMA_MAX_PAIRS < num_pairs <= TOKENS_GEMV_MAX_ROWS * num_experts:
-        return TOKEN_BLOCK
-    if (num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS)
-            or (sm90 and num_pairs >= GROUPED_MM_MIN_ROWS * num_experts)):
-        return 0
-    return _tiles(num_pairs, num_experts, sm90).bm
-
-
 def moe_experts(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, w: ExpertWeights,
                 swiglu_limit: float, alpha: float = 1.702, **options: object) -> torch.Tensor:
     """out[t] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(x[t]); x [T, H] -> [T, H] (bf16,
@@ -364,8 +348,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
                      swiglu_limit: float, alpha: float = 1.702, *, interpret: bool = False,
                      tiles: Tiles | None = None, gemv: bool | None = None,
                      grouped_mm: bool | None = None, gemv_asm: bool | None = None,
-                     gemv_mma: bool | None = None, gemv_tokens: bool | None = None,
-                     presorted: SortedPairs | None = None) -> torch.Tensor | PairOutputs:
+                     gemv_mma: bool | None = None, gemv_tokens: bool | None = None) -> torch.Tensor | PairOutputs:
     """moe_experts before its last step: the k weighted expert outputs of every token, as PairOutputs
     (each path's own form of them), for the next fused add + RMSNorm to sum; dense `w`: the sum.
 
@@ -382,8 +365,6 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     gemv_tokens: True forces the token-grouped mma GEMV (moe_gemv_mma), False keeps it off; None
     picks it where the mma form runs, no other path was asked for, and GEMV_MMA_MAX_PAIRS < T*k <=
     TOKENS_GEMV_MAX_ROWS * E.
-    presorted: the pairs already sorted by expert (routing.add_rmsnorm_route for sort_block_m's
-    block); a path that sorts by another block, or none, sorts or ignores as without it.
     """
     if not w.packed:
         # Dense bf16 experts (a dequantized checkpoint) are not this kernel's format.
@@ -416,7 +397,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
         gemv_tokens = (mma and gemv is None and tiles is None and grouped_mm is None
                        and GEMV_MMA_MAX_PAIRS < num_pairs <= TOKENS_GEMV_MAX_ROWS * E)
     if gemv_tokens:
-        r = _route(topk_ids, E, TOKEN_BLOCK, presorted)
+        r = _route(topk_ids, E, TOKEN_BLOCK)
         return moe_experts_gemv_mma_tokens(x, topk_ids, topk_weights, r.sorted_pair, r.block_expert,
                                            gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias, swiglu_limit, alpha,
                                            one_mul=one_mul, permuted=w.permuted)
@@ -443,7 +424,7 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     td = t if t.down is None else dataclasses.replace(t.down, bm=bm, mode=t.mode)
     # Unmasked scale loads need every trip's groups inside the (padded) rows: ceil(K / bk) trips.
     pad_gu, pad_d = mxfp4.unmasked_scale_reads(gu_scl, bk), mxfp4.unmasked_scale_reads(d_scl, td.bk)
-    r = _route(topk_ids, E, bm, presorted)
+    r = _route(topk_ids, E, bm)
     cap = r.sorted_pair.numel()
     inter = torch.empty((cap, I), dtype=x.dtype, device=x.device)
     grid = (cap // bm, triton.cdiv(I, bn))

@@ -25,7 +25,6 @@ import triton
 import triton.language as tl
 
 from gptoss_engine.kernels.norm import add_rmsnorm, normed
-from gptoss_engine.moe import SortedPairs
 
 
 @triton.jit
@@ -60,14 +59,10 @@ def _topk_softmax_kernel(logits_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK: tl.constex
 
 @triton.jit
 def _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt,
-                 sorted_ptr, block_expert_ptr, cap,
-                 TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, SORT_BM: tl.constexpr,
-                 SORT_CHUNK: tl.constexpr):
+                 TOPK: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """A program's EB router sums acc (fp32) of token t -> + bias (b[e], fp32; loaded by the caller
     before its reductions), rounded to x's dtype (as F.linear's output is) and stored as fp32 logits;
-    the last of t's programs to finish takes the top-k and softmax of all E (_topk_softmax_row).
-    SORT_BM > 0: the last token to finish its top-k also sorts every token's pairs by expert
-    (_sort_pairs, row blocks of SORT_BM) for the MoE kernels, which then need no launch of their own."""
+    the last of t's programs to finish takes the top-k and softmax of all E (_topk_softmax_row)."""
     tl.store(logits_ptr + t * s_lt + e, (acc + bias).to(x_ptr.dtype.element_ty).to(tl.float32), mask=e_ok)
     # Arrival count of t's programs (zero between launches: the last one resets it). The barrier puts
     # every thread's logit stores before the one-thread release of the count; the last program's
@@ -78,15 +73,6 @@ def _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, w
         logits = tl.load(logits_ptr + t * s_lt + ee, mask=ee < E, other=float("-inf"), cache_modifier=".cg")
         _topk_softmax_row(logits, ee, t, ids_ptr, wts_ptr, TOPK, BLOCK_K)
         tl.atomic_xchg(count_ptr + t, 0)
-        if SORT_BM > 0:
-            # The same scheme one level up: a count of tokens whose ids are stored, in the slot after
-            # the per-token counts; the last token's program sorts (its loads skip L1) and resets it.
-            T = tl.num_programs(0)
-            tl.debug_barrier()
-            if tl.atomic_add(count_ptr + _DONE_SLOT, 1, sem="acq_rel") == T - 1:
-                _sort_pairs(ids_ptr, sorted_ptr, block_expert_ptr, T * TOPK, cap, E, SORT_BM, BLOCK_E, SORT_CHUNK,
-                            SORT_CHUNK)
-                tl.atomic_xchg(count_ptr + _DONE_SLOT, 0)
 
 
 @triton.jit
@@ -106,15 +92,15 @@ def _router_kernel(x_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr,
         xv = tl.load(x_ptr + t * s_xt + hh, mask=h_ok, other=0.0).to(tl.float32)
         wv = tl.load(w_ptr + e[:, None] * s_we + hh[None, :], mask=e_ok[:, None] & h_ok[None, :], other=0.0)
         acc += tl.sum(wv.to(tl.float32) * xv[None, :], 1)
-    _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, ids_ptr, ids_ptr, 0,
-                 TOPK, BLOCK_E, BLOCK_K, 0, 16)
+    _logits_topk(acc, bias, t, e, e_ok, x_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+                 BLOCK_K)
 
 
 @triton.jit
 def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, logits_ptr, count_ptr, ids_ptr,
-                            wts_ptr, sorted_ptr, block_expert_ptr, cap, E, H, eps, s_x, s_d, s_s, s_h, s_we, s_lt,
+                            wts_ptr, E, H, eps, s_x, s_d, s_s, s_h, s_we, s_lt,
                             EB: tl.constexpr, BLOCK_H: tl.constexpr, TOPK: tl.constexpr, BLOCK_E: tl.constexpr,
-                            BLOCK_K: tl.constexpr, SORT_BM: tl.constexpr, SORT_CHUNK: tl.constexpr):
+                            BLOCK_K: tl.constexpr):
     """_router_kernel on the post-attention residual add + RMSNorm it computes itself: each of token
     t's programs forms s = x[t] + d[t] and h = rmsnorm(s) (norm.add_rmsnorm's arithmetic, the same
     bits) from L2-resident rows, and the expert block 0's program stores them for the MoE and the
@@ -136,8 +122,8 @@ def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, 
         tl.store(sum_ptr + t * s_s + cols, s, mask=ok)
         tl.store(h_ptr + t * s_h + cols, h, mask=ok)
     acc = tl.zeros((EB,), dtype=tl.float32) + tl.sum(wv.to(tl.float32) * h.to(tl.float32)[None, :], 1)
-    _logits_topk(acc, bias, t, e, e_ok, h_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, sorted_ptr,
-                 block_expert_ptr, cap, TOPK, BLOCK_E, BLOCK_K, SORT_BM, SORT_CHUNK)
+    _logits_topk(acc, bias, t, e, e_ok, h_ptr, logits_ptr, count_ptr, ids_ptr, wts_ptr, E, s_lt, TOPK, BLOCK_E,
+                 BLOCK_K)
 
 
 # Up to this many tokens the router is one launch (_router_kernel) spread over (token, block of
@@ -148,9 +134,6 @@ def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, 
 # (4.7 + 1.5 us at batch 1). Beyond: cuBLAS (prefill-sized GEMMs), then topk_softmax.
 ROUTER_GEMV_MAX_TOKENS = 256
 ROUTER_EB = 4
-# The arrival counters' slot after the per-token ones: the count of tokens whose top-k is stored, for
-# the launch that also sorts the pairs (add_rmsnorm_route's sort_block_m).
-_DONE_SLOT: tl.constexpr = tl.constexpr(ROUTER_GEMV_MAX_TOKENS)
 
 # The router's arrival counters, one per token, per device: zero between launches. Made by the
 # first (eager) call -- CUDA graphs are captured after an eager warm-up (cuda_graphs.py) -- and
@@ -163,7 +146,7 @@ def _arrival_counters(device: torch.device) -> torch.Tensor:
     if buf is None:
         if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
             raise RuntimeError("route(): the first call on a device must run eagerly, before graph capture")
-        buf = _counters[device] = torch.zeros(ROUTER_GEMV_MAX_TOKENS + 1, dtype=torch.int32, device=device)
+        buf = _counters[device] = torch.zeros(ROUTER_GEMV_MAX_TOKENS, dtype=torch.int32, device=device)
     return buf
 
 
@@ -192,20 +175,17 @@ _FUSED_MAX_HIDDEN = 4096
 
 
 def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.Tensor, eps: float,
-                      weight: torch.Tensor, bias: torch.Tensor, top_k: int,
-                      sort_block_m: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                                      SortedPairs | None]:
+                      weight: torch.Tensor, bias: torch.Tensor,
+                      top_k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x + delta, h = rmsnorm(x + delta) * norm_weight, topk_ids, topk_weights of route(h, weight,
-    bias, top_k), sorted): norm.add_rmsnorm then route, the same bits, in one launch up to
-    ROUTER_GEMV_MAX_TOKENS tokens (x, delta [T, H] in one dtype); two launches beyond.
-    sort_block_m > 0: the same launch also sorts the pairs by expert as sort_by_expert does for row
-    blocks of sort_block_m (`sorted`, the MoE kernels' routing; None where it did not)."""
+    bias, top_k)): norm.add_rmsnorm then route, the same bits, in one launch up to
+    ROUTER_GEMV_MAX_TOKENS tokens (x, delta [T, H] in one dtype); two launches beyond."""
     T, H = x.shape
     E = weight.shape[0]
     if (T > ROUTER_GEMV_MAX_TOKENS or H > _FUSED_MAX_HIDDEN or tuple(delta.shape) != (T, H)
             or delta.dtype != x.dtype or norm_weight.shape != (H,) or weight.shape[1] != H or weight.stride(1) != 1):
         total, h = add_rmsnorm(x, delta, norm_weight, eps)
-        return (total, h, *route(h, weight, bias, top_k), None)
+        return (total, h, *route(h, weight, bias, top_k))
     if not 1 <= top_k <= E:
         raise ValueError(f"route(): top_k must be in [1, {E}], got {top_k}")
     x, delta = x.contiguous(), delta.contiguous()
@@ -213,18 +193,13 @@ def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.T
     logits = torch.empty((T, E), dtype=torch.float32, device=x.device)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
-    block_e = triton.next_power_of_2(E)
-    sort = _sorted_pairs(T * top_k, E, sort_block_m, x.device) if sort_block_m and T else None
     if T:
         _add_norm_router_kernel[(T, triton.cdiv(E, ROUTER_EB))](
-            x, delta, norm_weight, total, h, weight, bias, logits, _arrival_counters(x.device), ids, wts,
-            ids if sort is None else sort.sorted_pair, ids if sort is None else sort.block_expert,
-            0 if sort is None else sort.sorted_pair.numel(), E, H,
+            x, delta, norm_weight, total, h, weight, bias, logits, _arrival_counters(x.device), ids, wts, E, H,
             float(eps), x.stride(0), delta.stride(0), total.stride(0), h.stride(0), weight.stride(0),
             logits.stride(0), EB=ROUTER_EB, BLOCK_H=triton.next_power_of_2(H), TOPK=top_k,
-            BLOCK_E=block_e, BLOCK_K=triton.next_power_of_2(top_k), SORT_BM=0 if sort is None else sort_block_m,
-            SORT_CHUNK=max(16, _SORT_TILE // block_e), num_warps=8)
-    return total, h, ids, wts, sort
+            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)
+    return total, h, ids, wts
 
 
 def topk_softmax(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -251,16 +226,14 @@ SORT_MAX_PAIRS = 4096
 
 
 @triton.jit
-def _sort_pairs(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
-                BM: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_NB: tl.constexpr):
-    """sort_by_expert in one program (of its own launch, or the router's last; the ids are loaded past
-    L1, since other programs of the router's launch stored them)."""
+def _sort_by_expert_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
+                           BM: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_NB: tl.constexpr):
     e = tl.arange(0, BLOCK_E)
     # Rows per expert, padded to whole BM blocks, and where each expert's run starts.
     counts = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
         i = c0 + tl.arange(0, CHUNK)
-        ex = tl.load(ids_ptr + i, mask=i < n, other=-1, cache_modifier=".cg").to(tl.int32)
+        ex = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
         counts += tl.sum((ex[:, None] == e[None, :]).to(tl.int32), 0)
     padded = (counts + BM - 1) // BM * BM
     pend = tl.cumsum(padded, 0)
@@ -273,7 +246,7 @@ def _sort_pairs(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
     seen = tl.zeros((BLOCK_E,), dtype=tl.int32)
     for c0 in range(0, n, CHUNK):
         i = c0 + tl.arange(0, CHUNK)
-        ex = tl.load(ids_ptr + i, mask=i < n, other=-1, cache_modifier=".cg").to(tl.int32)
+        ex = tl.load(ids_ptr + i, mask=i < n, other=-1).to(tl.int32)
         onehot = (ex[:, None] == e[None, :]).to(tl.int32)
         # Stable: a pair's rank is the number of earlier pairs with its expert.
         rank = tl.sum((tl.cumsum(onehot, 0) - 1 + seen[None, :]) * onehot, 1)
@@ -288,32 +261,23 @@ def _sort_pairs(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
         tl.store(block_expert_ptr + b, tl.where(idx < E, idx, -1), mask=b < cap // BM)
 
 
-@triton.jit
-def _sort_by_expert_kernel(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E,
-                           BM: tl.constexpr, BLOCK_E: tl.constexpr, CHUNK: tl.constexpr, BLOCK_NB: tl.constexpr):
-    _sort_pairs(ids_ptr, sorted_ptr, block_expert_ptr, n, cap, E, BM, BLOCK_E, CHUNK, BLOCK_NB)
-
-
-def _sorted_pairs(num_pairs: int, num_experts: int, block_m: int, device: torch.device) -> SortedPairs:
-    """Room for the sort of num_pairs pairs in one program (at most SORT_MAX_PAIRS)."""
-    if num_pairs > SORT_MAX_PAIRS:
-        raise ValueError(f"sorting {num_pairs} pairs in one program: at most {SORT_MAX_PAIRS}")
-    cap = SortedPairs.capacity(num_pairs, num_experts, block_m)
-    return SortedPairs(torch.empty(cap, dtype=torch.int32, device=device),
-                       torch.empty(cap // block_m, dtype=torch.int32, device=device), block_m)
-
-
-def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> SortedPairs:
-    """The pairs of topk_ids [T, k] (or flat) sorted by expert (SortedPairs), at most SORT_MAX_PAIRS
-    of them, in one launch. Sync-free and static-shaped, so CUDA graphs can capture it."""
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int,
+                   cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pairs (t*k + j, expert topk_ids[t, j]) sorted by expert, stable, each expert's run padded to a
+    multiple of block_m: (sorted_pair [cap] int32, padding rows = T*k; block_expert [cap // block_m]
+    int32, -1 past the last run). `cap` (a multiple of block_m) bounds the padded rows; at most
+    SORT_MAX_PAIRS pairs. Sync-free and static-shaped, so CUDA graphs can capture it."""
     flat = topk_ids.reshape(-1)
     n = flat.numel()
-    out = _sorted_pairs(n, num_experts, block_m, flat.device)
+    if n > SORT_MAX_PAIRS or cap % block_m:
+        raise ValueError(f"sort_by_expert: {n} pairs (max {SORT_MAX_PAIRS}), cap {cap} for block {block_m}")
+    sorted_pair = torch.empty(cap, dtype=torch.int32, device=flat.device)
+    block_expert = torch.empty(cap // block_m, dtype=torch.int32, device=flat.device)
     block_e = triton.next_power_of_2(num_experts)
-    _sort_by_expert_kernel[(1,)](flat.contiguous(), out.sorted_pair, out.block_expert, n, out.sorted_pair.numel(),
-                                 num_experts, BM=block_m, BLOCK_E=block_e, CHUNK=max(16, _SORT_TILE // block_e),
+    _sort_by_expert_kernel[(1,)](flat.contiguous(), sorted_pair, block_expert, n, cap, num_experts,
+                                 BM=block_m, BLOCK_E=block_e, CHUNK=max(16, _SORT_TILE // block_e),
                                  BLOCK_NB=max(16, _SORT_TILE // block_e), num_warps=8)
-    return out
+    return sorted_pair, block_expert
 
 
 # Prefill-sized sorts (moe_grouped_mm): a counting sort over many programs, three launches in all

@@ -338,33 +338,3 @@ def test_gather_rows_is_torch_index(device: str, rows: int, hidden: int, dtype: 
     got = _gather_rows(x, idx)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, hidden)
     assert torch.equal(got, x.to(torch.bfloat16)[idx])
-
-
-@pytest.mark.parametrize("tokens", [1, 4, 5, 17, 64])
-def test_router_sort_is_the_one_the_path_reads(device: str, interpreted: bool, tokens: int,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    """sort_block_m names the row block by which moe_expert_pairs' default path sorts the pairs (0
-    where it sorts none: per-pair GEMV), so the router's launch can sort for it; handed that sort
-    (presorted), the path launches no sort of its own and gives the same bits."""
-    from gptoss_engine.kernels import moe_mxfp4, routing
-    experts, top_k = 32, 4
-    gen = torch.Generator().manual_seed(tokens)
-    w = padded(random_packed_experts(experts, 128, 160, device, gen))
-    x = torch.randn(tokens, 128, generator=gen).to(device, torch.bfloat16)
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)]).to(device)
-    wts = torch.softmax(torch.randn(tokens, top_k, generator=gen), -1).to(device)
-    opts = dict(interpret=True) if interpreted else {}
-    sorted_by: list[int] = []
-    route = moe_mxfp4._route
-    monkeypatch.setattr(moe_mxfp4, "_route", lambda i, e, bm, pre: sorted_by.append(bm) or route(i, e, bm, pre))
-    plain = moe_mxfp4.moe_expert_pairs(x, ids, wts, w, 7.0, **opts)
-    bm = moe_mxfp4.sort_block_m(x, tokens * top_k, experts)
-    assert sorted_by == ([bm] if bm else [])
-    if bm:
-        presorted = routing.sort_by_expert(ids, experts, bm)
-
-        def no_sort(*args: object) -> None:
-            raise AssertionError("sorted again")
-        monkeypatch.setattr(moe_mxfp4, "sort_by_expert", no_sort)
-        got = moe_mxfp4.moe_expert_pairs(x, ids, wts, w, 7.0, presorted=presorted, **opts)
-        assert torch.equal(got.total(), plain.total())
