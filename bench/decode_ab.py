@@ -29,8 +29,6 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           against 2 and 1: 1 drops their combine launch): 20b batch 1 and 8
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
           batch 1 and 64
-  tmaring  the per-pair mma GEMV's register loop against its weights streamed by TMA into a ring of
-          2, 4 or 6 stages (moe_gemv_tma): 20b batch 1 and 2, 120b batch 1
 """
 from __future__ import annotations
 
@@ -49,7 +47,7 @@ import triton
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_gemv_tma, moe_mxfp4, paged_attention, routing
+from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -65,7 +63,6 @@ _TOKENS_MAX_ROWS = moe_mxfp4.TOKENS_GEMV_MAX_ROWS
 _GROUPED_TILES = moe_mxfp4._tiles
 _WORD_PAIRS = moe_mxfp4.WORD_PAIRS
 _ROUTER_EB = routing.ROUTER_EB
-_TMA_ON, _TMA_STAGES = moe_gemv_tma.ON, moe_gemv_tma.STAGES
 
 
 def _splits_from_512(full: int, sliding: int) -> Callable[..., int]:
@@ -117,8 +114,6 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
-        moe_gemv_tma.ON = "tma_stages" in ints or _TMA_ON
-        moe_gemv_tma.STAGES = ints.get("tma_stages", _TMA_STAGES)
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -184,9 +179,6 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                        "sliding 1": _set(splits=_sliding_splits(1))}),
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
-    "tmaring": ([("20b", (1, 2)), ("120b", (1,))],
-                {"registers": _set(), "tma 2 stages": _set(tma_stages=2), "tma 4 stages": _set(tma_stages=4),
-                 "tma 6 stages": _set(tma_stages=6)}),
 }
 
 

@@ -36,7 +36,6 @@ from gptoss_engine.kernels.e2m1 import (dequant_asm, dequant_words_bf16, dequant
 from gptoss_engine.kernels.moe_gemv import moe_experts_gemv
 from gptoss_engine.kernels.moe_gemv_mma import (TOKEN_BLOCK, mma_gemv_takes, moe_experts_gemv_mma,
                                                  moe_experts_gemv_mma_tokens)
-from gptoss_engine.kernels import moe_gemv_tma
 from gptoss_engine.kernels.moe_grouped_mm import moe_experts_grouped_mm
 from gptoss_engine.kernels.routing import SORT_MAX_PAIRS, sort_by_expert
 from gptoss_engine.moe import ExpertWeights, PairOutputs, summed
@@ -405,9 +404,6 @@ def moe_expert_pairs(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torc
     if gemv is None:
         gemv = tiles is None and num_pairs <= (GEMV_MMA_MAX_PAIRS if mma else GEMV_MAX_PAIRS)
     if gemv:
-        if mma and moe_gemv_tma.ON and moe_gemv_tma.takes(x, gu_blk, gu_scl, d_blk, d_scl):
-            return moe_gemv_tma.moe_experts_gemv_tma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl,
-                                                     d_bias, swiglu_limit, alpha, one_mul=one_mul, permuted=w.permuted)
         if mma:
             return moe_experts_gemv_mma(x, topk_ids, topk_weights, gu_blk, gu_scl, gu_bias, d_blk, d_scl, d_bias,
                                         swiglu_limit, alpha, one_mul=one_mul, permuted=w.permuted)

@@ -338,30 +338,3 @@ def test_gather_rows_is_torch_index(device: str, rows: int, hidden: int, dtype: 
     got = _gather_rows(x, idx)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, hidden)
     assert torch.equal(got, x.to(torch.bfloat16)[idx])
-
-
-@pytest.mark.parametrize("tokens,experts,hidden,inter", [(1, 4, 2880, 2880), (3, 4, 2880, 2880), (2, 8, 256, 192)])
-def test_tma_ring_gemv_is_the_register_loop(device: str, interpreted: bool, tokens: int, experts: int, hidden: int,
-                                            inter: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The per-pair mma GEMV with its weights, scales and x streamed by TMA (moe_gemv_tma) gives the
-    register loop's bits: the same words, scales and x reach each thread's mma in the same order, and
-    each row's sums are reduced as before (gate_up's rows are re-paired into (gate, up) after). Hidden
-    2880 ends inside a trip (5.6 trips of 512); hidden 256 / inter 192 take one partial trip."""
-    if interpreted:
-        pytest.skip("TMA and inline PTX mma: GPU only")
-    from gptoss_engine.kernels import moe_gemv_tma
-    from gptoss_engine.kernels.moe_mxfp4 import moe_experts
-    gen = torch.Generator().manual_seed(tokens * 5 + hidden)
-    w = padded(random_packed_experts(experts, hidden, inter, device, gen))
-    x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
-    ids = torch.stack([torch.randperm(experts, generator=gen)[:2] for _ in range(tokens)]).to(device)
-    wts = torch.softmax(torch.randn(tokens, 2, generator=gen), -1).to(device)
-    assert moe_gemv_tma.takes(x, w.gate_up_blocks.reshape(experts, 2 * inter, -1), w.gate_up_scales,
-                              w.down_blocks.reshape(experts, hidden, -1), w.down_scales)
-    monkeypatch.setattr(moe_gemv_tma, "ON", False)
-    want = moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True)
-    monkeypatch.setattr(moe_gemv_tma, "ON", True)
-    for stages in (2, 4):
-        monkeypatch.setattr(moe_gemv_tma, "STAGES", stages)
-        got = moe_experts(x, ids, wts, w, 7.0, gemv=True, gemv_mma=True)
-        assert torch.equal(got, want), stages
