@@ -24,7 +24,7 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
   wordpairs  the grouped kernels' weights left in the dequant's register pairs, the activations
           permuted to match (moe_mxfp4.WORD_PAIRS), against the re-pairing into k order: 20b batch 64, 256
   groupedstages  the grouped MoE kernels' pipeline depth (3 stages, the default, against 4 and 5: one
-          and two more trips of weights in flight a program at the same registers): 20b batch 64, 256
+          and two more trips of weights in flight a program, in more shared memory): 20b batch 64, 256
   slidingsplits  the key splits of the sliding-window layers below 512 programs (4, the default,
           against 2 and 1: 1 drops their combine launch): 20b batch 1 and 8
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
