@@ -18,7 +18,7 @@ import triton.language as tl
 @triton.jit
 def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, s_t, s_ct, s_st, s_pb, s_pkv, s_ps, s_ph,
                       HQ: tl.constexpr, HQ_P2: tl.constexpr, HKV: tl.constexpr, HKV_P2: tl.constexpr,
-                      HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                      HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr, K_IN_PLACE: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     # Every load first, the cache slot's among them (no branch on it): one memory latency a program,
     # which is all a batch-1 step's single program has to wait for.
@@ -41,21 +41,26 @@ def _rotary_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, s_t, s_ct, 
     v = tl.load(row + (HQ + HKV + g[:, None]) * (2 * HALF) + d[None, :], mask=okk, other=0.0)
     tl.store(first, (x1 * cos - x2 * sin).to(qkv_ptr.dtype.element_ty), mask=ok)
     tl.store(first + HALF, (x2 * cos + x1 * sin).to(qkv_ptr.dtype.element_ty), mask=ok)
+    ka = (k1 * cos - k2 * sin).to(qkv_ptr.dtype.element_ty)
+    kb = (k2 * cos + k1 * sin).to(qkv_ptr.dtype.element_ty)
+    if K_IN_PLACE:
+        tl.store(k1p, ka, mask=okk)
+        tl.store(k1p + HALF, kb, mask=okk)
     put = okk & (slot >= 0)   # slot -1: a padding row, nothing stored
     dst = pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + g[:, None] * s_ph
-    tl.store(dst + i[None, :], (k1 * cos - k2 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty),
-             mask=put)
-    tl.store(dst + HALF + i[None, :], (k2 * cos + k1 * sin).to(qkv_ptr.dtype.element_ty).to(pool_ptr.dtype.element_ty),
-             mask=put)
+    tl.store(dst + i[None, :], ka.to(pool_ptr.dtype.element_ty), mask=put)
+    tl.store(dst + HALF + i[None, :], kb.to(pool_ptr.dtype.element_ty), mask=put)
     tl.store(dst + s_pkv + d[None, :], v.to(pool_ptr.dtype.element_ty), mask=put)
 
 
 def rotary_store_kv(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
-                    sin: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor) -> None:
+                    sin: torch.Tensor, pool: torch.Tensor, layer_in_pool: int, slot_mapping: torch.Tensor,
+                    k_in_place: bool = False) -> None:
     """qkv [T, (q_heads + 2 kv_heads) * head_dim] (q heads, k heads, v heads): rotate q in place, and
     store the rotated k and the v of token t at pool slot slot_mapping[t] of layer `layer_in_pool`
     (kv_layout: pool [blocks, layers, 2, block_size, kv_heads, head_dim]; slot -1 = not stored). The k
-    part of qkv is left as projected."""
+    part of qkv is left as projected, unless `k_in_place` (for an attention that reads k from qkv:
+    kernels/prompt_attention.py): then it is rotated there too."""
     T = qkv.shape[0]
     if qkv.shape[1] != (q_heads + 2 * kv_heads) * head_dim or pool.shape[4:] != (kv_heads, head_dim):
         raise ValueError(f"rotary_store_kv: qkv {tuple(qkv.shape)} does not fit {q_heads}+2x{kv_heads} heads "
@@ -72,4 +77,4 @@ def rotary_store_kv(qkv: torch.Tensor, q_heads: int, kv_heads: int, head_dim: in
                             layer_pool.stride(0), layer_pool.stride(1), layer_pool.stride(2), layer_pool.stride(3),
                             HQ=q_heads, HQ_P2=triton.next_power_of_2(q_heads), HKV=kv_heads,
                             HKV_P2=triton.next_power_of_2(kv_heads), HALF=half, BLOCK_SIZE=pool.shape[3],
-                            num_warps=4)
+                            K_IN_PLACE=k_in_place, num_warps=4)

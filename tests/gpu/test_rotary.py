@@ -42,6 +42,27 @@ def test_rotary_store_kv_matches_apply_rotary_and_write_kv(device: str, dtype: t
     assert torch.allclose(k_cache.float(), want_k.float(), atol=tol, rtol=tol)
 
 
+def test_rotary_store_kv_k_in_place(device: str) -> None:
+    """k_in_place=True: k rotated in qkv too (as apply_rotary, the same bits as the cache's k); q, v and
+    the cache as without it."""
+    from gptoss_engine.kernels.rotary import rotary_store_kv
+    tokens, hq, hkv, d = 37, 8, 2, 64
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=gen).to(device, torch.bfloat16)
+    cos, sin = (torch.randn(tokens, d // 2, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    pool = torch.zeros(tokens // 4 + 1, 1, 2, 4, hkv, d, device=device, dtype=torch.bfloat16)
+    slots = torch.arange(tokens, device=device)
+    plain, plain_pool = qkv.clone(), pool.clone()
+    rotary_store_kv(plain, hq, hkv, d, cos, sin, plain_pool, 0, slots)
+    rotary_store_kv(qkv, hq, hkv, d, cos, sin, pool, 0, slots, k_in_place=True)
+    assert torch.equal(pool, plain_pool)
+    assert torch.equal(qkv[:, :hq * d], plain[:, :hq * d])
+    assert torch.equal(qkv[:, (hq + hkv) * d:], plain[:, (hq + hkv) * d:])
+    k_rot = qkv[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d)
+    assert not torch.equal(k_rot, plain[:, hq * d:(hq + hkv) * d].view(tokens, hkv, d))
+    assert torch.equal(k_rot, pool[:, 0, 0].reshape(-1, hkv, d)[:tokens])
+
+
 def test_rotary_store_kv_rejects_bad_shapes(device: str) -> None:
     from gptoss_engine.kernels.rotary import rotary_store_kv
     qkv = torch.randn(2, (4 + 2 * 2) * 16, device=device)
