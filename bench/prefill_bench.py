@@ -3,7 +3,8 @@ turn over several rounds (so clock drift over the call falls on all alike), and 
 (torch.profiler, CUDA time) at the longest prompt.
 
 Variants (VARIANTS; each changes one thing against the default): "masked attention" makes every
-key tile pay the causal/window masks (the kernel before its split loop); "torch sort" sorts the MoE's
+key tile pay the causal/window masks (the kernel before its split loop); "paged prompt attention" runs
+the full-window layers of a fresh prompt on the paged kernel instead of cuDNN (prompt_attention.ENABLED); "torch sort" sorts the MoE's
 pairs by expert with torch's argsort as before routing.sort_pairs; "bf16 experts" is
 EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). Those two must give the default's logits
 exactly, else the run fails. Appends one row per length and variant to bench/results/prefill_ab.md.
@@ -26,7 +27,7 @@ import torch
 from bench import provenance
 from bench.gpu_bench import BLOCK_SIZE, RESULTS, fast_random_model, kernel_timeline, time_ms, uniform_batch
 from gptoss_engine import model as model_module
-from gptoss_engine.kernels import moe_grouped_mm, moe_mxfp4, paged_attention
+from gptoss_engine.kernels import moe_grouped_mm, moe_mxfp4, paged_attention, prompt_attention
 from gptoss_engine.kernels.norm import add_rmsnorm
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model import GptOssForCausalLM
@@ -41,7 +42,8 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
     """The engine with one thing changed (see VARIANTS). `bf16`: each layer's bf16 expert copies,
     attached only for the "bf16 experts" variant."""
     pa, gm = paged_attention, moe_grouped_mm
-    saved = pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS
+    saved = (pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS,
+             prompt_attention.ENABLED)
     change = {key: value for part in name.split("+") for key, value in VARIANTS[part].items()}
     if change.get("split_loop") is False:
         pa.paged_attention = functools.partial(saved[0], split_loop=False)
@@ -53,13 +55,16 @@ def variant(name: str, model: GptOssForCausalLM, bf16: list[tuple[torch.Tensor, 
         model_module._add_rmsnorm = lambda: unfused_add_rmsnorm
     if change.get("k_order_pairs"):
         moe_mxfp4.WORD_PAIRS = False
+    if change.get("paged_prompt"):
+        prompt_attention.ENABLED = False
     layers = model.model.layers
     for layer, copy in zip(layers, bf16):
         layer.mlp.experts.bf16_copy = copy if change.get("bf16") else None
     try:
         yield
     finally:
-        pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS = saved
+        (pa.paged_attention, gm.sort_pairs, gm._gather_rows, model_module._add_rmsnorm, moe_mxfp4.WORD_PAIRS,
+         prompt_attention.ENABLED) = saved
         for layer in layers:
             layer.mlp.experts.bf16_copy = None
 
@@ -77,8 +82,9 @@ VARIANTS: dict[str, dict[str, object]] = {
     "torch gather": {"torch_gather": True},
     "unfused MoE sum": {"unfused_sum": True},
     "k-order pairs": {"k_order_pairs": True},
+    "paged prompt attention": {"paged_prompt": True},
 }
-INEXACT = {"masked attention", "k-order pairs"}
+INEXACT = {"masked attention", "k-order pairs", "paged prompt attention"}
 
 
 def torch_sort_pairs(topk_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, ...]:

@@ -100,6 +100,15 @@ def _rotary_store_kv() -> Callable[..., None] | None:
     return rotary_store_kv
 
 
+@functools.cache
+def _prompt_attention() -> types.ModuleType | None:
+    try:
+        from gptoss_engine.kernels import prompt_attention
+    except ImportError:
+        return None
+    return prompt_attention
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -149,7 +158,15 @@ class Attention(nn.Module):
                                         self.layer_in_pool, slots)
             else:
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
-                rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots)   # q in place; k, v to the cache
+                # One fresh long prompt's full-window layer: cuDNN reads q, k, v from qkv (k rotated
+                # there too); the cache still gets k and v for the decode steps after it.
+                whole = (pa := _prompt_attention()) is not None and pa.takes(qkv, batch, self.window)
+                rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots, k_in_place=whole)
+                if whole:
+                    heads = qkv.view(t, hq + 2 * hkv, d)
+                    o = pa.prompt_attention(heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:],
+                                            self.sinks, self.scale)
+                    return _linear(o.view(t, hq * d), self.o_proj.weight, self.o_proj.bias)
             q = qkv[:, :hq * d].view(t, hq, d)
         else:
             q = apply_rotary(self.q_proj(x).view(t, hq, d), cos, sin)

@@ -1,0 +1,83 @@
+"""Full-window attention of one whole prompt through cuDNN's fused attention, with gpt-oss's sinks.
+
+A long prompt with nothing cached spends most of its attention time in the full-window layers,
+where every query sees every earlier key: a dense causal problem with no block table to read.
+cuDNN's fused attention (torch's `_scaled_dot_product_cudnn_attention`, Hopper kernels with TMA and
+warp specialization) runs it faster than the paged Triton kernel (PERF_NOTES v23). It knows nothing of
+sinks, so it runs without them and returns each row's log-sum-exp; a sink is one more logit in a
+row's softmax denominator with no value, which scales that row's output by
+
+    exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink),
+
+applied here by one Triton pass that also lays the output out as [T, heads, D] for o_proj.
+
+Only the step shape it is exact for takes this path (`takes`): one sequence, no cached prefix (so the
+causal mask is cuDNN's top-left one), a full-window layer, a prompt of at least MIN_TOKENS (below it
+the paged kernel is as fast: PERF_NOTES v23). Its keys are the step's own: q, k and v are read from the
+fused projection output, with k rotated in place there by rotary.rotary_store_kv(k_in_place=True); the
+KV cache is still written for the decode steps that follow.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from gptoss_engine.step_batch import StepBatch
+
+MIN_TOKENS = 2048
+ENABLED = True   # False: every prompt takes the paged kernel (the bench's A/B)
+
+
+@functools.cache
+def _available(device: torch.device) -> bool:
+    return (torch.cuda.get_device_capability(device) >= (9, 0) and torch.backends.cudnn.is_available()
+            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+
+
+def takes(q: torch.Tensor, batch: StepBatch, window: int | None) -> bool:
+    """Whether this layer's attention of this step is one fresh prompt's full-window attention."""
+    return (ENABLED and window is None and q.is_cuda and q.dtype == torch.bfloat16 and batch.num_seqs == 1
+            and batch.max_query_len == batch.max_seq_len >= MIN_TOKENS and _available(q.device))
+
+
+@triton.jit
+def _sink_fold_kernel(o_ptr, lse_ptr, sinks_ptr, out_ptr, T, s_oh, s_ot, s_lh, s_outt, s_outh,
+                      D: tl.constexpr, BLOCK_T: tl.constexpr):
+    h = tl.program_id(1)
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    ok = t < T
+    d = tl.arange(0, D)
+    lse = tl.load(lse_ptr + h * s_lh + t, mask=ok, other=0.0)
+    w = tl.sigmoid(lse - tl.load(sinks_ptr + h).to(tl.float32))
+    o = tl.load(o_ptr + h * s_oh + t[:, None].to(tl.int64) * s_ot + d[None, :], mask=ok[:, None], other=0.0)
+    tl.store(out_ptr + t[:, None].to(tl.int64) * s_outt + h * s_outh + d[None, :],
+             (o.to(tl.float32) * w[:, None]).to(out_ptr.dtype.element_ty), mask=ok[:, None])
+
+
+def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: torch.Tensor,
+                     scale: float) -> torch.Tensor:
+    """q [T, Hq, D], k and v [T, Hkv, D] (rotated, strided views are fine: last dimension contiguous)
+    -> [T, Hq, D]: causal attention of token t over keys 0..t, with the sinks."""
+    T, hq, d = q.shape
+    hkv = k.shape[1]
+    if hq % hkv or k.shape != v.shape or k.shape[0] != T or k.shape[2] != d:
+        raise ValueError(f"q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} are not one GQA attention")
+    # [1, heads, T, D] views of the projection output; cuDNN reads the GQA group's shared k/v head
+    # itself (no copy of k and v per query head: that copy cost 93 us a layer at 8k, PERF_NOTES v23).
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
+    o4, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, True, False,
+                                                                 scale=scale)[:2]
+    if o4.stride(3) != 1:
+        o4 = o4.contiguous()
+    lse = lse.reshape(hq, T)
+    if lse.dtype != torch.float32 or lse.stride(1) != 1:
+        lse = lse.float().contiguous()
+    out = torch.empty((T, hq, d), dtype=q.dtype, device=q.device)
+    block_t = 64
+    _sink_fold_kernel[(triton.cdiv(T, block_t), hq)](
+        o4, lse, sinks, out, T, o4.stride(1), o4.stride(2), lse.stride(0), out.stride(0), out.stride(1),
+        D=d, BLOCK_T=block_t, num_warps=4)
+    return out

@@ -1,0 +1,99 @@
+"""cuDNN's fused attention for one fresh prompt's full-window layers (kernels/prompt_attention.py):
+parity with the PyTorch reference (sinks, GQA), the step shapes it takes and refuses, and the model
+with the path on against off."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.gpu_bench import BLOCK_SIZE, uniform_batch
+from gptoss_engine.attention import paged_attention_reference
+from gptoss_engine.kv_layout import KVCache
+from gptoss_engine.make_model import random_model
+from gptoss_engine.model_config import ModelConfig
+from gptoss_engine.presets import preset
+from tests.gpu.test_model_cuda import packed_cuda_copy
+
+pytestmark = pytest.mark.gpu
+
+
+def _cuda(device: str, interpreted: bool) -> None:
+    if interpreted:
+        pytest.skip("cuDNN needs a real GPU")
+
+
+@pytest.mark.parametrize("tokens,hq,hkv,d", [(300, 64, 8, 64), (257, 4, 2, 16), (1000, 8, 8, 64)])
+def test_matches_reference(device: str, interpreted: bool, tokens: int, hq: int, hkv: int, d: int) -> None:
+    """Causal over the prompt's own keys, the sink in each row's denominator; q/k/v strided views of
+    one projection output as the model passes them."""
+    _cuda(device, interpreted)
+    from gptoss_engine.kernels.prompt_attention import prompt_attention
+    gen = torch.Generator().manual_seed(tokens + hq)
+    qkv = torch.randn(tokens, (hq + 2 * hkv) * d, generator=gen).to(device, torch.bfloat16)
+    heads = qkv.view(tokens, hq + 2 * hkv, d)
+    q, k, v = heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:]
+    sinks = (torch.randn(hq, generator=gen) * 2).to(device, torch.bfloat16)
+    blocks = -(-tokens // BLOCK_SIZE)
+    pool = torch.zeros(blocks, 1, 2, BLOCK_SIZE, hkv, d, device=device, dtype=torch.bfloat16)
+    for b in range(blocks):                      # logical block b at physical block b
+        n = min(BLOCK_SIZE, tokens - b * BLOCK_SIZE)
+        pool[b, 0, 0, :n], pool[b, 0, 1, :n] = k[b * BLOCK_SIZE:b * BLOCK_SIZE + n], v[b * BLOCK_SIZE:b * BLOCK_SIZE + n]
+    batch = uniform_batch(1, 0, tokens, blocks, device)
+    want = paged_attention_reference(q, pool, 0, batch.full_block_tables, batch, sinks, d ** -0.5, None)
+    got = prompt_attention(q, k, v, sinks, d ** -0.5)
+    assert got.shape == (tokens, hq, d) and got.dtype == torch.bfloat16
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < 1e-2, rel
+    # The sink matters here (not vacuous): without it the rows differ by more than the tolerance.
+    no_sink = prompt_attention(q, k, v, torch.full_like(sinks, -1e4), d ** -0.5)
+    assert ((no_sink.float() - want.float()).norm() / want.float().norm()).item() > 5e-2
+
+
+def test_takes_only_one_fresh_long_prompt(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    _cuda(device, interpreted)
+    from gptoss_engine.kernels import prompt_attention as pa
+    monkeypatch.setattr(pa, "MIN_TOKENS", 64)
+    q = torch.zeros(1, device=device, dtype=torch.bfloat16)
+    assert pa.takes(q, uniform_batch(1, 0, 64, 8, device), None)
+    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), 128)         # sliding layer
+    assert not pa.takes(q, uniform_batch(1, 0, 63, 8, device), None)        # short prompt
+    assert not pa.takes(q, uniform_batch(1, 16, 64, 8, device), None)       # a cached prefix
+    assert not pa.takes(q, uniform_batch(2, 0, 64, 8, device), None)        # two sequences
+    assert not pa.takes(q.float(), uniform_batch(1, 0, 64, 8, device), None)
+    monkeypatch.setattr(pa, "ENABLED", False)
+    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), None)
+
+
+def test_model_prefill_with_and_without(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A prompt's prefill through cuDNN on its full-window layers gives the paged kernel's logits
+    (within bf16 rounding) and the same KV cache, so the decode step after it agrees too."""
+    _cuda(device, interpreted)
+    from gptoss_engine.kernels import prompt_attention as pa
+    monkeypatch.setattr(pa, "MIN_TOKENS", 128)
+    config = ModelConfig.from_dict(preset("tiny"))
+    gpu = packed_cuda_copy(random_model(config, "cpu", torch.float32, seed=4))
+    prompt = 700
+    max_blocks = -(-(prompt + 2) // BLOCK_SIZE)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 1000, (prompt,), generator=gen).to(device)
+    calls = []
+    real = pa.prompt_attention
+    monkeypatch.setattr(pa, "prompt_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    runs = []
+    for enabled in (True, False):
+        monkeypatch.setattr(pa, "ENABLED", enabled)
+        kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), max_blocks, max_blocks, device)
+        batch = uniform_batch(1, 0, prompt, max_blocks, device)
+        batch.input_ids = ids
+        first = gpu(batch, kv).float()
+        step = uniform_batch(1, prompt, 1, max_blocks, device)
+        step.input_ids = first.argmax(-1)
+        runs.append((first, gpu(step, kv).float(), kv.full.clone(), kv.swa.clone()))
+    assert len(calls) == sum(t == "full_attention" for t in config.layer_types)   # the path ran, only when on
+    (a_first, a_step, a_full, a_swa), (b_first, b_step, b_full, b_swa) = runs
+    for got, want in ((a_first, b_first), (a_step, b_step)):
+        assert ((got - want).norm() / want.norm()).item() < 2e-2
+    # The first layer's cache is written before any attention ran: the same bits either way; the
+    # later layers' within the rounding that their inputs carry.
+    assert torch.equal(a_swa[:, 0], b_swa[:, 0])
+    assert ((a_full.float() - b_full.float()).norm() / b_full.float().norm()).item() < 2e-2
