@@ -23,7 +23,9 @@ from gptoss_engine.kernels.e2m1 import dequant_words_bf16, e2m1_x2e14, scale_x2e
 from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights, PairOutputs
 
-_ROWS, _BK = 16, 512                    # dequant tile
+# Dequant tile: 8 rows x 1024 k, 4 warps (H100 sweep, bench/prefill_attn_probe.py, PERF_NOTES v23: a
+# 20b layer's gate_up 574 -> 539 us, down 323 -> 280 against 16 x 512).
+_ROWS, _BK, _DEQUANT_WARPS = 8, 1024, 4
 _ACT_BLOCK = 1024                       # bias + SwiGLU columns a program
 _GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile
 
@@ -142,7 +144,7 @@ def _dequantize(blocks: torch.Tensor, scales: torch.Tensor, out: torch.Tensor, w
     s2 = scales.reshape(E * N, G)
     _dequant_kernel[(triton.cdiv(E * N, _ROWS), triton.cdiv(K, _BK))](
         b2, s2, o2, E * N, K, b2.stride(0), s2.stride(0), o2.stride(0), ROWS=_ROWS, BK=_BK, PERM=w.permuted,
-        ONE_MUL=w.one_mul, num_warps=4)
+        ONE_MUL=w.one_mul, num_warps=_DEQUANT_WARPS)
     return out
 
 
