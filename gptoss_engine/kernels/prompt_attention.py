@@ -12,8 +12,8 @@ row's softmax denominator with no value, which scales that row's output by
 applied here by one Triton pass that also lays the output out as [T, heads, D] for o_proj.
 
 Only the step shape it is exact for takes this path (`takes`): one sequence, no cached prefix (so the
-causal mask is cuDNN's top-left one), a full-window layer, a prompt of at least MIN_TOKENS (below it
-the paged kernel is as fast: PERF_NOTES v23). Its keys are the step's own: q, k and v are read from the
+causal mask is cuDNN's top-left one), a full-window layer, a prompt of at least MIN_TOKENS (the shortest
+measured: at 1k cuDNN took 84 us a layer against the paged kernel's 130, PERF_NOTES v23). Its keys are the step's own: q, k and v are read from the
 fused projection output, with k rotated in place there by rotary.rotary_store_kv(k_in_place=True); the
 KV cache is still written for the decode steps that follow.
 """
@@ -27,7 +27,7 @@ import triton.language as tl
 
 from gptoss_engine.step_batch import StepBatch
 
-MIN_TOKENS = 2048
+MIN_TOKENS = 1024
 ENABLED = True   # False: every prompt takes the paged kernel (the bench's A/B)
 
 
