@@ -2,20 +2,21 @@
 
 A long prompt with nothing cached spends most of its attention time in the full-window layers,
 where every query sees every earlier key: a dense causal problem with no block table to read.
-cuDNN's fused attention (torch's `_scaled_dot_product_cudnn_attention`, Hopper kernels with TMA and
-warp specialization) runs it faster than the paged Triton kernel (PERF_NOTES v23). It knows nothing of
-sinks, so it runs without them and returns each row's log-sum-exp; a sink is one more logit in a
-row's softmax denominator with no value, which scales that row's output by
+cuDNN's fused attention (torch's `_scaled_dot_product_cudnn_attention`; on the H100 an sm_90 wgmma
+kernel) runs it faster than the paged Triton kernel: an 8k layer 1.31 ms against 1.70-1.78 (PERF_NOTES
+v23). It knows nothing of sinks, so it runs without them and returns each row's log-sum-exp; a sink
+is one more logit in a row's softmax denominator with no value, which scales that row's output by
 
     exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink),
 
 applied here by one Triton pass that also lays the output out as [T, heads, D] for o_proj.
 
 Only the step shape it is exact for takes this path (`takes`): one sequence, no cached prefix (so the
-causal mask is cuDNN's top-left one), a full-window layer, a prompt of at least MIN_TOKENS (the shortest
-measured: at 1k cuDNN took 84 us a layer against the paged kernel's 130, PERF_NOTES v23). Its keys are the step's own: q, k and v are read from the
-fused projection output, with k rotated in place there by rotary.rotary_store_kv(k_in_place=True); the
-KV cache is still written for the decode steps that follow.
+causal mask is cuDNN's top-left one), a full-window layer, a prompt of at least MIN_TOKENS. That is the
+shortest length measured (PERF_NOTES v23): a 1k layer took 84 us without the sink fold against the
+paged kernel's 130, a whole 1k prefill came out even (28.52 against 28.75 ms), 8k 127.57 against
+132.11. q, k and v are read from the fused projection output, with k rotated in place there by
+rotary.rotary_store_kv(k_in_place=True); the KV cache is still written for the decode steps after.
 """
 from __future__ import annotations
 
