@@ -156,17 +156,24 @@ def dequant(results: dict) -> None:
 
 def dense(results: dict) -> None:
     """The decode projections through cuBLAS (F.linear with bias): us, weight GB/s, and each kernel's
-    grid from the profiler's trace (does the tile grid cover the 132 SMs?)."""
+    grid from the profiler's trace (does the tile grid cover the 132 SMs?). The timed calls take five
+    weight copies in turn (a graph of five calls: 118-147 MB, past the 50 MB L2), so each reads its
+    weights from DRAM as a decode step does; the first H100 call (f2adf9e) reused one copy and timed L2."""
+    import itertools
+
     import torch.nn.functional as F
     from torch.profiler import ProfilerActivity, profile
+
+    from bench.moe_kernel_bench import time_us
     rows = {}
     for name, (K, N) in {"qkv": (2880, 5120), "o": (4096, 2880)}.items():
-        w = torch.randn(N, K, device="cuda", dtype=torch.bfloat16)
+        copies = [torch.randn(N, K, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+        w = copies[0]
         bias = torch.randn(N, device="cuda", dtype=torch.bfloat16)
         for M in (8, 64, 256):
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
-            from bench.moe_kernel_bench import time_us
-            us = time_us(lambda: F.linear(x, w, bias), graph=True)
+            turn = itertools.cycle(copies)
+            us = time_us(lambda: F.linear(x, next(turn), bias), graph=True)
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 F.linear(x, w, bias)
                 torch.cuda.synchronize()

@@ -36,8 +36,9 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, hq: int,
     blocks = -(-tokens // BLOCK_SIZE)
     pool = torch.zeros(blocks, 1, 2, BLOCK_SIZE, hkv, d, device=device, dtype=torch.bfloat16)
     for b in range(blocks):                      # logical block b at physical block b
-        n = min(BLOCK_SIZE, tokens - b * BLOCK_SIZE)
-        pool[b, 0, 0, :n], pool[b, 0, 1, :n] = k[b * BLOCK_SIZE:b * BLOCK_SIZE + n], v[b * BLOCK_SIZE:b * BLOCK_SIZE + n]
+        lo = b * BLOCK_SIZE
+        n = min(BLOCK_SIZE, tokens - lo)
+        pool[b, 0, 0, :n], pool[b, 0, 1, :n] = k[lo:lo + n], v[lo:lo + n]
     batch = uniform_batch(1, 0, tokens, blocks, device)
     want = paged_attention_reference(q, pool, 0, batch.full_block_tables, batch, sinks, d ** -0.5, None)
     got = prompt_attention(q, k, v, sinks, d ** -0.5)
