@@ -4,8 +4,9 @@ turn over several rounds (so clock drift over the call falls on all alike), and 
 
 Variants (VARIANTS; each changes one thing against the default): "masked attention" makes every
 key tile pay the causal/window masks (the kernel before its split loop); "paged prompt attention" runs
-the full-window layers of a fresh prompt on the paged kernel instead of cuDNN (prompt_attention.ENABLED); "torch sort" sorts the MoE's
-pairs by expert with torch's argsort as before routing.sort_pairs; "bf16 experts" is
+the full-window layers of a fresh prompt on the paged kernel instead of cuDNN's
+(prompt_attention.ENABLED); "torch sort" sorts the MoE's pairs by expert with torch's argsort as
+before routing.sort_pairs; "bf16 experts" is
 EngineConfig.moe_prefill_weights = "bf16" (20b: +38 GB). Those two must give the default's logits
 exactly, else the run fails. Appends one row per length and variant to bench/results/prefill_ab.md.
 

@@ -23,8 +23,8 @@ from gptoss_engine.kernels.e2m1 import dequant_words_bf16, e2m1_x2e14, scale_x2e
 from gptoss_engine.kernels.routing import sort_pairs
 from gptoss_engine.moe import ExpertWeights, PairOutputs
 
-# Dequant tile: 8 rows x 1024 k, 4 warps (H100 sweep, bench/prefill_attn_probe.py, PERF_NOTES v23: a
-# 20b layer's gate_up 574 -> 539 us, down 323 -> 280 against 16 x 512).
+# Dequant tile: 8 rows x 1024 k, 4 warps (H100, two sweeps with bench/prefill_attn_probe.py, PERF_NOTES
+# v23: a 20b layer's gate_up 573-574 -> 539-543 us, down 321-323 -> 280-308 against 16 x 512).
 _ROWS, _BK, _DEQUANT_WARPS = 8, 1024, 4
 _ACT_BLOCK = 1024                       # bias + SwiGLU columns a program
 _GATHER_ROWS, _GATHER_BLOCK = 4, 1024   # gather tile

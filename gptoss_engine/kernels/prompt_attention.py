@@ -38,10 +38,11 @@ def _available(device: torch.device) -> bool:
             and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
 
 
-def takes(q: torch.Tensor, batch: StepBatch, window: int | None) -> bool:
-    """Whether this layer's attention of this step is one fresh prompt's full-window attention."""
-    return (ENABLED and window is None and q.is_cuda and q.dtype == torch.bfloat16 and batch.num_seqs == 1
-            and batch.max_query_len == batch.max_seq_len >= MIN_TOKENS and _available(q.device))
+def takes(x: torch.Tensor, batch: StepBatch, window: int | None) -> bool:
+    """Whether this layer's attention of this step is one fresh prompt's full-window attention; x is
+    the layer's q or the q|k|v projection output it is a view of (its device and dtype are read)."""
+    return (ENABLED and window is None and x.is_cuda and x.dtype == torch.bfloat16 and batch.num_seqs == 1
+            and batch.max_query_len == batch.max_seq_len >= MIN_TOKENS and _available(x.device))
 
 
 @triton.jit
