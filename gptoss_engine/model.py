@@ -160,7 +160,7 @@ class Attention(nn.Module):
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
                 # One fresh long prompt's full-window layer: cuDNN reads q, k, v from qkv (k rotated
                 # there too); the cache still gets k and v for the decode steps after it.
-                whole = (pa := _prompt_attention()) is not None and pa.takes(qkv, batch, self.window)
+                whole = (pa := _prompt_attention()) is not None and pa.takes(qkv, batch, self.window, hq, hkv, d)
                 rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots, k_in_place=whole)
                 if whole:
                     heads = qkv.view(t, hq + 2 * hkv, d)

@@ -32,17 +32,43 @@ MIN_TOKENS = 1024
 ENABLED = True   # False: every prompt takes the paged kernel (the bench's A/B)
 
 
+def _cudnn(q4: torch.Tensor, k4: torch.Tensor, v4: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cuDNN's causal attention of [1, heads, T, D] views, GQA read from k4/v4's fewer heads:
+    (output [1, Hq, T, D], natural-log log-sum-exp of each row)."""
+    out = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, True, False, scale=scale)
+    return out[0], out[1]
+
+
 @functools.cache
-def _available(device: torch.device) -> bool:
-    return (torch.cuda.get_device_capability(device) >= (9, 0) and torch.backends.cudnn.is_available()
-            and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"))
+def _available(device: torch.device, hq: int, hkv: int, d: int) -> bool:
+    """sm_90, and a cuDNN through this torch that runs these head counts as this module calls it and
+    returns what it expects: tried once on 16 random tokens against torch's own arithmetic (output
+    and natural-log log-sum-exp). torch is not pinned (>= 2.5), and a version whose cuDNN attention
+    lacks GQA, this signature or this head size then leaves every prompt on the paged kernel instead
+    of failing a request mid-prefill."""
+    if torch.cuda.get_device_capability(device) < (9, 0) or not torch.backends.cudnn.is_available():
+        return False
+    gen = torch.Generator(device=device).manual_seed(0)
+    qkv = torch.randn(16, hq + 2 * hkv, d, device=device, generator=gen).to(torch.bfloat16)
+    q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (qkv[:, :hq], qkv[:, hq:hq + hkv], qkv[:, hq + hkv:]))
+    try:
+        out, lse = _cudnn(q4, k4, v4, d ** -0.5)
+    except (AttributeError, RuntimeError, TypeError):
+        return False
+    scores = torch.einsum("bhqd,bhkd->bhqk", q4.float(), k4.float().repeat_interleave(hq // hkv, 1)) * d ** -0.5
+    scores = scores.masked_fill(torch.ones(16, 16, dtype=torch.bool, device=device).triu(1), float("-inf"))
+    want = torch.einsum("bhqk,bhkd->bhqd", scores.softmax(-1), v4.float().repeat_interleave(hq // hkv, 1))
+    return (out.shape == want.shape and lse.numel() == hq * 16
+            and torch.allclose(out.float(), want, atol=2e-2, rtol=2e-2)
+            and torch.allclose(lse.float().reshape(hq, 16), scores.logsumexp(-1)[0], atol=2e-2, rtol=2e-2))
 
 
-def takes(x: torch.Tensor, batch: StepBatch, window: int | None) -> bool:
-    """Whether this layer's attention of this step is one fresh prompt's full-window attention; x is
-    the layer's q or the q|k|v projection output it is a view of (its device and dtype are read)."""
+def takes(x: torch.Tensor, batch: StepBatch, window: int | None, hq: int, hkv: int, d: int) -> bool:
+    """Whether this layer's attention of this step (hq query and hkv key/value heads of d) is one fresh
+    prompt's full-window attention, on a GPU whose cuDNN runs it; x is the layer's q or the q|k|v
+    projection output it is a view of (its device and dtype are read)."""
     return (ENABLED and window is None and x.is_cuda and x.dtype == torch.bfloat16 and batch.num_seqs == 1
-            and batch.max_query_len == batch.max_seq_len >= MIN_TOKENS and _available(x.device))
+            and batch.max_query_len == batch.max_seq_len >= MIN_TOKENS and _available(x.device, hq, hkv, d))
 
 
 @triton.jit
@@ -70,8 +96,7 @@ def prompt_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, sinks: t
     # [1, heads, T, D] views of the projection output; cuDNN reads the GQA group's shared k/v head
     # itself (no copy of k and v per query head: that copy cost 93 us a layer at 8k, PERF_NOTES v23).
     q4, k4, v4 = (x.unsqueeze(0).transpose(1, 2) for x in (q, k, v))
-    o4, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(q4, k4, v4, None, True, 0.0, True, False,
-                                                                 scale=scale)[:2]
+    o4, lse = _cudnn(q4, k4, v4, scale)
     if o4.stride(3) != 1:
         o4 = o4.contiguous()
     lse = lse.reshape(hq, T)

@@ -55,14 +55,34 @@ def test_takes_only_one_fresh_long_prompt(device: str, interpreted: bool, monkey
     from gptoss_engine.kernels import prompt_attention as pa
     monkeypatch.setattr(pa, "MIN_TOKENS", 64)
     q = torch.zeros(1, device=device, dtype=torch.bfloat16)
-    assert pa.takes(q, uniform_batch(1, 0, 64, 8, device), None)
-    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), 128)         # sliding layer
-    assert not pa.takes(q, uniform_batch(1, 0, 63, 8, device), None)        # short prompt
-    assert not pa.takes(q, uniform_batch(1, 16, 64, 8, device), None)       # a cached prefix
-    assert not pa.takes(q, uniform_batch(2, 0, 64, 8, device), None)        # two sequences
-    assert not pa.takes(q.float(), uniform_batch(1, 0, 64, 8, device), None)
+    heads = (64, 8, 64)
+    assert pa.takes(q, uniform_batch(1, 0, 64, 8, device), None, *heads)
+    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), 128, *heads)         # sliding layer
+    assert not pa.takes(q, uniform_batch(1, 0, 63, 8, device), None, *heads)        # short prompt
+    assert not pa.takes(q, uniform_batch(1, 16, 64, 8, device), None, *heads)       # a cached prefix
+    assert not pa.takes(q, uniform_batch(2, 0, 64, 8, device), None, *heads)        # two sequences
+    assert not pa.takes(q.float(), uniform_batch(1, 0, 64, 8, device), None, *heads)
     monkeypatch.setattr(pa, "ENABLED", False)
-    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), None)
+    assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), None, *heads)
+
+
+def test_a_cudnn_that_fails_its_check_is_not_used(device: str, interpreted: bool,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The once-per-shape check (_available): this GPU's cuDNN passes it for gpt-oss's heads; a cuDNN
+    that raises, or returns its log-sum-exp in another base, leaves the prompt on the paged kernel."""
+    _cuda(device, interpreted)
+    from gptoss_engine.kernels import prompt_attention as pa
+    dev = torch.device(device, torch.cuda.current_device())
+    assert pa._available.__wrapped__(dev, 64, 8, 64)
+    real = pa._cudnn
+
+    def raises(*args: object) -> None:
+        raise RuntimeError("no kernel for this configuration")
+
+    monkeypatch.setattr(pa, "_cudnn", raises)
+    assert not pa._available.__wrapped__(dev, 64, 8, 64)
+    monkeypatch.setattr(pa, "_cudnn", lambda *a: (real(*a)[0], real(*a)[1] * 1.4426950408889634))
+    assert not pa._available.__wrapped__(dev, 64, 8, 64)
 
 
 def test_model_prefill_with_and_without(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
