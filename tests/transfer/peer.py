@@ -48,6 +48,14 @@ async def serve() -> None:
             for tid in staged:
                 server.release(tid)
             staged.clear()
+            # A release while a read is in flight (a reader that refused the bytes and has not yet
+            # closed) frees the transfer when that read ends, as "expired": wait for it (bounded), so
+            # the next test starts with nothing staged and no late release in its log. Without the
+            # wait, CI once saw reset fail after the checksum test and the next test find two
+            # "expired" entries.
+            deadline = loop.time() + 5.0
+            while server.num_staged and loop.time() < deadline:
+                await asyncio.sleep(0.01)
             released.clear()
             reply = {"ok": server.num_staged == 0}
         elif cmd["cmd"] == "release":
