@@ -8,6 +8,7 @@ like its checkpoint key, so loading is one loop (checkpoint.py). Experts are eit
 from __future__ import annotations
 
 import functools
+import importlib
 import types
 from typing import Callable
 
@@ -32,8 +33,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and x.dim() == 2 and (fused := _rmsnorm()) is not None:
-            return fused(x, self.weight, self.eps)
+        if x.is_cuda and x.dim() == 2 and (norm := _kernels("norm")) is not None:
+            return norm.rmsnorm(x, self.weight, self.eps)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
@@ -48,65 +49,25 @@ class RMSNorm(nn.Module):
 
 
 @functools.cache
-def _rmsnorm() -> Callable[..., torch.Tensor] | None:
+def _kernels(name: str) -> types.ModuleType | None:
+    """gptoss_engine.kernels.<name>, or None where it does not import (no Triton: the CPU path)."""
     try:
-        from gptoss_engine.kernels.norm import rmsnorm
+        return importlib.import_module(f"gptoss_engine.kernels.{name}")
     except ImportError:
         return None
-    return rmsnorm
 
 
-@functools.cache
 def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
-    try:
-        from gptoss_engine.kernels.norm import add_rmsnorm
-    except ImportError:
-        return None
-    return add_rmsnorm
-
-
-@functools.cache
-def _add_rmsnorm_route() -> Callable[..., tuple[torch.Tensor, ...]] | None:
-    try:
-        from gptoss_engine.kernels.routing import add_rmsnorm_route
-    except ImportError:
-        return None
-    return add_rmsnorm_route
-
-
-@functools.cache
-def _dense_gemv() -> types.ModuleType | None:
-    try:
-        from gptoss_engine.kernels import gemv
-    except ImportError:
-        return None
-    return gemv
+    """kernels/norm's add_rmsnorm, or None (a function of its own: prefill_bench swaps it)."""
+    return None if (norm := _kernels("norm")) is None else norm.add_rmsnorm
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
     which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs."""
-    if x.is_cuda and (g := _dense_gemv()) is not None and g.gemv_takes(x, w):
+    if x.is_cuda and (g := _kernels("gemv")) is not None and g.gemv_takes(x, w):
         return g.dense_gemv(x, w, b)
     return torch.nn.functional.linear(x, w, b)
-
-
-@functools.cache
-def _rotary_store_kv() -> Callable[..., None] | None:
-    try:
-        from gptoss_engine.kernels.rotary import rotary_store_kv
-    except ImportError:
-        return None
-    return rotary_store_kv
-
-
-@functools.cache
-def _prompt_attention() -> types.ModuleType | None:
-    try:
-        from gptoss_engine.kernels import prompt_attention
-    except ImportError:
-        return None
-    return prompt_attention
 
 
 class Attention(nn.Module):
@@ -151,8 +112,8 @@ class Attention(nn.Module):
             pool, slots, tables = kv.swa, batch.swa_slot_mapping, batch.swa_block_tables
         # K/V of this step go into the cache first, so the attention reads the step's own keys
         # through the same block table as the cached context.
-        if self.qkv_weight is not None and x.is_cuda and (rotary_kv := _rotary_store_kv()) is not None:
-            if (g := _dense_gemv()) is not None and g.ROTARY_EPILOGUE and g.gemv_takes(x, self.qkv_weight):
+        if self.qkv_weight is not None and x.is_cuda and (rotary := _kernels("rotary")) is not None:
+            if (g := _kernels("gemv")) is not None and g.ROTARY_EPILOGUE and g.gemv_takes(x, self.qkv_weight):
                 # 1-2 tokens: the rotation and the cache store are the GEMV's epilogue (one launch).
                 qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
                                         self.layer_in_pool, slots)
@@ -160,8 +121,10 @@ class Attention(nn.Module):
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
                 # One fresh long prompt's full-window layer: cuDNN reads q, k, v from qkv (k rotated
                 # there too); the cache still gets k and v for the decode steps after it.
-                whole = (pa := _prompt_attention()) is not None and pa.takes(qkv, batch, self.window, hq, hkv, d)
-                rotary_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots, k_in_place=whole)
+                pa = _kernels("prompt_attention")
+                whole = pa is not None and pa.takes(qkv, batch, self.window, hq, hkv, d)
+                rotary.rotary_store_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots,
+                                       k_in_place=whole)
                 if whole:
                     heads = qkv.view(t, hq + 2 * hkv, d)
                     o = pa.prompt_attention(heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:],
@@ -265,9 +228,10 @@ class DecoderLayer(nn.Module):
         the final norm runs on the logits rows only) just x + attn + mlp."""
         attn = self.self_attn(h, cos, sin, batch, kv)
         norm, router = self.post_attention_layernorm, self.mlp.router
-        if x.is_cuda and (fused := _add_rmsnorm_route()) is not None:
+        if x.is_cuda and (routing := _kernels("routing")) is not None:
             # The residual add, the norm and the router in one launch (kernels/routing.py).
-            x, h, ids, wts = fused(x, attn, norm.weight, norm.eps, router.weight, router.bias, self.mlp.top_k)
+            x, h, ids, wts = routing.add_rmsnorm_route(x, attn, norm.weight, norm.eps, router.weight, router.bias,
+                                                       self.mlp.top_k)
             delta = self.mlp(h, (ids, wts))
         else:
             x, h = norm.add_forward(x, attn)
