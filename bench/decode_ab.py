@@ -29,6 +29,8 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           against 2 and 1: 1 drops their combine launch): 20b batch 1 and 8
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
           batch 1 and 64
+  splitk  the attention projections (and lm_head) at 3-64 tokens through kernels/splitk_gemm against
+          cuBLAS (splitk_gemm.ENABLED): 20b batch 4-64, 120b batch 8 and 64
 """
 from __future__ import annotations
 
@@ -47,7 +49,7 @@ import triton
 from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing
+from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing, splitk_gemm
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -114,6 +116,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4._tiles = switches.get("grouped_tiles", _GROUPED_TILES)  # type: ignore[assignment]
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
+        splitk_gemm.ENABLED = bool(switches.get("splitk", True))
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -179,6 +182,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                        "sliding 1": _set(splits=_sliding_splits(1))}),
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
+    "splitk": ([("20b", (4, 8, 16, 64)), ("120b", (8, 64))],
+               {"cublas": _set(splitk=False), "splitk": _set()}),
 }
 
 

@@ -64,9 +64,13 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
-    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs."""
-    if x.is_cuda and (g := _kernels("gemv")) is not None and g.gemv_takes(x, w):
-        return g.dense_gemv(x, w, b)
+    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs, and at 3-64 tokens
+    kernels/splitk_gemm's GEMM split over K, whose grid covers every SM where cuBLAS's left ~40% idle."""
+    if x.is_cuda:
+        if (g := _kernels("gemv")) is not None and g.gemv_takes(x, w):
+            return g.dense_gemv(x, w, b)
+        if (s := _kernels("splitk_gemm")) is not None and s.takes(x, w):
+            return s.splitk_linear(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
 
