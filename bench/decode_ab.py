@@ -30,7 +30,8 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
           batch 1 and 64
   splitk  the attention projections (and lm_head) at 3-64 tokens through kernels/splitk_gemm against
-          cuBLAS (splitk_gemm.ENABLED): 20b batch 4-64, 120b batch 8 and 64
+          cuBLAS (splitk_gemm.ENABLED), with the rotary + KV store as the q|k|v GEMM's epilogue
+          (splitk_gemm.ROTARY_EPILOGUE) or as its own launch: 20b batch 4-64, 120b batch 8 and 64
 """
 from __future__ import annotations
 
@@ -117,6 +118,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
         splitk_gemm.ENABLED = bool(switches.get("splitk", True))
+        splitk_gemm.ROTARY_EPILOGUE = bool(switches.get("splitk_rotary", True))
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -183,7 +185,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
     "splitk": ([("20b", (4, 8, 16, 64)), ("120b", (8, 64))],
-               {"cublas": _set(splitk=False), "splitk": _set()}),
+               {"cublas": _set(splitk=False), "splitk, rotary after": _set(splitk_rotary=False),
+                "splitk + rotary": _set()}),
 }
 
 

@@ -111,3 +111,54 @@ def test_splitk_refuses_what_it_cannot_take(device: str, interpreted: bool) -> N
               torch.zeros(splitk_gemm.MAX_TOKENS + 1, 64, device=device, dtype=torch.bfloat16)):
         with pytest.raises(ValueError, match="splitk_linear"):
             splitk_gemm.splitk_linear(x, w)
+
+
+@pytest.mark.parametrize("m", [3, 8, 64])
+@pytest.mark.parametrize("hq,hkv,d,k", [(64, 8, 64, 2880), (4, 2, 32, 272)])
+def test_splitk_qkv_rotary_matches_splitk_then_rotary_store_kv(device: str, interpreted: bool, m: int, hq: int,
+                                                                hkv: int, d: int, k: int) -> None:
+    """The q|k|v GEMM with rotary + cache store as its last programs' epilogue against the two launches
+    it replaces (splitk_linear, then rotary_store_kv): q rotated, k/v of qkv as projected, the rotated k
+    and the v in each token's slot, a padding slot (-1) and the other layer untouched, with tiles of one
+    and of two heads (BLOCK_N 32 is widened to a head). The fused form rounds once, the two launches
+    twice: 2 bf16 ulp apart at most."""
+    from gptoss_engine.kernels import splitk_gemm
+    from gptoss_engine.kernels.rotary import rotary_store_kv
+    if interpreted and (hq > 4 or m > 8):
+        pytest.skip("the interpreter takes the small shapes")
+    dt = torch.float32 if interpreted else torch.bfloat16
+    gen = torch.Generator(device=device).manual_seed(m * 7 + hq)
+    n = (hq + 2 * hkv) * d
+    x = torch.randn(m, k, generator=gen, device=device).to(dt)
+    w = (torch.randn(n, k, generator=gen, device=device) * 0.05).to(dt)
+    b = torch.randn(n, generator=gen, device=device).to(dt)
+    angle = torch.rand(m, d // 2, generator=gen, device=device) * 6.3
+    cos, sin = angle.cos().to(dt), angle.sin().to(dt)
+    blocks = -(-(m + 40) // 16)
+    pool = torch.randn(blocks, 2, 2, 16, hkv, d, generator=gen, device=device).to(dt)
+    slots = torch.arange(m, device=device) + 5
+    slots[1] = -1
+    for cfg in (None, (32, 64, 3, 4, 3), (128, 128, 1, 4, 3)):
+        splitk_gemm.CONFIG_OVERRIDE = cfg
+        try:
+            want_pool, got_pool = pool.clone(), pool.clone()
+            want = splitk_gemm.splitk_linear(x, w, b)
+            rotary_store_kv(want, hq, hkv, d, cos, sin, want_pool, 1, slots)
+            got = splitk_gemm.splitk_qkv_rotary(x, w, b, hq, hkv, d, cos, sin, got_pool, 1, slots)
+        finally:
+            splitk_gemm.CONFIG_OVERRIDE = None
+
+        def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+            return bool(((a.float() - b.float()).abs() <= b.float().abs() * 2 ** -6 + 2e-2).all())
+
+        assert got.shape == (m, n) and close(got, want), cfg        # q rotated; k and v as projected
+        assert close(got_pool, want_pool), cfg                       # rotated k, v in the slots
+        assert torch.equal(got_pool[:, 0], pool[:, 0]), cfg          # the other layer untouched
+        cache = got_pool[:, 1].permute(1, 0, 2, 3, 4).reshape(2, blocks * 16, hkv, d)
+        before = pool[:, 1].permute(1, 0, 2, 3, 4).reshape(2, blocks * 16, hkv, d)
+        written = torch.zeros(blocks * 16, dtype=torch.bool, device=device)
+        written[slots[slots >= 0]] = True
+        assert torch.equal(cache[:, ~written], before[:, ~written]), cfg   # slot -1 and the rest untouched
+        assert not torch.equal(cache[:, written], before[:, written]), cfg
+    with pytest.raises(ValueError, match="splitk_qkv_rotary"):
+        splitk_gemm.splitk_qkv_rotary(x, w[:-1], b, hq, hkv, d, cos, sin, pool, 1, slots)
