@@ -64,12 +64,13 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
-    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs, and at 3-64 tokens
-    kernels/splitk_gemm's GEMM split over K, whose grid covers every SM where cuBLAS's left ~40% idle."""
+    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs, and at 3-64 tokens for the
+    shapes where it measured faster (lm_head, o up to 32 tokens) kernels/splitk_gemm's GEMM split over
+    K, whose grid covers every SM where cuBLAS's left ~40% idle."""
     if x.is_cuda:
         if (g := _kernels("gemv")) is not None and g.gemv_takes(x, w):
             return g.dense_gemv(x, w, b)
-        if (s := _kernels("splitk_gemm")) is not None and s.takes(x, w):
+        if (s := _kernels("splitk_gemm")) is not None and s.wins(x, w):
             return s.splitk_linear(x, w, b)
     return torch.nn.functional.linear(x, w, b)
 
@@ -121,7 +122,7 @@ class Attention(nn.Module):
                 # 1-2 tokens: the rotation and the cache store are the GEMV's epilogue (one launch).
                 qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
                                         self.layer_in_pool, slots)
-            elif (sk := _kernels("splitk_gemm")) is not None and sk.ROTARY_EPILOGUE and sk.takes(x, self.qkv_weight):
+            elif (sk := _kernels("splitk_gemm")) is not None and sk.QKV_ROTARY and sk.takes(x, self.qkv_weight):
                 # 3-64 tokens: the same epilogue on the split-K GEMM's last program of each tile.
                 qkv = sk.splitk_qkv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
                                            self.layer_in_pool, slots)

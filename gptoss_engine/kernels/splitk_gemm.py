@@ -2,10 +2,9 @@
 
 At batch 8 and 64 the attention projections went to cuBLAS, whose heuristics pick GEMV-shaped tiles
 of 64 output columns: q|k|v (5120 x 2880) ran as 80 CTAs and o (2880 x 4096) as 72 on the H100's 132
-SMs (grids read from the profiler, PERF_NOTES v23), so 40-45% of the SMs streamed nothing and the
-weights moved at 2.0-2.2 TB/s. Here a program owns a BLOCK_N x (K / SPLITS) slab of W and all of the
-step's tokens (one BLOCK_M tile: at these sizes x is a few hundred KB that stays in L2), and the
-grid is (N / BLOCK_N) x SPLITS programs, enough to cover every SM more than once.
+SMs (grids read from the profiler, PERF_NOTES v23). Here a program owns a BLOCK_N x (K / SPLITS) slab
+of W and all of the step's tokens (one BLOCK_M tile: at these sizes x is a few hundred KB that stays
+in L2), and the grid is (N / BLOCK_N) x SPLITS programs, enough to cover every SM more than once.
 
 The K split needs a sum across programs. It is a fixed-order one, so the result does not depend on
 which program finishes last: each program stores its fp32 partial to a workspace, then counts its
@@ -13,6 +12,13 @@ arrival on the tile's counter; the last to arrive sums the SPLITS partials in sp
 bias, rounds once to bf16 and resets the counter to zero for the next launch (the arrival-count
 scheme of routing._logits_topk). Counters are per device, zero between launches, made by the first
 (eager) call: CUDA graphs capture the launches after an eager warm-up (cuda_graphs.py).
+
+Where it is used (`wins`) is what bench/splitk_bench.py measured on the H100 (weights cold, PERF_NOTES
+v24): lm_head at 3-64 tokens (4 tokens 463 -> 379 us, 8: 395 -> 382, 64: 410 -> 403; 3.06-2.87 TB/s)
+and o at 3-32 (8 tokens 14.6 -> 12.4 us, 16: 14.9 -> 13.4, 32: 15.3 -> 14.5). cuBLAS stays faster
+for o at 64 tokens (11.7 against 13.9) and for q|k|v at every size (13.5-13.8 against 15.2-17.5), so
+the q|k|v form with rotary + KV store as its epilogue (splitk_qkv_rotary) is off by default
+(QKV_ROTARY; the whole-step A/B is `bench/decode_ab.py splitk`).
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ import triton.language as tl
 MIN_TOKENS = 3        # 1-2 tokens: kernels/gemv's GEMV
 MAX_TOKENS = 64       # one BLOCK_M tile of tokens; beyond, cuBLAS's own tiles fill the GPU
 ENABLED = True        # False: cuBLAS at every size (the bench's A/B)
-ROTARY_EPILOGUE = True   # the model's q|k|v takes splitk_qkv_rotary; False: splitk_linear then rotary
+QKV_ROTARY = False    # the model's q|k|v at 3-64 tokens through splitk_qkv_rotary (see the docstring)
+WIDE_N = 65536        # lm_head-sized outputs: split-K's tiles (one split) beat cuBLAS at 3-64 tokens
+NARROW_MAX_TOKENS = 32   # outputs narrower than K (o: 4096 -> 2880): split-K wins up to here
 _MAX_TILES = 4096     # output tiles with a counter each (N / BLOCK_N at the smallest BLOCK_N)
 # (BLOCK_N, BLOCK_K, SPLITS or 0 for "enough to cover the SMs twice", warps, stages): sweeps override.
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None
@@ -159,6 +167,13 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (ENABLED and x.is_cuda and x.dim() == 2 and MIN_TOKENS <= x.shape[0] <= MAX_TOKENS
             and x.dtype == w.dtype == torch.bfloat16 and x.stride(1) == 1 and w.stride(1) == 1
             and torch.cuda.get_device_capability(x.device) >= (8, 0))
+
+
+def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """takes(x, w), and a shape where it measured faster than cuBLAS (the docstring): lm_head, or an
+    output narrower than its input (o) at up to NARROW_MAX_TOKENS tokens."""
+    N, K = w.shape
+    return takes(x, w) and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS))
 
 
 def _launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rotary: tuple | None = None) -> torch.Tensor:

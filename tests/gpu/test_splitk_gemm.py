@@ -107,6 +107,13 @@ def test_splitk_refuses_what_it_cannot_take(device: str, interpreted: bool) -> N
                                                       dtype=torch.bfloat16)}.items():
             assert not splitk_gemm.takes(x, w), why
         assert splitk_gemm.takes(torch.zeros(8, 64, device=device, dtype=torch.bfloat16), w)
+        # Where it runs in the model (the measured shapes): o up to 32 tokens, lm_head, never q|k|v.
+        bf = dict(device=device, dtype=torch.bfloat16)
+        o, qkv, head = (torch.empty(2880, 4096, **bf), torch.empty(5120, 2880, **bf),
+                        torch.empty(splitk_gemm.WIDE_N, 2880, **bf))
+        assert splitk_gemm.wins(torch.zeros(32, 4096, **bf), o) and not splitk_gemm.wins(torch.zeros(33, 4096, **bf), o)
+        assert not splitk_gemm.wins(torch.zeros(8, 2880, **bf), qkv)
+        assert splitk_gemm.wins(torch.zeros(64, 2880, **bf), head)
     for x in (torch.zeros(8, 72, device=device, dtype=torch.bfloat16),
               torch.zeros(splitk_gemm.MAX_TOKENS + 1, 64, device=device, dtype=torch.bfloat16)):
         with pytest.raises(ValueError, match="splitk_linear"):
