@@ -31,7 +31,7 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           batch 1 and 64
   splitk  o (up to 32 tokens) and lm_head at 3-64 tokens through kernels/splitk_gemm against cuBLAS
           (splitk_gemm.ENABLED), and the q|k|v projection too, with rotary + KV store as its epilogue
-          (splitk_gemm.QKV_ROTARY): 20b batch 4-64, 120b batch 8 and 64
+          (splitk_gemm.QKV_ROTARY): 20b batch 4, 8 and 64, 120b batch 8 and 64
 """
 from __future__ import annotations
 
@@ -184,7 +184,7 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                        "sliding 1": _set(splits=_sliding_splits(1))}),
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
-    "splitk": ([("20b", (4, 8, 16, 64)), ("120b", (8, 64))],
+    "splitk": ([("20b", (4, 8, 64)), ("120b", (8, 64))],
                {"cublas": _set(splitk=False), "splitk o + lm_head": _set(),
                 "splitk o + lm_head + q|k|v with rotary": _set(splitk_qkv=True)}),
 }
