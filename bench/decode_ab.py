@@ -30,8 +30,7 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
   routereb  router experts a program (routing.ROUTER_EB: 4, the default, against 2 and 8): 20b
           batch 1 and 64
   splitk  o (up to 32 tokens) and lm_head at 3-64 tokens through kernels/splitk_gemm against cuBLAS
-          (splitk_gemm.ENABLED), and the q|k|v projection too, with rotary + KV store as its epilogue
-          (splitk_gemm.QKV_ROTARY): 20b batch 4, 8 and 64, 120b batch 8 and 64
+          (splitk_gemm.ENABLED): 20b batch 4, 8 and 64, 120b batch 8 and 64
 """
 from __future__ import annotations
 
@@ -118,7 +117,6 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
         splitk_gemm.ENABLED = bool(switches.get("splitk", True))
-        splitk_gemm.QKV_ROTARY = bool(switches.get("splitk_qkv", False))
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -185,8 +183,7 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
     "routereb": ([("20b", (1, 64))],
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
     "splitk": ([("20b", (4, 8, 64)), ("120b", (8, 64))],
-               {"cublas": _set(splitk=False), "splitk o + lm_head": _set(),
-                "splitk o + lm_head + q|k|v with rotary": _set(splitk_qkv=True)}),
+               {"cublas": _set(splitk=False), "splitk o + lm_head": _set()}),
 }
 
 

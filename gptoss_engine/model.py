@@ -122,10 +122,6 @@ class Attention(nn.Module):
                 # 1-2 tokens: the rotation and the cache store are the GEMV's epilogue (one launch).
                 qkv = g.qkv_gemv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
                                         self.layer_in_pool, slots)
-            elif (sk := _kernels("splitk_gemm")) is not None and sk.QKV_ROTARY and sk.takes(x, self.qkv_weight):
-                # 3-64 tokens: the same epilogue on the split-K GEMM's last program of each tile.
-                qkv = sk.splitk_qkv_rotary(x, self.qkv_weight, self.qkv_bias, hq, hkv, d, cos, sin, pool,
-                                           self.layer_in_pool, slots)
             else:
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
                 # One fresh long prompt's full-window layer: cuDNN reads q, k, v from qkv (k rotated

@@ -16,9 +16,7 @@ scheme of routing._logits_topk). Counters are per device, zero between launches,
 Where it is used (`wins`) is what bench/splitk_bench.py measured on the H100 (weights cold, PERF_NOTES
 v24): lm_head at 3-64 tokens (4 tokens 463 -> 379 us, 8: 395 -> 382, 64: 410 -> 403; 3.06-2.87 TB/s)
 and o at 3-32 (8 tokens 14.6 -> 12.4 us, 16: 14.9 -> 13.4, 32: 15.3 -> 14.5). cuBLAS stays faster
-for o at 64 tokens (11.7 against 13.9) and for q|k|v at every size (13.5-13.8 against 15.2-17.5), so
-the q|k|v form with rotary + KV store as its epilogue (splitk_qkv_rotary) is off by default
-(QKV_ROTARY; the whole-step A/B is `bench/decode_ab.py splitk`).
+for o at 64 tokens (11.7 against 13.9) and for q|k|v at every size (13.5-13.8 against 15.2-17.5).
 """
 from __future__ import annotations
 
@@ -29,7 +27,6 @@ import triton.language as tl
 MIN_TOKENS = 3        # 1-2 tokens: kernels/gemv's GEMV
 MAX_TOKENS = 64       # one BLOCK_M tile of tokens; beyond, cuBLAS's own tiles fill the GPU
 ENABLED = True        # False: cuBLAS at every size (the bench's A/B)
-QKV_ROTARY = False    # the model's q|k|v at 3-64 tokens through splitk_qkv_rotary (see the docstring)
 WIDE_N = 65536        # lm_head-sized outputs: split-K's tiles (one split) beat cuBLAS at 3-64 tokens
 NARROW_MAX_TOKENS = 32   # outputs narrower than K (o: 4096 -> 2880): split-K wins up to here
 _MAX_TILES = 4096     # output tiles with a counter each (N / BLOCK_N at the smallest BLOCK_N)
@@ -38,55 +35,9 @@ CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None
 
 
 @triton.jit
-def _rotary_epilogue(ws_ptr, b_ptr, y_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, tile, rm, m_ok, N, s_ym, s_ct,
-                     s_st, s_pb, s_pkv, s_ps, s_ph, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     SPLITS: tl.constexpr, HAS_BIAS: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
-                     HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """The q|k|v tile's sums (the SPLITS partials in split order, + bias) as rotary.rotary_store_kv
-    leaves them, from the fp32 sums (one rounding): q rotated in y, k and v as projected in y, the
-    rotated k and the v in token m's cache slot (-1: none). The tile is whole heads (BLOCK_N a multiple
-    of 2 * HALF), so the two halves a rotation mixes are both here: read as two [BLOCK_M, BLOCK_N / 2]
-    column sets."""
-    j = tl.arange(0, BLOCK_N // 2)
-    c1 = tile * BLOCK_N + (j // HALF) * (2 * HALF) + j % HALF      # each head's first half
-    c2 = c1 + HALF
-    ok1 = c1 < N
-    x1 = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
-    x2 = tl.zeros((BLOCK_M, BLOCK_N // 2), dtype=tl.float32)
-    for s in tl.static_range(SPLITS):
-        row = ws_ptr + (s * BLOCK_M + rm[:, None]).to(tl.int64) * N
-        x1 += tl.load(row + c1[None, :], mask=ok1[None, :], other=0.0, cache_modifier=".cg")
-        x2 += tl.load(row + c2[None, :], mask=ok1[None, :], other=0.0, cache_modifier=".cg")
-    if HAS_BIAS:
-        x1 += tl.load(b_ptr + c1, mask=ok1, other=0.0).to(tl.float32)[None, :]
-        x2 += tl.load(b_ptr + c2, mask=ok1, other=0.0).to(tl.float32)[None, :]
-    i = (j % HALF)[None, :]
-    cos = tl.load(cos_ptr + rm[:, None].to(tl.int64) * s_ct + i, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    sin = tl.load(sin_ptr + rm[:, None].to(tl.int64) * s_st + i, mask=m_ok[:, None], other=0.0).to(tl.float32)
-    r1 = x1 * cos - x2 * sin
-    r2 = x2 * cos + x1 * sin
-    head = (c1 // (2 * HALF))[None, :]
-    is_q = head < HQ
-    is_k = (head >= HQ) & (head < HQ + HKV)
-    ok = m_ok[:, None] & ok1[None, :]
-    out = y_ptr + rm[:, None].to(tl.int64) * s_ym + c1[None, :]
-    tl.store(out, tl.where(is_q, r1, x1).to(y_ptr.dtype.element_ty), mask=ok)
-    tl.store(out + HALF, tl.where(is_q, r2, x2).to(y_ptr.dtype.element_ty), mask=ok)
-    slot = tl.load(slot_ptr + rm, mask=m_ok, other=-1).to(tl.int64)[:, None]
-    kvh = tl.where(is_k, head - HQ, head - HQ - HKV)
-    dst = (pool_ptr + (slot // BLOCK_SIZE) * s_pb + (slot % BLOCK_SIZE) * s_ps + kvh * s_ph
-           + tl.where(is_k, 0, s_pkv) + i)
-    put = ok & (slot >= 0) & (head >= HQ)
-    tl.store(dst, tl.where(is_k, r1, x1).to(pool_ptr.dtype.element_ty), mask=put)
-    tl.store(dst + HALF, tl.where(is_k, r2, x2).to(pool_ptr.dtype.element_ty), mask=put)
-
-
-@triton.jit
 def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per_split, s_xm, s_wn, s_ym,
-                   cos_ptr, sin_ptr, pool_ptr, slot_ptr, s_ct, s_st, s_pb, s_pkv, s_ps, s_ph,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLITS: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, ROTARY: tl.constexpr, HQ: tl.constexpr, HKV: tl.constexpr,
-                   HALF: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                   HAS_BIAS: tl.constexpr):
     tile = tl.program_id(0)
     split = tl.program_id(1)
     rm = tl.arange(0, BLOCK_M)
@@ -108,7 +59,7 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
         w_ptrs += BLOCK_K
     out = y_ptr + rm[:, None].to(tl.int64) * s_ym + rn[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
-    if SPLITS == 1 and not ROTARY:
+    if SPLITS == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
@@ -120,18 +71,13 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
         # the last program's loads come after its acquire and skip L1 (other SMs wrote those partials).
         tl.debug_barrier()
         if tl.atomic_add(count_ptr + tile, 1, sem="acq_rel") == SPLITS - 1:
-            if ROTARY:
-                _rotary_epilogue(ws_ptr, b_ptr, y_ptr, cos_ptr, sin_ptr, pool_ptr, slot_ptr, tile, rm, m_ok, N,
-                                 s_ym, s_ct, s_st, s_pb, s_pkv, s_ps, s_ph, BLOCK_M, BLOCK_N, SPLITS, HAS_BIAS,
-                                 HQ, HKV, HALF, BLOCK_SIZE)
-            else:
-                total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-                for s in tl.static_range(SPLITS):
-                    total += tl.load(ws_ptr + (s * BLOCK_M + rm[:, None]).to(tl.int64) * N + rn[None, :],
-                                     mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
-                if HAS_BIAS:
-                    total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-                tl.store(out, total.to(y_ptr.dtype.element_ty), mask=ok)
+            total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+            for s in tl.static_range(SPLITS):
+                total += tl.load(ws_ptr + (s * BLOCK_M + rm[:, None]).to(tl.int64) * N + rn[None, :],
+                                 mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
@@ -178,65 +124,27 @@ def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
     return takes(x, w) and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS))
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, rotary: tuple | None = None) -> torch.Tensor:
+def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, w, b) for x [M, K] (M <= MAX_TOKENS), w [N, K], b [N] or None: [M, N] in x's dtype."""
     M, K = x.shape
     N = w.shape[0]
+    if w.shape[1] != K or M > MAX_TOKENS or (b is not None and b.shape != (N,)):
+        raise ValueError(f"splitk_linear: x {tuple(x.shape)}, w {tuple(w.shape)}, "
+                         f"b {None if b is None else tuple(b.shape)} (at most {MAX_TOKENS} rows)")
     y = torch.empty((M, N), dtype=x.dtype, device=x.device)
     if M == 0:
         return y
     block_n, block_k, splits, warps, stages = config(M, N, K, x.device)
-    if rotary is not None:   # whole heads a tile: the rotation's two halves in one program
-        head = 2 * rotary[2]
-        block_n = triton.cdiv(block_n, head) * head
     tiles = triton.cdiv(N, block_n)
     if tiles > _MAX_TILES:
         splits = 1
     block_m = max(16, triton.next_power_of_2(M))
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), splits) * block_k
     splits = triton.cdiv(K, k_per_split)   # no empty split: each one arrives with a partial
-    through_ws = splits > 1 or rotary is not None
-    ws = torch.empty((splits, block_m, N) if through_ws else (1,), dtype=torch.float32, device=x.device)
-    counters = _arrival_counters(x.device) if through_ws else ws
-    if rotary is None:
-        rot: tuple = (y, y, y, y, 0, 0, 0, 0, 0, 0)
-        hq = hkv = half = block_size = 1
-    else:
-        hq, hkv, half, cos, sin, layer_pool, slots = rotary
-        block_size = layer_pool.shape[2]
-        rot = (cos, sin, layer_pool, slots, cos.stride(0), sin.stride(0), *layer_pool.stride()[:4])
+    ws = torch.empty((splits, block_m, N) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
+    counters = _arrival_counters(x.device) if splits > 1 else ws
     _splitk_kernel[(tiles, splits)](
         x, w, b if b is not None else y, y, ws, counters, M, N, K, k_per_split, x.stride(0), w.stride(0), y.stride(0),
-        *rot, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, HAS_BIAS=b is not None,
-        ROTARY=rotary is not None, HQ=hq, HKV=hkv, HALF=half, BLOCK_SIZE=block_size, num_warps=warps,
-        num_stages=stages)
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, HAS_BIAS=b is not None,
+        num_warps=warps, num_stages=stages)
     return y
-
-
-def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) for x [M, K] (M <= MAX_TOKENS), w [N, K], b [N] or None: [M, N] in x's dtype."""
-    if w.shape[1] != x.shape[1] or x.shape[0] > MAX_TOKENS or (b is not None and b.shape != (w.shape[0],)):
-        raise ValueError(f"splitk_linear: x {tuple(x.shape)}, w {tuple(w.shape)}, "
-                         f"b {None if b is None else tuple(b.shape)} (at most {MAX_TOKENS} rows)")
-    return _launch(x, w, b)
-
-
-def splitk_qkv_rotary(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, q_heads: int, kv_heads: int,
-                      head_dim: int, cos: torch.Tensor, sin: torch.Tensor, pool: torch.Tensor, layer_in_pool: int,
-                      slot_mapping: torch.Tensor) -> torch.Tensor:
-    """splitk_linear(x, w, b) followed by rotary.rotary_store_kv on its output, in one launch (the
-    rotation and the cache store are the last program's epilogue): w is the fused [q|k|v] weight.
-    Returns qkv [M, N] with q rotated and k, v as projected; the rotated k and the v of token m go
-    to pool slot slot_mapping[m] (-1: not stored). The rotation works on the fp32 sums, so q and k
-    are rounded once (the two-launch path rounds the projection, then the rotation): as
-    gemv.qkv_gemv_rotary at 1-2 tokens."""
-    M, K = x.shape
-    N = w.shape[0]
-    half = head_dim // 2
-    if (w.shape[1] != K or M > MAX_TOKENS or N != (q_heads + 2 * kv_heads) * head_dim or head_dim % 2
-            or (b is not None and b.shape != (N,)) or pool.shape[4:] != (kv_heads, head_dim)
-            or cos.shape != (M, half) or sin.shape != (M, half) or cos.stride(1) != 1 or sin.stride(1) != 1
-            or pool.stride(5) != 1):
-        raise ValueError(f"splitk_qkv_rotary: x {tuple(x.shape)}, w {tuple(w.shape)}, cos {tuple(cos.shape)}, "
-                         f"pool {tuple(pool.shape)} do not fit {q_heads}+2x{kv_heads} heads of {head_dim} "
-                         f"(at most {MAX_TOKENS} rows)")
-    return _launch(x, w, b, (q_heads, kv_heads, half, cos, sin, pool[:, layer_in_pool], slot_mapping))
