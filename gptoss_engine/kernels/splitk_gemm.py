@@ -118,10 +118,12 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """takes(x, w), and a shape where it measured faster than cuBLAS (the docstring): lm_head, or an
-    output narrower than its input (o) at up to NARROW_MAX_TOKENS tokens."""
+    """takes(x, w), on the GPU generation it was measured on (sm_90: cuBLAS's choices differ on
+    others), for a shape where it measured faster than cuBLAS (the docstring): lm_head, or an output
+    narrower than its input (o) at up to NARROW_MAX_TOKENS tokens."""
     N, K = w.shape
-    return takes(x, w) and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS))
+    return (takes(x, w) and torch.cuda.get_device_capability(x.device)[0] == 9
+            and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS)))
 
 
 def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
