@@ -31,6 +31,12 @@ def copies(nbytes: int) -> int:
     return max(1, -(-200_000_000 // nbytes))
 
 
+def cold_weights(N: int, K: int, gen: torch.Generator) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """copies(...) random bf16 [N, K] weights to cycle through, and a bias [N]."""
+    ws = [torch.randn(N, K, generator=gen, device="cuda").to(torch.bfloat16) * 0.02 for _ in range(copies(N * K * 2))]
+    return ws, torch.randn(N, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
+
+
 def time_us(fn: Callable[[int], object], n: int) -> float:
     """Median us a call of fn(i) over graph replays of n calls (i = weight copy)."""
     for i in range(n):
@@ -71,9 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                               "gpu": torch.cuda.get_device_name(), "commit": a.commit or provenance.commit(),
                               "default": list(gemv._CONFIG), "rows": []}
     for name, (N, K) in SHAPES.items():
-        n = copies(N * K * 2)
-        ws = [torch.randn(N, K, generator=gen, device="cuda").to(torch.bfloat16) * 0.02 for _ in range(n)]
-        b = torch.randn(N, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
+        ws, b = cold_weights(N, K, gen)
+        n = len(ws)
         for T in (int(t) for t in a.tokens.split(",")):
             x = torch.randn(T, K, generator=gen, device="cuda").to(torch.bfloat16)
             ref = x.float() @ ws[0].float().T + b.float()

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from bench import provenance
-from bench.gemv_bench import SHAPES, copies, time_us
+from bench.gemv_bench import SHAPES, cold_weights, time_us
 from gptoss_engine.kernels import splitk_gemm
 
 # (BLOCK_N, BLOCK_K, SPLITS (0: splitk_gemm.config's choice), warps, stages)
@@ -44,9 +44,8 @@ def main(argv: list[str] | None = None) -> int:
                               "rows": []}
     for name in a.shapes.split(","):
         N, K = SHAPES[name]
-        n = copies(N * K * 2)
-        ws = [torch.randn(N, K, generator=gen, device="cuda").to(torch.bfloat16) * 0.02 for _ in range(n)]
-        b = torch.randn(N, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
+        ws, b = cold_weights(N, K, gen)
+        n = len(ws)
         for T in (int(t) for t in a.tokens.split(",")):
             x = torch.randn(T, K, generator=gen, device="cuda").to(torch.bfloat16)
             ref = x.float() @ ws[0].float().T + b.float()

@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine.kernels import arrival
 from gptoss_engine.kernels.norm import add_rmsnorm, normed
 
 
@@ -135,19 +136,8 @@ def _add_norm_router_kernel(x_ptr, d_ptr, nw_ptr, sum_ptr, h_ptr, w_ptr, b_ptr, 
 ROUTER_GEMV_MAX_TOKENS = 256
 ROUTER_EB = 4
 
-# The router's arrival counters, one per token, per device: zero between launches. Made by the
-# first (eager) call -- CUDA graphs are captured after an eager warm-up (cuda_graphs.py) -- and
-# shared by launches on one stream, which run one after another.
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    buf = _counters.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("route(): the first call on a device must run eagerly, before graph capture")
-        buf = _counters[device] = torch.zeros(ROUTER_GEMV_MAX_TOKENS, dtype=torch.int32, device=device)
-    return buf
+# The router's arrival counters (kernels/arrival.py): one per token.
+_COUNTERS = "routing"
 
 
 def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +153,9 @@ def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, top_k: int)
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
     if T:
+        count = arrival.counters(_COUNTERS, x.device, ROUTER_GEMV_MAX_TOKENS)
         _router_kernel[(T, triton.cdiv(E, ROUTER_EB))](
-            x, weight, bias, logits, _arrival_counters(x.device), ids, wts, E, H, x.stride(0), weight.stride(0),
+            x, weight, bias, logits, count, ids, wts, E, H, x.stride(0), weight.stride(0),
             logits.stride(0), EB=ROUTER_EB, BLOCK_H=min(triton.next_power_of_2(H), 4096), TOPK=top_k,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)
     return ids, wts
@@ -194,8 +185,9 @@ def add_rmsnorm_route(x: torch.Tensor, delta: torch.Tensor, norm_weight: torch.T
     ids = torch.empty((T, top_k), dtype=torch.int64, device=x.device)
     wts = torch.empty((T, top_k), dtype=torch.float32, device=x.device)
     if T:
+        count = arrival.counters(_COUNTERS, x.device, ROUTER_GEMV_MAX_TOKENS)
         _add_norm_router_kernel[(T, triton.cdiv(E, ROUTER_EB))](
-            x, delta, norm_weight, total, h, weight, bias, logits, _arrival_counters(x.device), ids, wts, E, H,
+            x, delta, norm_weight, total, h, weight, bias, logits, count, ids, wts, E, H,
             float(eps), x.stride(0), delta.stride(0), total.stride(0), h.stride(0), weight.stride(0),
             logits.stride(0), EB=ROUTER_EB, BLOCK_H=triton.next_power_of_2(H), TOPK=top_k,
             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(top_k), num_warps=8)

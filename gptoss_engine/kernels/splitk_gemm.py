@@ -10,8 +10,7 @@ The K split needs a sum across programs. It is a fixed-order one, so the result 
 which program finishes last: each program stores its fp32 partial to a workspace, then counts its
 arrival on the tile's counter; the last to arrive sums the SPLITS partials in split order, adds the
 bias, rounds once to bf16 and resets the counter to zero for the next launch (the arrival-count
-scheme of routing._logits_topk). Counters are per device, zero between launches, made by the first
-(eager) call: CUDA graphs capture the launches after an eager warm-up (cuda_graphs.py).
+scheme of routing._logits_topk; the counters: kernels/arrival.py).
 
 Where it is used (`wins`) is what bench/splitk_bench.py measured on the H100 (weights cold, PERF_NOTES
 v24): lm_head at 3-64 tokens (4 tokens 463 -> 379 us, 8: 395 -> 382, 64: 410 -> 403; 3.06-2.87 TB/s)
@@ -24,12 +23,15 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss_engine.kernels import arrival
+
 MIN_TOKENS = 3        # 1-2 tokens: kernels/gemv's GEMV
 MAX_TOKENS = 64       # one BLOCK_M tile of tokens; beyond, cuBLAS's own tiles fill the GPU
 ENABLED = True        # False: cuBLAS at every size (the bench's A/B)
 WIDE_N = 65536        # lm_head-sized outputs: split-K's tiles (one split) beat cuBLAS at 3-64 tokens
 NARROW_MAX_TOKENS = 32   # outputs narrower than K (o: 4096 -> 2880): split-K wins up to here
 _MAX_TILES = 4096     # output tiles with a counter each (N / BLOCK_N at the smallest BLOCK_N)
+_COUNTERS = "splitk_gemm"   # its arrival counters (kernels/arrival.py): one per output tile
 # (BLOCK_N, BLOCK_K, SPLITS or 0 for "enough to cover the SMs twice", warps, stages): sweeps override.
 CONFIG_OVERRIDE: tuple[int, int, int, int, int] | None = None
 
@@ -79,18 +81,6 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
                 total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
             tl.store(out, total.to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(count_ptr + tile, 0)
-
-
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
-def _arrival_counters(device: torch.device) -> torch.Tensor:
-    buf = _counters.get(device)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            raise RuntimeError("splitk_linear(): the first call on a device must run eagerly, before graph capture")
-        buf = _counters[device] = torch.zeros(_MAX_TILES, dtype=torch.int32, device=device)
-    return buf
 
 
 def _sm_count(device: torch.device) -> int:
@@ -144,7 +134,7 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), splits) * block_k
     splits = triton.cdiv(K, k_per_split)   # no empty split: each one arrives with a partial
     ws = torch.empty((splits, block_m, N) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
-    counters = _arrival_counters(x.device) if splits > 1 else ws
+    counters = arrival.counters(_COUNTERS, x.device, _MAX_TILES) if splits > 1 else ws
     _splitk_kernel[(tiles, splits)](
         x, w, b if b is not None else y, y, ws, counters, M, N, K, k_per_split, x.stride(0), w.stride(0), y.stride(0),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLITS=splits, HAS_BIAS=b is not None,

@@ -72,9 +72,8 @@ def test_router_matches_linear_and_topk(device: str, tokens: int, experts: int, 
     torch.testing.assert_close(wts, torch.softmax(ref_vals, -1), rtol=2e-2, atol=2e-2)
     # The one-launch form's arrival counters are all back at zero (a count left behind would make the
     # next launch take its top-k before all logits are in), so a second call gives the same result.
-    from gptoss_engine.kernels import routing
-    if x.device in routing._counters:
-        assert torch.count_nonzero(routing._counters[x.device]) == 0
+    from gptoss_engine.kernels import arrival, routing
+    assert torch.count_nonzero(arrival.counters(routing._COUNTERS, x.device, 1)) == 0
     ids2, wts2 = route(x, w, b, 4)
     assert torch.equal(ids2, ids) and torch.equal(wts2, wts)
 
@@ -85,7 +84,7 @@ def test_add_rmsnorm_route_is_add_rmsnorm_then_route(device: str, tokens: int, e
     """The one-launch post-attention add + norm + router gives the bits of add_rmsnorm followed by
     route on its output: the residual sum, the normed rows, the experts and their weights (300
     tokens and hidden 5000 take the two-launch path); its arrival counters end at zero."""
-    from gptoss_engine.kernels import routing
+    from gptoss_engine.kernels import arrival, routing
     from gptoss_engine.kernels.norm import add_rmsnorm
     gen = torch.Generator().manual_seed(tokens * 11 + experts + hidden)
     x = torch.randn(tokens, hidden, generator=gen).to(device, torch.bfloat16)
@@ -98,8 +97,7 @@ def test_add_rmsnorm_route_is_add_rmsnorm_then_route(device: str, tokens: int, e
     ref_ids, ref_wts = routing.route(ref_h, w, b, 4)
     assert torch.equal(total, ref_total) and torch.equal(h, ref_h)
     assert torch.equal(ids, ref_ids) and torch.equal(wts, ref_wts)
-    if x.device in routing._counters:
-        assert torch.count_nonzero(routing._counters[x.device]) == 0
+    assert torch.count_nonzero(arrival.counters(routing._COUNTERS, x.device, 1)) == 0
     with pytest.raises(ValueError, match="top_k"):
         routing.add_rmsnorm_route(x, d, nw, 1e-5, w, b, experts + 1)
 

@@ -26,7 +26,7 @@ def test_splitk_linear_matches_fp64_reference(device: str, interpreted: bool, n:
     """Token counts that fill a BLOCK_M tile or not, N that leaves a partial tile (200, 24), K that
     leaves a partial trip (272, 48) and a partial split (2880 in 4 splits of 768), with and without
     bias, one split and several."""
-    from gptoss_engine.kernels import splitk_gemm
+    from gptoss_engine.kernels import arrival, splitk_gemm
     if interpreted and (n * k > 300_000 or m > 17):
         pytest.skip("the interpreter takes the small shapes")
     gen = torch.Generator(device=device).manual_seed(n * 31 + k + m)
@@ -49,7 +49,7 @@ def test_splitk_linear_matches_fp64_reference(device: str, interpreted: bool, n:
         if not interpreted:
             assert ((y.float() - F.linear(x, w, b).float()).abs() <= 2 * (ref.abs() * 2 ** -7 + 1e-3)).all(), cfg
     # Every counter the launches used is back at zero for the next launch.
-    assert int(splitk_gemm._arrival_counters(torch.device(device)).abs().sum()) == 0
+    assert int(arrival.counters(splitk_gemm._COUNTERS, torch.device(device), 1).abs().sum()) == 0
 
 
 def test_splitk_linear_is_deterministic_and_takes_strided_rows(device: str, interpreted: bool) -> None:
