@@ -133,6 +133,8 @@ def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = Non
     block_m = max(16, triton.next_power_of_2(M))
     k_per_split = triton.cdiv(triton.cdiv(K, block_k), splits) * block_k
     splits = triton.cdiv(K, k_per_split)   # no empty split: each one arrives with a partial
+    # The partials' workspace is this call's: torch's allocator is stream-ordered, so whatever reuses
+    # the memory after we return runs after this launch (in a captured graph it is the graph's pool).
     ws = torch.empty((splits, block_m, N) if splits > 1 else (1,), dtype=torch.float32, device=x.device)
     counters = arrival.counters(_COUNTERS, x.device, _MAX_TILES) if splits > 1 else ws
     _splitk_kernel[(tiles, splits)](
