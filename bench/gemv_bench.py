@@ -37,6 +37,14 @@ def cold_weights(N: int, K: int, gen: torch.Generator) -> tuple[list[torch.Tenso
     return ws, torch.randn(N, generator=gen, device="cuda").to(torch.bfloat16) * 0.02
 
 
+def cublas_case(ws: list[torch.Tensor], b: torch.Tensor, T: int,
+                gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Random bf16 x [T, K], its fp32 reference x @ ws[0]^T + b, and cuBLAS's us a call over the copies."""
+    x = torch.randn(T, ws[0].shape[1], generator=gen, device="cuda").to(torch.bfloat16)
+    ref = x.float() @ ws[0].float().T + b.float()
+    return x, ref, time_us(lambda i: F.linear(x, ws[i], b), len(ws))
+
+
 def time_us(fn: Callable[[int], object], n: int) -> float:
     """Median us a call of fn(i) over graph replays of n calls (i = weight copy)."""
     for i in range(n):
@@ -80,9 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         ws, b = cold_weights(N, K, gen)
         n = len(ws)
         for T in (int(t) for t in a.tokens.split(",")):
-            x = torch.randn(T, K, generator=gen, device="cuda").to(torch.bfloat16)
-            ref = x.float() @ ws[0].float().T + b.float()
-            rows = [("cublas", time_us(lambda i: F.linear(x, ws[i], b), n))]
+            x, ref, cublas_us = cublas_case(ws, b, T, gen)
+            rows = [("cublas", cublas_us)]
             for cfg in configs:
                 gemv._CONFIG_OVERRIDE = cfg
                 got = gemv.dense_gemv(x, ws[0], b).float()

@@ -15,10 +15,9 @@ import json
 import pathlib
 
 import torch
-import torch.nn.functional as F
 
 from bench import provenance
-from bench.gemv_bench import SHAPES, cold_weights, time_us
+from bench.gemv_bench import SHAPES, cold_weights, cublas_case, time_us
 from gptoss_engine.kernels import splitk_gemm
 
 # (BLOCK_N, BLOCK_K, SPLITS (0: splitk_gemm.config's choice), warps, stages)
@@ -47,9 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         ws, b = cold_weights(N, K, gen)
         n = len(ws)
         for T in (int(t) for t in a.tokens.split(",")):
-            x = torch.randn(T, K, generator=gen, device="cuda").to(torch.bfloat16)
-            ref = x.float() @ ws[0].float().T + b.float()
-            rows = [("cublas", time_us(lambda i: F.linear(x, ws[i], b), n))]
+            x, ref, cublas_us = cublas_case(ws, b, T, gen)
+            rows = [("cublas", cublas_us)]
             grid = (LM_HEAD if name == "lm_head" else SWEEP) if a.sweep and T in sweep_tokens else []
             for cfg in [None, *grid]:
                 splitk_gemm.CONFIG_OVERRIDE = cfg

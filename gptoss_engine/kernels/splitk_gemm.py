@@ -19,6 +19,8 @@ for o at 64 tokens (11.7 against 13.9) and for q|k|v at every size (13.5-13.8 ag
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -83,6 +85,13 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """The device's compute capability, asked once (takes/wins run on every eager projection)."""
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.cache
 def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
@@ -104,7 +113,7 @@ def takes(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether splitk_linear takes these operands (the caller's test; cuBLAS otherwise)."""
     return (ENABLED and x.is_cuda and x.dim() == 2 and MIN_TOKENS <= x.shape[0] <= MAX_TOKENS
             and x.dtype == w.dtype == torch.bfloat16 and x.stride(1) == 1 and w.stride(1) == 1
-            and torch.cuda.get_device_capability(x.device) >= (8, 0))
+            and _capability(x.device) >= (8, 0))
 
 
 def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -112,7 +121,7 @@ def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
     others), for a shape where it measured faster than cuBLAS (the docstring): lm_head, or an output
     narrower than its input (o) at up to NARROW_MAX_TOKENS tokens."""
     N, K = w.shape
-    return (takes(x, w) and torch.cuda.get_device_capability(x.device)[0] == 9
+    return (takes(x, w) and _capability(x.device)[0] == 9
             and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS)))
 
 
