@@ -124,16 +124,19 @@ class Attention(nn.Module):
                                         self.layer_in_pool, slots)
             else:
                 qkv = _linear(x, self.qkv_weight, self.qkv_bias)
-                # One fresh long prompt's full-window layer: cuDNN reads q, k, v from qkv (k rotated
-                # there too); the cache still gets k and v for the decode steps after it.
+                # One long prompt chunk's full-window layer: cuDNN reads q, k, v from qkv (k rotated
+                # there too) and a cached prefix's k, v copied out of the pool; the cache still gets
+                # this chunk's k and v for the steps after it.
                 pa = _kernels("prompt_attention")
                 whole = pa is not None and pa.takes(qkv, batch, self.window, hq, hkv, d)
                 rotary.rotary_store_kv(qkv, hq, hkv, d, cos, sin, pool, self.layer_in_pool, slots,
                                        k_in_place=whole)
                 if whole:
                     heads = qkv.view(t, hq + 2 * hkv, d)
+                    cached = batch.max_seq_len - batch.max_query_len
+                    prefix = pa.prefix_kv(pool, self.layer_in_pool, tables[0], cached) if cached else (None, None)
                     o = pa.prompt_attention(heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:],
-                                            self.sinks, self.scale)
+                                            self.sinks, self.scale, *prefix)
                     return _linear(o.view(t, hq * d), self.o_proj.weight, self.o_proj.bias)
             q = qkv[:, :hq * d].view(t, hq, d)
         else:

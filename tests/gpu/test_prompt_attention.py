@@ -50,7 +50,39 @@ def test_matches_reference(device: str, interpreted: bool, tokens: int, hq: int,
     assert ((no_sink.float() - want.float()).norm() / want.float().norm()).item() > 5e-2
 
 
-def test_takes_only_one_fresh_long_prompt(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("cached,new,hq,hkv,d", [(300, 200, 64, 8, 64), (1000, 1100, 8, 2, 64), (17, 40, 4, 4, 16)])
+def test_after_a_cached_prefix_matches_reference(device: str, interpreted: bool, cached: int, new: int, hq: int,
+                                                 hkv: int, d: int) -> None:
+    """A chunk after `cached` positions: the prefix's k, v copied out of shuffled pool blocks (prefix_kv,
+    bit-equal), the chunk's own keys causal, both joined with the sink as the reference does."""
+    _cuda(device, interpreted)
+    from gptoss_engine.kernels.prompt_attention import prefix_kv, prompt_attention
+    gen = torch.Generator().manual_seed(cached + new)
+    total = cached + new
+    blocks = -(-total // BLOCK_SIZE)
+    table = torch.randperm(blocks + 5, generator=gen)[:blocks].to(torch.int32)
+    k_all, v_all = (torch.randn(total, hkv, d, generator=gen).to(device, torch.bfloat16) for _ in range(2))
+    pool = torch.zeros(blocks + 5, 2, 2, BLOCK_SIZE, hkv, d, device=device, dtype=torch.bfloat16)
+    for b in range(blocks):
+        lo = b * BLOCK_SIZE
+        n = min(BLOCK_SIZE, total - lo)
+        pool[table[b], 1, 0, :n], pool[table[b], 1, 1, :n] = k_all[lo:lo + n], v_all[lo:lo + n]
+    batch = uniform_batch(1, cached, new, blocks, device)
+    batch.full_block_tables = table[None].to(device)
+    q = torch.randn(new, hq, d, generator=gen).to(device, torch.bfloat16)
+    sinks = (torch.randn(hq, generator=gen) * 2).to(device, torch.bfloat16)
+    want = paged_attention_reference(q, pool, 1, batch.full_block_tables, batch, sinks, d ** -0.5, None)
+    k_pre, v_pre = prefix_kv(pool, 1, batch.full_block_tables[0], cached)
+    assert torch.equal(k_pre, k_all[:cached]) and torch.equal(v_pre, v_all[:cached])
+    got = prompt_attention(q, k_all[cached:], v_all[cached:], sinks, d ** -0.5, k_pre, v_pre)
+    rel = ((got.float() - want.float()).norm() / want.float().norm()).item()
+    assert rel < 1e-2, rel
+    # Not vacuous: leaving the prefix out gives another answer.
+    alone = prompt_attention(q, k_all[cached:], v_all[cached:], sinks, d ** -0.5)
+    assert ((alone.float() - want.float()).norm() / want.float().norm()).item() > 5e-2
+
+
+def test_takes_one_long_prompt_chunk(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     _cuda(device, interpreted)
     from gptoss_engine.kernels import prompt_attention as pa
     monkeypatch.setattr(pa, "MIN_TOKENS", 64)
@@ -59,7 +91,7 @@ def test_takes_only_one_fresh_long_prompt(device: str, interpreted: bool, monkey
     assert pa.takes(q, uniform_batch(1, 0, 64, 8, device), None, *heads)
     assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), 128, *heads)         # sliding layer
     assert not pa.takes(q, uniform_batch(1, 0, 63, 8, device), None, *heads)        # short prompt
-    assert not pa.takes(q, uniform_batch(1, 16, 64, 8, device), None, *heads)       # a cached prefix
+    assert pa.takes(q, uniform_batch(1, 16, 64, 8, device), None, *heads)           # after a cached prefix
     assert not pa.takes(q, uniform_batch(2, 0, 64, 8, device), None, *heads)        # two sequences
     assert not pa.takes(q.float(), uniform_batch(1, 0, 64, 8, device), None, *heads)
     monkeypatch.setattr(pa, "ENABLED", False)
@@ -85,9 +117,12 @@ def test_a_cudnn_that_fails_its_check_is_not_used(device: str, interpreted: bool
     assert not pa._available.__wrapped__(dev, 64, 8, 64)
 
 
-def test_model_prefill_with_and_without(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A prompt's prefill through cuDNN on its full-window layers gives the paged kernel's logits
-    (within bf16 rounding) and the same KV cache, so the decode step after it agrees too."""
+@pytest.mark.parametrize("chunks", [[700], [400, 300]], ids=["one-chunk", "two-chunks"])
+def test_model_prefill_with_and_without(device: str, interpreted: bool, monkeypatch: pytest.MonkeyPatch,
+                                        chunks: list[int]) -> None:
+    """A prompt's prefill through cuDNN on its full-window layers (in one chunk, or in two: the second
+    after the first's cached prefix) gives the paged kernel's logits (within bf16 rounding) and the
+    same KV cache, so the decode step after it agrees too."""
     _cuda(device, interpreted)
     from gptoss_engine.kernels import prompt_attention as pa
     monkeypatch.setattr(pa, "MIN_TOKENS", 128)
@@ -104,13 +139,17 @@ def test_model_prefill_with_and_without(device: str, interpreted: bool, monkeypa
     for enabled in (True, False):
         monkeypatch.setattr(pa, "ENABLED", enabled)
         kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), max_blocks, max_blocks, device)
-        batch = uniform_batch(1, 0, prompt, max_blocks, device)
-        batch.input_ids = ids
-        first = gpu(batch, kv).float()
+        done = 0
+        for n in chunks:
+            batch = uniform_batch(1, done, n, max_blocks, device)
+            batch.input_ids = ids[done:done + n]
+            first = gpu(batch, kv).float()
+            done += n
         step = uniform_batch(1, prompt, 1, max_blocks, device)
         step.input_ids = first.argmax(-1)
         runs.append((first, gpu(step, kv).float(), kv.full.clone(), kv.swa.clone()))
-    assert len(calls) == sum(t == "full_attention" for t in config.layer_types)   # the path ran, only when on
+    # The path ran for every chunk's full-window layers, and only when on.
+    assert len(calls) == len(chunks) * sum(t == "full_attention" for t in config.layer_types)
     (a_first, a_step, a_full, a_swa), (b_first, b_step, b_full, b_swa) = runs
     for got, want in ((a_first, b_first), (a_step, b_step)):
         assert ((got - want).norm() / want.norm()).item() < 2e-2
