@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--variants", default="default,masked attention,torch sort",
                    help=f"comma-separated, of {list(VARIANTS)} or several joined by '+' (bf16 experts: 20b "
                         "on an 80 GB GPU)")
+    p.add_argument("--context", type=int, default=0,
+                   help="positions already cached before each prompt (a later chunk of a long prompt)")
     p.add_argument("--rounds", type=int, default=5, help="every variant timed once a round, in turn")
     p.add_argument("--iters", type=int, default=5, help="timed prefills a variant a round (median)")
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
@@ -158,10 +160,10 @@ def main(argv: list[str] | None = None) -> int:
         model.keep_bf16_experts()
         bf16 = [layer.mlp.experts.bf16_copy for layer in model.model.layers]
     lengths = [int(t) for t in args.tokens.split(",")]
-    blocks = -(-(max(lengths) + 1) // BLOCK_SIZE)
+    blocks = -(-(args.context + max(lengths) + 1) // BLOCK_SIZE)
     kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), blocks, blocks, "cuda")
     torch.manual_seed(0)
-    batches = {tokens: uniform_batch(1, 0, tokens, blocks) for tokens in lengths}   # the same prompt for every variant
+    batches = {tokens: uniform_batch(1, args.context, tokens, blocks) for tokens in lengths}   # the same prompt for every variant
     rows: list[list[object]] = []
     failures: list[str] = []
     for tokens, batch in batches.items():
@@ -180,10 +182,11 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name].append(time_ms(lambda: model(batch, kv), warmup=1, iters=args.iters))
         times = {n: statistics.median(v) for n, v in samples.items()}
         base = times["default"]
-        print(f"prefill {tokens}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s, rounds "
+        print(f"prefill {tokens} after {args.context}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s, rounds "
                                                  f"{min(samples[n]):.1f}-{max(samples[n]):.1f})"
                                                  for n, ms in times.items()), flush=True)
-        rows += [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, tokens, n,
+        what = f"{tokens} after {args.context}" if args.context else tokens
+        rows += [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, what, n,
                   f"{ms:.2f}", f"{tokens / ms * 1e3:.0f}", f"{ms - base:+.2f}"] for n, ms in times.items()]
     longest = batches[max(lengths)]
     for name in ("default", "bf16 experts"):
