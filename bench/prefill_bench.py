@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     blocks = -(-(args.context + max(lengths) + 1) // BLOCK_SIZE)
     kv = KVCache.allocate(config.kv_layout(BLOCK_SIZE, torch.bfloat16), blocks, blocks, "cuda")
     torch.manual_seed(0)
-    batches = {tokens: uniform_batch(1, args.context, tokens, blocks) for tokens in lengths}   # the same prompt for every variant
+    # The same prompt for every variant.
+    batches = {tokens: uniform_batch(1, args.context, tokens, blocks) for tokens in lengths}
     rows: list[list[object]] = []
     failures: list[str] = []
     for tokens, batch in batches.items():
@@ -182,9 +183,9 @@ def main(argv: list[str] | None = None) -> int:
                     samples[name].append(time_ms(lambda: model(batch, kv), warmup=1, iters=args.iters))
         times = {n: statistics.median(v) for n, v in samples.items()}
         base = times["default"]
-        print(f"prefill {tokens} after {args.context}: " + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s, rounds "
-                                                 f"{min(samples[n]):.1f}-{max(samples[n]):.1f})"
-                                                 for n, ms in times.items()), flush=True)
+        print(f"prefill {tokens} after {args.context}: "
+              + "; ".join(f"{n} {ms:.2f} ms ({tokens / ms * 1e3:,.0f} tok/s, rounds "
+                          f"{min(samples[n]):.1f}-{max(samples[n]):.1f})" for n, ms in times.items()), flush=True)
         what = f"{tokens} after {args.context}" if args.context else tokens
         rows += [[datetime.date.today().isoformat(), torch.cuda.get_device_name(), commit, args.preset, what, n,
                   f"{ms:.2f}", f"{tokens / ms * 1e3:.0f}", f"{ms - base:+.2f}"] for n, ms in times.items()]
