@@ -1,4 +1,4 @@
-"""Full-window attention of one whole prompt through cuDNN's fused attention, with gpt-oss's sinks.
+"""Full-window attention of one long prompt chunk through cuDNN's fused attention, with gpt-oss's sinks.
 
 A long prompt with nothing cached spends most of its attention time in the full-window layers,
 where every query sees every earlier key: a dense causal problem with no block table to read.

@@ -1,6 +1,6 @@
-"""cuDNN's fused attention for one fresh prompt's full-window layers (kernels/prompt_attention.py):
-parity with the PyTorch reference (sinks, GQA), the step shapes it takes and refuses, and the model
-with the path on against off."""
+"""cuDNN's fused attention for one prompt chunk's full-window layers (kernels/prompt_attention.py):
+parity with the PyTorch reference (sinks, GQA, after a cached prefix), the step shapes it takes and
+refuses, and the model with the path on against off."""
 from __future__ import annotations
 
 import pytest
