@@ -1,7 +1,7 @@
 """`gptoss bench`: GPU benchmark of the engine's model with random weights of the real shapes.
 
 Measures prefill tok/s (1k, 8k tokens), decode tok/s at batch 1/8/64/256 (1k context, CUDA-graph
-replays and eager), decode tok/s of 1 and 64 streams through LLMEngine (decode_1_engine,
+replays one at a time and back to back (decode_<b>_steady), and eager), decode tok/s of 1 and 64 streams through LLMEngine (decode_1_engine,
 decode_64_engine), a 1000-in/1000-out max-throughput figure, and for the 20b shape HF
 transformers' GptOssForCausalLM (bf16, eager, random weights) as the peer. Writes
 bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
