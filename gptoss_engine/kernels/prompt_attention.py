@@ -35,6 +35,11 @@ import triton.language as tl
 from gptoss_engine.step_batch import StepBatch
 
 MIN_TOKENS = 1024
+# The longest cached prefix this path takes. Its k and v are copied out of the pool for each layer
+# (prefix_kv: 2 x 64 MB at 32k positions of the 20b / 120b layout, beside the step's activations in
+# the 10% of free memory the KV pool leaves), and past 8k it was not measured; longer prefixes stay
+# on the paged kernel, which reads them in place.
+MAX_PREFIX = 32768
 ENABLED = True   # False: every prompt takes the paged kernel (the bench's A/B)
 
 
@@ -76,18 +81,21 @@ def takes(x: torch.Tensor, batch: StepBatch, window: int | None, hq: int, hkv: i
     prompt chunk's full-window attention (after a cached prefix or not), on a GPU whose cuDNN runs it;
     x is the layer's q or the q|k|v projection output it is a view of (its device and dtype are read)."""
     return (ENABLED and window is None and x.is_cuda and x.dtype == torch.bfloat16 and batch.num_seqs == 1
-            and batch.max_query_len >= MIN_TOKENS and _available(x.device, hq, hkv, d))
+            and batch.max_query_len >= MIN_TOKENS and batch.max_seq_len - batch.max_query_len <= MAX_PREFIX
+            and _available(x.device, hq, hkv, d))
 
 
 def prefix_kv(pool: torch.Tensor, layer_in_pool: int, table: torch.Tensor,
               cached: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k and v of a sequence's first `cached` positions, [cached, kv_heads, D] each, copied out of
     the block-major pool through its block-table row (kv_layout: pool [blocks, layers, 2, bs, kv_heads,
-    D]). A copy: cuDNN needs one stride between keys, and consecutive blocks are anywhere in the pool."""
+    D]). A copy: cuDNN needs one stride between keys, and consecutive blocks are anywhere in the pool.
+    k and v are gathered one at a time straight into their final layout (the gather's [n, bs, kv_heads,
+    D] is already key-major), so nothing beyond the two results is allocated."""
     bs = pool.shape[3]
-    blocks = pool[table[:-(-cached // bs)].long(), layer_in_pool]          # [n, 2, bs, kv_heads, D]
-    kv = blocks.transpose(0, 1).reshape(2, -1, *pool.shape[4:])[:, :cached]
-    return kv[0], kv[1]
+    idx = table[:-(-cached // bs)].long()
+    k, v = (pool[idx, layer_in_pool, i].reshape(-1, *pool.shape[4:])[:cached] for i in (0, 1))
+    return k, v
 
 
 @triton.jit

@@ -92,6 +92,9 @@ def test_takes_one_long_prompt_chunk(device: str, interpreted: bool, monkeypatch
     assert not pa.takes(q, uniform_batch(1, 0, 64, 8, device), 128, *heads)         # sliding layer
     assert not pa.takes(q, uniform_batch(1, 0, 63, 8, device), None, *heads)        # short prompt
     assert pa.takes(q, uniform_batch(1, 16, 64, 8, device), None, *heads)           # after a cached prefix
+    monkeypatch.setattr(pa, "MAX_PREFIX", 16)
+    assert pa.takes(q, uniform_batch(1, 16, 64, 8, device), None, *heads)
+    assert not pa.takes(q, uniform_batch(1, 17, 64, 8, device), None, *heads)       # a longer prefix
     assert not pa.takes(q, uniform_batch(2, 0, 64, 8, device), None, *heads)        # two sequences
     assert not pa.takes(q.float(), uniform_batch(1, 0, 64, 8, device), None, *heads)
     monkeypatch.setattr(pa, "ENABLED", False)
