@@ -22,7 +22,8 @@ paged kernel's 130, a whole 1k prefill came out even (28.52 against 28.75 ms), 8
 rotary.rotary_store_kv(k_in_place=True); the KV cache is still written for the steps after.
 
 The cached-prefix form: the second 8k chunk of a 16k prompt 151.8 ms against the paged kernel's
-161.7 (20b, PERF_NOTES v25); the prefix copy is 2 x 8 MB a layer at 8k cached.
+161.7 (20b, PERF_NOTES v25); the prefix copy is 2 x 8 MB a layer at 8k cached. MIN_TOKENS holds there
+too: after 8k cached, 512 new tokens came out even and 256 slower.
 """
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def prefix_kv(pool: torch.Tensor, layer_in_pool: int, table: torch.Tensor,
     the block-major pool through its block-table row (kv_layout: pool [blocks, layers, 2, bs, kv_heads,
     D]). A copy: cuDNN needs one stride between keys, and consecutive blocks are anywhere in the pool.
     k and v are gathered one at a time straight into their final layout (the gather's [n, bs, kv_heads,
-    D] is already key-major), so nothing beyond the two results is allocated."""
+    D] is already key-major), so nothing beyond the two results is allocated. The pool's blocks stay the
+    block manager's; the copies are this layer's, freed when its attention call returns."""
     bs = pool.shape[3]
     idx = table[:-(-cached // bs)].long()
     k, v = (pool[idx, layer_in_pool, i].reshape(-1, *pool.shape[4:])[:cached] for i in (0, 1))
