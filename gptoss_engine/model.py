@@ -133,7 +133,7 @@ class Attention(nn.Module):
                                        k_in_place=whole)
                 if whole:
                     heads = qkv.view(t, hq + 2 * hkv, d)
-                    cached = batch.max_seq_len - batch.max_query_len
+                    cached = pa.cached_positions(batch)
                     prefix = pa.prefix_kv(pool, self.layer_in_pool, tables[0], cached) if cached else (None, None)
                     o = pa.prompt_attention(heads[:, :hq], heads[:, hq:hq + hkv], heads[:, hq + hkv:],
                                             self.sinks, self.scale, *prefix)

@@ -77,12 +77,17 @@ def _available(device: torch.device, hq: int, hkv: int, d: int) -> bool:
             and torch.allclose(lse.float().reshape(hq, 16), scores.logsumexp(-1)[0], atol=2e-2, rtol=2e-2))
 
 
+def cached_positions(batch: StepBatch) -> int:
+    """Positions of the one sequence already in the cache before this step's chunk."""
+    return batch.max_seq_len - batch.max_query_len
+
+
 def takes(x: torch.Tensor, batch: StepBatch, window: int | None, hq: int, hkv: int, d: int) -> bool:
     """Whether this layer's attention of this step (hq query and hkv key/value heads of d) is one
     prompt chunk's full-window attention (after a cached prefix or not), on a GPU whose cuDNN runs it;
     x is the layer's q or the q|k|v projection output it is a view of (its device and dtype are read)."""
     return (ENABLED and window is None and x.is_cuda and x.dtype == torch.bfloat16 and batch.num_seqs == 1
-            and batch.max_query_len >= MIN_TOKENS and batch.max_seq_len - batch.max_query_len <= MAX_PREFIX
+            and batch.max_query_len >= MIN_TOKENS and cached_positions(batch) <= MAX_PREFIX
             and _available(x.device, hq, hkv, d))
 
 
