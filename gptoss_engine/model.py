@@ -62,17 +62,20 @@ def _add_rmsnorm() -> Callable[..., tuple[torch.Tensor, torch.Tensor]] | None:
     return None if (norm := _kernels("norm")) is None else norm.add_rmsnorm
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    """F.linear; on CUDA at 1-2 tokens (a decode step of one or two sequences) kernels/gemv's GEMV,
-    which keeps more bytes in flight than cuBLAS's GEMV-shaped GEMMs, and at 3-64 tokens for the
-    shapes where it measured faster (lm_head, o up to 32 tokens) kernels/splitk_gemm's GEMM split over
-    K, whose grid covers every SM where cuBLAS's left ~40% idle."""
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+            out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear(x, w, b), or F.linear(x, w, b).to(out_dtype); on CUDA at 1-2 tokens (a decode step of
+    one or two sequences) kernels/gemv's GEMV, which keeps more bytes in flight than cuBLAS's
+    GEMV-shaped GEMMs, and at 3-64 tokens for the shapes where it measured faster (lm_head, o up to 32
+    tokens) kernels/splitk_gemm's GEMM split over K, whose grid covers every SM where cuBLAS's left
+    ~40% idle. Those two store the widened values themselves (the fp32 logits: no pass after)."""
     if x.is_cuda:
         if (g := _kernels("gemv")) is not None and g.gemv_takes(x, w):
-            return g.dense_gemv(x, w, b)
+            return g.dense_gemv(x, w, b, out_dtype or x.dtype)
         if (s := _kernels("splitk_gemm")) is not None and s.wins(x, w):
-            return s.splitk_linear(x, w, b)
-    return torch.nn.functional.linear(x, w, b)
+            return s.splitk_linear(x, w, b, out_dtype)
+    y = torch.nn.functional.linear(x, w, b)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 class Attention(nn.Module):
@@ -310,4 +313,4 @@ class GptOssForCausalLM(nn.Module):
             h = h if batch.logits_indices.shape[0] == h.shape[0] else h[batch.logits_indices]
         else:
             h = self.model.norm(x[batch.logits_indices])
-        return _linear(h, self.lm_head.weight, None).float()
+        return _linear(h, self.lm_head.weight, None, torch.float32)

@@ -102,7 +102,10 @@ def _gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, T, N, K: gl.constexpr, s_xt, s_wn, 
     if HAS_BIAS:
         y = y + bias
     ok = gl.expand_dims(t_y < T, 1) & gl.expand_dims(rows_y < N, 0)
-    gl.store(y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0), y.to(gl.bfloat16), mask=ok)
+    # Rounded to bf16 once (F.linear's result), then stored in y's dtype: an fp32 y (the logits) holds
+    # those bf16 values exactly, with no widening pass after.
+    gl.store(y_ptr + gl.expand_dims(t_y * s_yt, 1) + gl.expand_dims(rows_y, 0),
+             y.to(gl.bfloat16).to(y_ptr.dtype.element_ty), mask=ok)
 
 
 @gluon.jit
@@ -171,9 +174,10 @@ def gemv_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
             and x.stride(0) % 16 == 0 and w.stride(0) % 16 == 0)
 
 
-def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None,
+               out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """x [T, K] bf16 (T <= MAX_TOKENS), w [N, K] bf16, bias [N] or None -> [T, N] bf16 (fp32 sums,
-    one rounding, as F.linear's)."""
+    one rounding, as F.linear's), stored as out_dtype: F.linear(x, w, bias).to(out_dtype) in one launch."""
     if not gemv_takes(x, w) or x.shape[1] != w.shape[1]:
         raise ValueError(f"dense_gemv: x {tuple(x.shape)} {x.dtype}, w {tuple(w.shape)} {w.dtype}: needs bf16, "
                          f"1-{MAX_TOKENS} rows, matching K (a multiple of 8), row strides a multiple of 16 elements, "
@@ -181,7 +185,7 @@ def dense_gemv(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = Non
     T, K = x.shape
     N = w.shape[0]
     R, S = _CONFIG_OVERRIDE or _CONFIG
-    y = torch.empty((T, N), dtype=torch.bfloat16, device=x.device)
+    y = torch.empty((T, N), dtype=out_dtype, device=x.device)
     b = bias if bias is not None else w
     _gemv_kernel[(triton.cdiv(N, R),)](x, w, b, y, T, N, K, x.stride(0), w.stride(0), y.stride(0),
                                        R=R, S=S, TP=triton.next_power_of_2(T), HAS_BIAS=bias is not None,

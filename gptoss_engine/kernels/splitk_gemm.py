@@ -66,7 +66,7 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
     if SPLITS == 1:
         if HAS_BIAS:
             acc += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        tl.store(out, acc.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(out, acc.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=ok)
     else:
         # Partial [split, m, n] of this tile; the workspace is [SPLITS, BLOCK_M, N] fp32.
         part = ws_ptr + (split * BLOCK_M + rm[:, None]).to(tl.int64) * N + rn[None, :]
@@ -81,7 +81,7 @@ def _splitk_kernel(x_ptr, w_ptr, b_ptr, y_ptr, ws_ptr, count_ptr, M, N, K, k_per
                                  mask=n_ok[None, :], other=0.0, cache_modifier=".cg")
             if HAS_BIAS:
                 total += tl.load(b_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            tl.store(out, total.to(y_ptr.dtype.element_ty), mask=ok)
+            tl.store(out, total.to(x_ptr.dtype.element_ty).to(y_ptr.dtype.element_ty), mask=ok)
             tl.atomic_xchg(count_ptr + tile, 0)
 
 
@@ -125,14 +125,16 @@ def wins(x: torch.Tensor, w: torch.Tensor) -> bool:
             and (N >= WIDE_N or (N < K and x.shape[0] <= NARROW_MAX_TOKENS)))
 
 
-def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, w, b) for x [M, K] (M <= MAX_TOKENS), w [N, K], b [N] or None: [M, N] in x's dtype."""
+def splitk_linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """F.linear(x, w, b) for x [M, K] (M <= MAX_TOKENS), w [N, K], b [N] or None: [M, N] in x's dtype,
+    or F.linear(x, w, b).to(out_dtype) (rounded to x's dtype once, then stored widened) in the same launch."""
     M, K = x.shape
     N = w.shape[0]
     if w.shape[1] != K or M > MAX_TOKENS or (b is not None and b.shape != (N,)):
         raise ValueError(f"splitk_linear: x {tuple(x.shape)}, w {tuple(w.shape)}, "
                          f"b {None if b is None else tuple(b.shape)} (at most {MAX_TOKENS} rows)")
-    y = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    y = torch.empty((M, N), dtype=out_dtype or x.dtype, device=x.device)
     if M == 0:
         return y
     block_n, block_k, splits, warps, stages = config(M, N, K, x.device)

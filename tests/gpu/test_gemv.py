@@ -42,6 +42,18 @@ def test_dense_gemv_matches_fp32_reference(cuda: str, n: int, k: int, t: int) ->
         assert ((y.float() - lin).abs() <= 2 * tol).all(), cfg
 
 
+def test_dense_gemv_fp32_output_is_the_bf16_result_widened(cuda: str) -> None:
+    """out_dtype=fp32 (the lm_head's logits): exactly the bf16 result as fp32, in one launch."""
+    from gptoss_engine.kernels.gemv import dense_gemv
+    gen = torch.Generator(device=cuda).manual_seed(11)
+    for t in (1, 2):
+        x = torch.randn(t, 2880, generator=gen, device=cuda).to(torch.bfloat16)
+        w = (torch.randn(3000, 2880, generator=gen, device=cuda) * 0.05).to(torch.bfloat16)
+        y = dense_gemv(x, w, None, torch.float32)
+        assert y.dtype == torch.float32 and y.shape == (t, 3000)
+        assert torch.equal(y, dense_gemv(x, w).float())
+
+
 def test_dense_gemv_strided_x_rows(cuda: str) -> None:
     """x may be a row slice of a wider tensor (the attention output view), rows 16-byte aligned."""
     from gptoss_engine.kernels.gemv import dense_gemv, gemv_takes

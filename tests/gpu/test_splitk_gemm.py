@@ -52,6 +52,25 @@ def test_splitk_linear_matches_fp64_reference(device: str, interpreted: bool, n:
     assert int(arrival.counters(splitk_gemm._COUNTERS, torch.device(device), 1).abs().sum()) == 0
 
 
+def test_splitk_fp32_output_is_the_rounded_result_widened(device: str, interpreted: bool) -> None:
+    """out_dtype=fp32 (the lm_head's logits): exactly the x-dtype result as fp32, for one split and
+    several (both store paths)."""
+    from gptoss_engine.kernels import splitk_gemm
+    n, k = (70000, 2880) if not interpreted else (80, 320)
+    gen = torch.Generator(device=device).manual_seed(9)
+    dt = torch.float32 if interpreted else torch.bfloat16
+    x = torch.randn(8, k, generator=gen, device=device).to(dt)
+    w = (torch.randn(n, k, generator=gen, device=device) * 0.05).to(dt)
+    for cfg in (None, (32, 64, 3, 4, 2)):
+        splitk_gemm.CONFIG_OVERRIDE = cfg
+        try:
+            y = splitk_gemm.splitk_linear(x, w, None, torch.float32)
+            assert y.dtype == torch.float32 and y.shape == (8, n)
+            assert torch.equal(y, splitk_gemm.splitk_linear(x, w).float()), cfg
+        finally:
+            splitk_gemm.CONFIG_OVERRIDE = None
+
+
 def test_splitk_linear_is_deterministic_and_takes_strided_rows(device: str, interpreted: bool) -> None:
     """The fixed-order sum: repeated calls give the same bits whichever split arrives last; x may be
     a row slice of a wider tensor (the attention output view)."""
