@@ -12,6 +12,12 @@ attention visits no key; the sink alone gives a zero output), position 0. Their 
 The graphs are captured lazily, the first time a bucket is seen (one eager warm-up run first, so
 Triton compiles outside the capture), and share one memory pool.
 
+A step's inputs reach the static buffers in one launch (`_load_kernel`: every row of the bucket, the
+batch's rows copied, the padding rows made inert). The dozen torch copies and fills it replaced cost
+the host ~5 us each, and when the device has nothing queued (one sequence, no step in flight) it
+waits for them before the replay starts: PERF_NOTES v25 measured a single replay 0.06-0.16 ms
+slower than back-to-back replays.
+
 Requirement on the model: nothing in its decode forward may sync the host (no .item(), .tolist(),
 boolean-mask indexing); the Triton kernels here are written that way.
 """
@@ -21,11 +27,37 @@ from dataclasses import replace
 from typing import Callable, Sequence
 
 import torch
+import triton
+import triton.language as tl
 
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.step_batch import StepBatch
 
 Forward = Callable[[StepBatch, KVCache], torch.Tensor]
+
+FUSED_LOAD = True   # False: the inputs go in by torch copies and fills (bench/decode_ab.py's A/B)
+_LOAD_BLOCK = 256   # block-table columns a trip of _load_kernel
+
+
+@triton.jit(do_not_specialize=["n", "w", "width", "s_ftab", "s_stab", "s_dst"])  # one compile for every step
+def _load_kernel(ids_src, pos_src, len_src, fslot_src, sslot_src, ftab_src, stab_src,
+                 ids_dst, pos_dst, len_dst, fslot_dst, sslot_dst, ftab_dst, stab_dst,
+                 n, w, width, s_ftab, s_stab, s_dst, BLOCK: tl.constexpr):
+    """Row r of the bucket: batch row r (r < n) copied in, or an inert padding row (token 0 at
+    position 0, seq_len 0, slots -1); block-table columns [0, w) from the batch, [w, width) -1."""
+    r = tl.program_id(0)
+    real = r < n
+    tl.store(ids_dst + r, tl.load(ids_src + r, mask=real, other=0))
+    tl.store(pos_dst + r, tl.load(pos_src + r, mask=real, other=0))
+    tl.store(len_dst + r, tl.load(len_src + r, mask=real, other=0))
+    tl.store(fslot_dst + r, tl.load(fslot_src + r, mask=real, other=-1))
+    tl.store(sslot_dst + r, tl.load(sslot_src + r, mask=real, other=-1))
+    for c0 in range(0, width, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        take = real & (c < w)
+        put = c < width
+        tl.store(ftab_dst + r * s_dst + c, tl.load(ftab_src + r * s_ftab + c, mask=take, other=-1), mask=put)
+        tl.store(stab_dst + r * s_dst + c, tl.load(stab_src + r * s_stab + c, mask=take, other=-1), mask=put)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -63,6 +95,9 @@ class CudaGraphForward:
             full_slot_mapping=torch.full((n,), -1, **i64), swa_slot_mapping=torch.full((n,), -1, **i64),
             logits_indices=torch.arange(n, **i64), max_query_len=1,
             max_seq_len=max_blocks * kv.layout.block_size)
+        # Block-table columns any load has written: every column past them is still -1 in every row,
+        # so a load clears up to here and not the whole max_blocks width.
+        self._table_width = 0
         self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = torch.cuda.graph_pool_handle()
 
@@ -91,6 +126,18 @@ class CudaGraphForward:
         w = batch.full_block_tables.shape[1]
         if w > self.max_blocks:
             raise ValueError(f"block tables of {w} blocks exceed the {self.max_blocks} this graph was built for")
+        src = (batch.input_ids, batch.positions, batch.seq_lens, batch.full_slot_mapping, batch.swa_slot_mapping)
+        tables = (batch.full_block_tables, batch.swa_block_tables)
+        if (FUSED_LOAD and all(t.device == b.seq_lens.device and t.stride(-1) == 1 for t in src + tables)
+                and batch.swa_block_tables.shape[1] == w):
+            width = max(w, self._table_width)
+            _load_kernel[(bucket,)](
+                *src, *tables, b.input_ids, b.positions, b.seq_lens, b.full_slot_mapping, b.swa_slot_mapping,
+                b.full_block_tables, b.swa_block_tables, n, w, width,
+                tables[0].stride(0), tables[1].stride(0), b.full_block_tables.stride(0), BLOCK=_LOAD_BLOCK,
+                num_warps=1)
+            self._table_width = width
+            return
         b.input_ids[:n].copy_(batch.input_ids, non_blocking=True)
         b.positions[:n].copy_(batch.positions, non_blocking=True)
         b.seq_lens[:n].copy_(batch.seq_lens, non_blocking=True)
@@ -100,6 +147,7 @@ class CudaGraphForward:
                               (b.swa_block_tables, batch.swa_block_tables)):
             static[:bucket].fill_(-1)
             static[:n, :w].copy_(table, non_blocking=True)
+        self._table_width = max(self._table_width, w)
         # Padding rows (n .. bucket) go inert; the rows past the bucket are not part of the replay.
         b.seq_lens[n:bucket].zero_()
         b.positions[n:bucket].zero_()
