@@ -31,6 +31,9 @@ Experiments (each a dict of forms, a form a function that sets the engine's swit
           batch 1 and 64
   splitk  o (up to 32 tokens) and lm_head at 3-64 tokens through kernels/splitk_gemm against cuBLAS
           (splitk_gemm.ENABLED): 20b batch 4, 8 and 64, 120b batch 8 and 64
+  inputs  the step's inputs into the graph's buffers by torch copies and fills against one launch
+          (cuda_graphs.FUSED_LOAD), then also the lm_head's GEMV / split-K kernel storing fp32 logits
+          itself against bf16 logits widened by a pass after: 20b batch 1, 8, 64, 120b batch 1
 """
 from __future__ import annotations
 
@@ -46,10 +49,11 @@ from typing import Callable
 import torch
 import triton
 
-from bench.gpu_bench import BLOCK_SIZE, fast_random_model, time_ms, uniform_batch
+from bench.gpu_bench import BLOCK_SIZE, STEADY, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
 from gptoss_engine import mxfp4
-from gptoss_engine.kernels import gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing, splitk_gemm
+from gptoss_engine import model as model_module
+from gptoss_engine.kernels import cuda_graphs, gemv, moe_gemv_mma, moe_mxfp4, paged_attention, routing, splitk_gemm
 from gptoss_engine.kernels.cuda_graphs import CudaGraphForward
 from gptoss_engine.kv_layout import KVCache
 from gptoss_engine.model_config import ModelConfig
@@ -99,6 +103,16 @@ def _grouped(gate_up: dict[str, int], down: dict[str, int]) -> Callable[..., moe
     return tiles
 
 
+_LINEAR = model_module._linear
+
+
+def _widened_after(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
+                   out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """model._linear as before its out_dtype: the product in x's dtype, widened by a pass of its own."""
+    y = _LINEAR(x, w, b)
+    return y if out_dtype is None else y.to(out_dtype)
+
+
 def _set(**switches: object) -> Callable[[], None]:
     """A form: module switches set by its call; `words` ("checkpoint" or, by default, the layout
     finalize_model gives) is applied to the model by run()."""
@@ -117,6 +131,8 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
         splitk_gemm.ENABLED = bool(switches.get("splitk", True))
+        cuda_graphs.FUSED_LOAD = bool(switches.get("fused_load", True))
+        model_module._linear = _LINEAR if switches.get("wide_logits", True) else _widened_after
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
 
@@ -184,6 +200,9 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                  {"eb 4": _set(), "eb 2": _set(router_eb=2), "eb 8": _set(router_eb=8)}),
     "splitk": ([("20b", (4, 8, 64)), ("120b", (8, 64))],
                {"cublas": _set(splitk=False), "splitk o + lm_head": _set()}),
+    "inputs": ([("20b", (1, 8, 64)), ("120b", (1,))],
+               {"copies, logits widened after": _set(fused_load=False, wide_logits=False),
+                "one-launch load": _set(wide_logits=False), "one-launch load + fp32 logits stored": _set()}),
 }
 
 
@@ -197,18 +216,23 @@ def run(name: str, batches: tuple[int, ...], forms: dict[str, Callable[[], None]
     for bs in batches:
         b = uniform_batch(bs, CONTEXT, 1, max_blocks)
         times: dict[str, list[float]] = {f: [] for f in forms}
+        steady: dict[str, list[float]] = {f: [] for f in forms}
         for _ in range(rounds):
             for f, apply in forms.items():
                 apply()
                 _use_words(model, apply.words == "checkpoint")  # type: ignore[attr-defined]
                 graph = CudaGraphForward(model, kv, bs, max_blocks, buckets=[bs])
                 times[f].append(time_ms(lambda: graph(b, kv), warmup=3, iters=30))
+                # Back to back as well (gpu_bench's decode_{bs}_steady): the step without the idle
+                # device's wait for the host's launches, which the single replay above includes.
+                steady[f].append(time_ms(lambda: [graph(b, kv) for _ in range(STEADY)], iters=5) / STEADY)
                 del graph
         for f, ts in times.items():
-            ms = statistics.median(ts)
-            out[f"{name} b{bs} {f}"] = {"ms": ms, "tok_s": bs / ms * 1e3, "all": ts}
-            print(f"{name} b{bs} {f}: {ms:.3f} ms, {bs / ms * 1e3:,.0f} tok/s  rounds {[round(t, 3) for t in ts]}",
-                  flush=True)
+            ms, back = statistics.median(ts), statistics.median(steady[f])
+            out[f"{name} b{bs} {f}"] = {"ms": ms, "tok_s": bs / ms * 1e3, "all": ts, "steady_ms": back,
+                                        "steady_all": steady[f]}
+            print(f"{name} b{bs} {f}: {ms:.3f} ms, {bs / ms * 1e3:,.0f} tok/s  rounds {[round(t, 3) for t in ts]}; "
+                  f"back to back {back:.3f} ms {[round(t, 3) for t in steady[f]]}", flush=True)
     _set()()
     del model, kv
     gc.collect()
