@@ -104,6 +104,7 @@ def _grouped(gate_up: dict[str, int], down: dict[str, int]) -> Callable[..., moe
 
 
 _LINEAR = model_module._linear
+_FUSED_LOAD = cuda_graphs.FUSED_LOAD
 
 
 def _widened_after(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None,
@@ -131,7 +132,7 @@ def _set(**switches: object) -> Callable[[], None]:
         moe_mxfp4.WORD_PAIRS = bool(switches.get("word_pairs", _WORD_PAIRS))
         routing.ROUTER_EB = ints.get("router_eb", _ROUTER_EB)
         splitk_gemm.ENABLED = bool(switches.get("splitk", True))
-        cuda_graphs.FUSED_LOAD = bool(switches.get("fused_load", True))
+        cuda_graphs.FUSED_LOAD = bool(switches.get("fused_load", _FUSED_LOAD))
         model_module._linear = _LINEAR if switches.get("wide_logits", True) else _widened_after
     apply.words = switches.get("words")  # type: ignore[attr-defined]
     return apply
@@ -202,7 +203,8 @@ EXPERIMENTS: dict[str, tuple[list[tuple[str, tuple[int, ...]]], dict[str, Callab
                {"cublas": _set(splitk=False), "splitk o + lm_head": _set()}),
     "inputs": ([("20b", (1, 8, 64)), ("120b", (1,))],
                {"copies, logits widened after": _set(fused_load=False, wide_logits=False),
-                "one-launch load": _set(wide_logits=False), "one-launch load + fp32 logits stored": _set()}),
+                "one-launch load": _set(fused_load=True, wide_logits=False),
+                "one-launch load + fp32 logits stored": _set(fused_load=True)}),
 }
 
 

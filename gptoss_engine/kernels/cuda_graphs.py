@@ -12,11 +12,11 @@ attention visits no key; the sink alone gives a zero output), position 0. Their 
 The graphs are captured lazily, the first time a bucket is seen (one eager warm-up run first, so
 Triton compiles outside the capture), and share one memory pool.
 
-A step's inputs reach the static buffers in one launch (`_load_kernel`: every row of the bucket, the
-batch's rows copied, the padding rows made inert). The dozen torch copies and fills it replaced cost
-the host ~5 us each, and when the device has nothing queued (one sequence, no step in flight) it
-waits for them before the replay starts: PERF_NOTES v25 measured a single replay 0.06-0.16 ms
-slower than back-to-back replays.
+With FUSED_LOAD a step's inputs reach the static buffers in one launch (`_load_kernel`: every row of
+the bucket, the batch's rows copied, the padding rows made inert) instead of a dozen torch copies and
+fills at ~5 us of host each, which a device with nothing queued (one sequence, no step in flight)
+waits for before the replay starts: PERF_NOTES v25 measured a single replay 0.06-0.16 ms slower than
+back-to-back replays.
 
 Requirement on the model: nothing in its decode forward may sync the host (no .item(), .tolist(),
 boolean-mask indexing); the Triton kernels here are written that way.
@@ -35,7 +35,10 @@ from gptoss_engine.step_batch import StepBatch
 
 Forward = Callable[[StepBatch, KVCache], torch.Tensor]
 
-FUSED_LOAD = True   # False: the inputs go in by torch copies and fills (bench/decode_ab.py's A/B)
+# The one-launch load is off until it has run on a GPU: checked against the copies under Triton's
+# interpreter and compiled for sm_90 here, but its GPU test and `decode_ab inputs` have not run
+# (PERF_NOTES v26). True: one launch; False: torch copies and fills.
+FUSED_LOAD = False
 _LOAD_BLOCK = 256   # block-table columns a trip of _load_kernel
 
 

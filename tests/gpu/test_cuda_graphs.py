@@ -54,10 +54,10 @@ def test_fused_load_leaves_what_the_copies_leave(device: str, interpreted: bool,
              (2, 1, 2, None)]
     for n, w, bucket, stride in steps:
         batch = _batch(n, w, gen, device, stride)
+        monkeypatch.setattr(cuda_graphs, "FUSED_LOAD", True)
         fused._load(batch, bucket)
         monkeypatch.setattr(cuda_graphs, "FUSED_LOAD", False)
         copies._load(batch, bucket)
-        monkeypatch.setattr(cuda_graphs, "FUSED_LOAD", True)
         for got, want in zip(_inputs(fused), _inputs(copies)):
             assert torch.equal(got, want), (n, w, bucket)
         rows = fused._batch
