@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 import triton
 
-from bench.gpu_bench import BLOCK_SIZE, STEADY, fast_random_model, time_ms, uniform_batch
+from bench.gpu_bench import BLOCK_SIZE, back_to_back_ms, fast_random_model, time_ms, uniform_batch
 from bench.provenance import commit
 from gptoss_engine import mxfp4
 from gptoss_engine import model as model_module
@@ -225,9 +225,7 @@ def run(name: str, batches: tuple[int, ...], forms: dict[str, Callable[[], None]
                 _use_words(model, apply.words == "checkpoint")  # type: ignore[attr-defined]
                 graph = CudaGraphForward(model, kv, bs, max_blocks, buckets=[bs])
                 times[f].append(time_ms(lambda: graph(b, kv), warmup=3, iters=30))
-                # Back to back as well (gpu_bench's decode_{bs}_steady): the step without the idle
-                # device's wait for the host's launches, which the single replay above includes.
-                steady[f].append(time_ms(lambda: [graph(b, kv) for _ in range(STEADY)], iters=5) / STEADY)
+                steady[f].append(back_to_back_ms(lambda: graph(b, kv)))   # gpu_bench's decode_{bs}_steady
                 del graph
         for f, ts in times.items():
             ms, back = statistics.median(ts), statistics.median(steady[f])

@@ -1,10 +1,10 @@
 """`gptoss bench`: GPU benchmark of the engine's model with random weights of the real shapes.
 
 Measures prefill tok/s (1k, 8k tokens), decode tok/s at batch 1/8/64/256 (1k context, CUDA-graph
-replays one at a time and back to back (decode_<b>_steady), and eager), decode tok/s of 1 and 64 streams through LLMEngine (decode_1_engine,
-decode_64_engine), a 1000-in/1000-out max-throughput figure, and for the 20b shape HF
-transformers' GptOssForCausalLM (bf16, eager, random weights) as the peer. Writes
-bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
+replays one at a time and back to back (decode_<b>_steady), and eager), decode tok/s of 1 and 64
+streams through LLMEngine (decode_1_engine, decode_64_engine), a 1000-in/1000-out max-throughput
+figure, and for the 20b shape HF transformers' GptOssForCausalLM (bf16, eager, random weights) as
+the peer. Writes bench/results/gpu_<preset>.json, a PNG (ours vs peer vs floor) and appends a row to
 bench/results/gpu.md.
 
 The 1000/1000 figure runs through the real scheduler: LLMEngine (chunked prefill, block manager,
@@ -99,6 +99,13 @@ def time_ms(fn: Callable[[], object], warmup: int = 2, iters: int = 10) -> float
         b.synchronize()
         times.append(a.elapsed_time(b))
     return sorted(times)[len(times) // 2]
+
+
+def back_to_back_ms(step: Callable[[], object]) -> float:
+    """ms a step of STEADY calls of `step` between one pair of events (median of 5): a server's steps
+    follow each other with no host sync between, so this leaves out the wait of an idle GPU for the
+    host's launches that a call timed alone pays."""
+    return time_ms(lambda: [step() for _ in range(STEADY)], iters=5) / STEADY
 
 
 def kernel_timeline(prof: object, top: int = 8) -> str:
@@ -302,10 +309,7 @@ def bench_ours(name: str, max_batch: int, max_context: int, log: Callable[[str],
         b = uniform_batch(bs, 1024, 1, max_blocks)
         eager = time_ms(lambda: model(b, kv))
         replay = time_ms(lambda: graphs(b, kv), iters=20)
-        # The same step replayed STEADY times between one pair of events: a server's steps follow each
-        # other with no host sync between, so this leaves out the launch from an idle GPU that each
-        # timed replay above pays (the headline decode_{bs} stays the single replay).
-        steady = time_ms(lambda: [graphs(b, kv) for _ in range(STEADY)], iters=5) / STEADY
+        steady = back_to_back_ms(lambda: graphs(b, kv))   # the headline decode_{bs} stays the single replay
         r[f"decode_{bs}"] = bs / replay * 1e3
         r[f"decode_{bs}_steady"] = bs / steady * 1e3
         r[f"decode_{bs}_eager"] = bs / eager * 1e3
